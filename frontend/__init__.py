@@ -1,0 +1,8 @@
+"""pagedserve's caller-side API: `from frontend import LLM, SamplingParams`."""
+
+from frontend.engine_client import EngineDeadError
+from frontend.llm import LLM
+from frontend.outputs import CompletionOutput, Logprob, RequestOutput
+from ipc.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineDeadError"]

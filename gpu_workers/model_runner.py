@@ -1,0 +1,182 @@
+"""ModelRunner: one rank's model, KV cache and sampler, driven by the scheduler's step plans."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gpu_workers.attention import get_attention_backend
+from gpu_workers.input_batch import CachedRequestState, StepInputs, prepare_inputs
+from gpu_workers.loader import load_hf_config, load_model
+from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
+from ipc.config import EngineConfig
+from ipc.messages import ExecuteStep, Logprobs, StepResult
+from ipc.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_PROFILE_PARAMS = SamplingParams(max_tokens=1)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+        self.config = config
+        self.rank = rank
+        wc = config.worker
+        self.device = torch.device(f"cuda:{rank}" if wc.device == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = _DTYPES[config.model.dtype]
+        self.block_size = config.cache.block_size
+        self.hf_config = load_hf_config(config.model.model)
+        self.attn_backend = get_attention_backend(wc.attention_backend, self.device)
+        self.model = load_model(config.model.model, self.dtype, self.device, self.attn_backend,
+                                config.model.load_format)
+        self.sampler = Sampler(wc.seed, self.device)
+        self.eos_token_ids = list(config.model.eos_token_ids)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_cache: torch.Tensor | None = None  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ KV cache
+
+    @property
+    def _kv_shape(self) -> tuple[int, int, int]:
+        cfg = self.hf_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+
+    def block_bytes(self) -> int:
+        layers, kv_heads, head_dim = self._kv_shape
+        return 2 * layers * self.block_size * kv_heads * head_dim * self.dtype.itemsize
+
+    def profile_num_blocks(self) -> int:
+        """How many KV blocks fit: on GPU, what gpu_memory_utilization leaves after the weights and a
+        forward at max_num_batched_tokens; on CPU, the configured memory budget."""
+        if self.device.type != "cuda":
+            return max(self.config.cache.cpu_kv_cache_bytes // self.block_bytes(), 1)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._dummy_forward(self.config.scheduler.max_num_batched_tokens)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        non_torch = total - free - torch.cuda.memory_reserved()
+        budget = total * self.config.cache.gpu_memory_utilization - peak - non_torch
+        num_blocks = int(budget // self.block_bytes())
+        logger.warning("rank %d: %.2f GiB peak in profiling, %d KV blocks (%.2f GiB)", self.rank,
+                       peak / 2**30, num_blocks, num_blocks * self.block_bytes() / 2**30)
+        if num_blocks < 1:
+            raise RuntimeError("no memory left for the KV cache; raise gpu_memory_utilization or lower "
+                               "max_num_batched_tokens / use a smaller model")
+        return num_blocks
+
+    def _dummy_forward(self, num_tokens: int) -> None:
+        """A prefill of num_tokens tokens over a throwaway cache, to measure peak activation memory."""
+        seq_len = min(num_tokens, self.config.model.max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.init_kv_cache(num_seqs * blocks_per_seq)
+        reqs = []
+        for i in range(num_seqs):
+            n = min(seq_len, num_tokens - i * seq_len)
+            reqs.append(CachedRequestState(f"profile-{i}", [0] * n, n, _PROFILE_PARAMS,
+                                           list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)),
+                                           0, n, 0, 1, False))
+        inputs = prepare_inputs(reqs, self.block_size, self.device)
+        with torch.inference_mode():
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            self.model.compute_logits(hidden[inputs.sample_rows])
+        self.kv_cache, self.kv_caches = None, []
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        layers, kv_heads, head_dim = self._kv_shape
+        self.kv_cache = torch.zeros(layers, 2, num_blocks, self.block_size, kv_heads, head_dim,
+                                    dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(layers)]
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def execute(self, step: ExecuteStep) -> StepResult:
+        reqs = self._update_states(step)
+        if step.blocks_to_copy:
+            src, dst = zip(*step.blocks_to_copy)
+            self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+        inputs = prepare_inputs(reqs, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        result = self._sample(step.step_id, hidden, inputs)
+        return result
+
+    def _update_states(self, step: ExecuteStep) -> list[CachedRequestState]:
+        """Apply the plan's diff; returns the scheduled requests in the plan's token order."""
+        for rid in step.finished_request_ids:
+            self.requests.pop(rid, None)
+        reqs = []
+        for data in step.cached_requests:
+            req = self.requests[data.request_id]
+            req.num_computed_tokens = data.num_computed_tokens
+            req.num_scheduled_tokens = data.num_scheduled_tokens
+            if data.replace_block_ids:
+                req.block_ids = list(data.new_block_ids)
+            else:
+                req.block_ids.extend(data.new_block_ids)
+            reqs.append(req)
+        for data in step.new_requests:
+            req = CachedRequestState.from_new(data)
+            self.requests[req.request_id] = req
+            reqs.append(req)
+        return reqs
+
+    def _sample(self, step_id: int, hidden: torch.Tensor, inputs: StepInputs) -> StepResult:
+        rows, row_reqs = [], []
+        for req in inputs.sampling_requests:
+            blocked = self._blocked_tokens(req)
+            for i in range(req.num_samples):
+                index = req.output_index if req.num_samples == 1 else i
+                rows.append(RowInfo(sampling_params=req.sampling_params, prompt_token_ids=req.prompt_token_ids,
+                                    output_token_ids=req.output_token_ids, output_index=index,
+                                    blocked_token_ids=blocked))
+                row_reqs.append(req)
+        request_ids, sampled, logprobs = [], [], []
+        if rows:
+            repeats = torch.tensor([r.num_samples for r in inputs.sampling_requests], device=self.device)
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
+            logits = torch.repeat_interleave(logits, repeats, dim=0)  # [num_rows, vocab]
+            out = self.sampler(logits, SamplingBatch.build(rows, self.device))
+            i = 0
+            for req in inputs.sampling_requests:
+                tokens = out.token_ids[i:i + req.num_samples]
+                lps = out.logprobs[i:i + req.num_samples]
+                i += req.num_samples
+                req.token_ids.append(tokens[0])
+                request_ids.append(req.request_id)
+                sampled.append(tokens)
+                logprobs.append(lps if any(lp is not None for lp in lps) else None)
+        pl_ids, pl_values = self._prompt_logprobs(hidden, inputs)
+        return StepResult(step_id, request_ids, sampled,
+                          logprobs if any(lp is not None for lp in logprobs) else None,
+                          pl_ids or None, pl_values or None)
+
+    def _blocked_tokens(self, req: CachedRequestState) -> list[int]:
+        params = req.sampling_params
+        if len(req.token_ids) - req.num_prompt_tokens >= params.min_tokens:
+            return []
+        return (self.eos_token_ids if not params.ignore_eos else []) + list(params.stop_token_ids or [])
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs):
+        ids, values = [], []
+        for sl in inputs.prompt_logprobs:
+            if len(sl.hidden_rows) == 0:
+                ids.append(sl.request.request_id)
+                values.append([None] if sl.leading_none else [])
+                continue
+            logits = self.model.compute_logits(hidden[sl.hidden_rows.to(self.device)])  # [k, vocab]
+            lps: list[Logprobs | None] = compute_prompt_logprobs(
+                logits, sl.target_ids.to(self.device), sl.request.sampling_params.prompt_logprobs)
+            ids.append(sl.request.request_id)
+            values.append(([None] if sl.leading_none else []) + lps)
+        return ids, values
+

@@ -1,0 +1,83 @@
+"""The worker process of one rank: receives every step plan, runs it, and (rank 0) returns the result.
+
+Loop: 1. receive the next message (blocking: the scheduler drives); 2. dispatch it; 3. rank 0 sends
+the step's sampled tokens back. Every rank runs the same plan so tensor-parallel ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import traceback
+
+import zmq
+
+from ipc.config import EngineConfig
+from ipc.messages import ExecuteStep, InitKVCache, Shutdown, ToWorker, WorkerFailed, WorkerReady
+from ipc.process import init_child
+from ipc.sockets import IpcPaths, Receiver, Sender
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerProc:
+    def __init__(self, config: EngineConfig, rank: int) -> None:
+        from gpu_workers.model_runner import ModelRunner  # torch import after logging is set up
+
+        paths = IpcPaths(config.ipc_root)
+        self.rank = rank
+        self.ctx = zmq.Context()
+        self.inbox = Receiver(self.ctx, paths.worker(rank), ToWorker, bind=True)
+        self.to_scheduler = Sender(self.ctx, paths.scheduler)
+        self.runner = ModelRunner(config, rank)
+        self.running = True
+        self.handlers = {
+            InitKVCache: self._on_init_kv_cache,
+            ExecuteStep: self._on_execute_step,
+            Shutdown: self._on_shutdown,
+        }
+
+    def run(self) -> None:
+        self.to_scheduler.send(WorkerReady(self.rank, self.runner.profile_num_blocks()))
+        while self.running:
+            msg = self.inbox.recv()
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                logger.error("unexpected message %s", type(msg).__name__)
+                continue
+            handler(msg)
+
+    def _on_init_kv_cache(self, msg: InitKVCache) -> None:
+        self.runner.init_kv_cache(msg.num_blocks)
+
+    def _on_execute_step(self, msg: ExecuteStep) -> None:
+        result = self.runner.execute(msg)
+        if self.rank == 0:
+            self.to_scheduler.send(result)
+
+    def _on_shutdown(self, msg: Shutdown) -> None:
+        self.running = False
+
+
+def run_worker(config_json: str, rank: int) -> None:
+    """Entry of a worker process (python -m gpu_workers CONFIG_JSON RANK)."""
+    init_child(f"ps-worker-{rank}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    config = EngineConfig.decode(config_json.encode())
+    proc = None
+    try:
+        proc = WorkerProc(config, rank)
+        proc.run()
+    except Exception as e:
+        logger.exception("worker rank %d failed", rank)
+        _report_failure(config, rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+        sys.exit(1)
+
+
+def _report_failure(config: EngineConfig, rank: int, message: str) -> None:
+    ctx = zmq.Context()
+    sender = Sender(ctx, IpcPaths(config.ipc_root).scheduler)
+    sender.send(WorkerFailed(rank, message))
+    sender.sock.close(linger=1000)
+    ctx.term()

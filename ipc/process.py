@@ -1,0 +1,71 @@
+"""Starting, watching and stopping the engine's child processes.
+
+Children are started with `python -m <package> <config-json> ...` (subprocess, not multiprocessing), so
+the parent's __main__ is never re-imported and a user's script needs no `if __name__ == "__main__"`.
+Every child asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), so no process outlives
+the one that started it, even after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def spawn(module: str, args: list[str], name: str) -> subprocess.Popen:
+    """Start `python -m module *args` with our packages importable and our pid as its parent."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["PAGEDSERVE_PARENT_PID"] = str(os.getpid())
+    env["PAGEDSERVE_PROCESS_NAME"] = name
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env)
+
+
+def init_child(name: str) -> None:
+    """First thing in a child's entry: logging, process title, and die with the parent."""
+    logging.basicConfig(level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "WARNING").upper(),
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = int(os.environ.get("PAGEDSERVE_PARENT_PID", "0"))
+    if parent and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def stop(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+    """Terminate the processes, then kill those still alive after `timeout` seconds, and reap all."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def first_dead(procs: list[subprocess.Popen]) -> subprocess.Popen | None:
+    return next((p for p in procs if p.poll() is not None), None)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None

@@ -1,0 +1,124 @@
+"""Typed ZeroMQ sockets. Each wrapper owns one encoder or one Union decoder, built once.
+
+Addresses are ipc:// paths inside the engine's private 0700 directory (see IpcPaths); nothing here
+listens on a network interface.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+
+@dataclass(frozen=True)
+class IpcPaths:
+    """Socket addresses of one engine, all inside one private directory."""
+
+    root: str
+
+    @classmethod
+    def create(cls) -> "IpcPaths":
+        root = tempfile.mkdtemp(prefix="pagedserve-")  # mkdtemp makes it 0700
+        os.chmod(root, 0o700)
+        return cls(root)
+
+    @property
+    def scheduler(self) -> str:
+        """The scheduler's inbox: the frontend and every worker push into it."""
+        return f"ipc://{self.root}/scheduler.sock"
+
+    @property
+    def frontend(self) -> str:
+        """The frontend's inbox: request outputs and engine events."""
+        return f"ipc://{self.root}/frontend.sock"
+
+    def worker(self, rank: int) -> str:
+        """A worker rank's inbox: step plans."""
+        return f"ipc://{self.root}/worker-{rank}.sock"
+
+
+def _socket(ctx: zmq.Context, kind: int, address: str, bind: bool) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if bind:
+        sock.bind(address)
+    else:
+        sock.connect(address)
+    return sock
+
+
+class Sender:
+    """PUSH side of a channel: encodes any message of the receiver's Union."""
+
+    def __init__(self, ctx: zmq.Context, address: str, bind: bool = False) -> None:
+        self.sock = _socket(ctx, zmq.PUSH, address, bind)
+        self.encoder = msgspec.msgpack.Encoder()
+
+    def send(self, msg: Any) -> None:
+        self.sock.send(self.encoder.encode(msg), copy=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class Broadcaster:
+    """Sends one message to several receivers (the step plan to every worker rank), encoding once."""
+
+    def __init__(self, ctx: zmq.Context, addresses: list[str]) -> None:
+        self.socks = [_socket(ctx, zmq.PUSH, a, bind=False) for a in addresses]
+        self.encoder = msgspec.msgpack.Encoder()
+
+    def send(self, msg: Any) -> None:
+        data = self.encoder.encode(msg)
+        for sock in self.socks:
+            sock.send(data, copy=False)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=0)
+
+
+class Receiver:
+    """PULL side of a channel, decoding the receiving process's Union."""
+
+    def __init__(self, ctx: zmq.Context, address: str, union: Any, bind: bool = True) -> None:
+        self.sock = _socket(ctx, zmq.PULL, address, bind)
+        self.decoder = msgspec.msgpack.Decoder(union)
+
+    def recv(self, timeout_ms: int | None = None) -> Any | None:
+        """The next message, or None if none arrives within timeout_ms (None waits forever)."""
+        if timeout_ms is not None and not self.sock.poll(timeout_ms):
+            return None
+        return self.decoder.decode(self.sock.recv(copy=False).buffer)
+
+    def recv_nowait(self) -> Any | None:
+        try:
+            return self.decoder.decode(self.sock.recv(zmq.NOBLOCK, copy=False).buffer)
+        except zmq.Again:
+            return None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class AsyncReceiver:
+    """asyncio PULL side, for the HTTP frontend and the embeddable client."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, union: Any, bind: bool = True) -> None:
+        self.sock = _socket(ctx, zmq.PULL, address, bind)
+        self.decoder = msgspec.msgpack.Decoder(union)
+
+    async def recv(self) -> Any:
+        frame = await self.sock.recv(copy=False)
+        return self.decoder.decode(frame.buffer)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

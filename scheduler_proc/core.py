@@ -1,0 +1,169 @@
+"""The scheduler process: owns the request queues, the Scheduler and BlockManager, and the workers.
+
+    frontend ──AddRequest/Abort──▶ ┌────────────── inbox (PULL) ──────────────┐ ◀──StepResult── rank 0
+                                   │ SchedulerProc.run: drain, schedule, send │ ◀──WorkerReady── ranks
+    frontend ◀──RequestOutputs──── └──────────── ExecuteStep to every rank ──┘ ──▶ ranks 0..N-1
+
+One step is in flight at a time: the plan for step n+1 is made once step n's sampled tokens are back,
+because its decode inputs are those tokens. (The GPU issue overlaps planning with execution by letting
+workers feed their own sampled tokens forward; the messages already allow it.)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import zmq
+
+from ipc.config import EngineConfig
+from ipc.messages import (AbortRequests, AddRequest, EngineDead, EngineReady, InitKVCache,
+                          RequestFailed, RequestOutputs, Shutdown, StepResult, ToScheduler,
+                          WorkerFailed, WorkerReady)
+from ipc.process import first_dead, init_child, spawn, stop
+from ipc.sockets import Broadcaster, IpcPaths, Receiver, Sender
+from scheduler_proc.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 100
+_WORKER_START_TIMEOUT_S = 1800.0
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class SchedulerProc:
+    def __init__(self, config: EngineConfig, config_json: str) -> None:
+        self.config = config
+        paths = IpcPaths(config.ipc_root)
+        self.ctx = zmq.Context()
+        self.inbox = Receiver(self.ctx, paths.scheduler, ToScheduler, bind=True)
+        self.to_frontend = Sender(self.ctx, paths.frontend)
+        tp = config.parallel.tensor_parallel_size
+        self.workers = [spawn("gpu_workers", [config_json, str(rank)], f"ps-worker-{rank}")
+                        for rank in range(tp)]
+        self.to_workers = Broadcaster(self.ctx, [paths.worker(rank) for rank in range(tp)])
+        self.step_in_flight: int | None = None
+        self.running = True
+        self.handlers = {
+            AddRequest: self._on_add_request,
+            AbortRequests: self._on_abort_requests,
+            StepResult: self._on_step_result,
+            WorkerFailed: self._on_worker_failed,
+            Shutdown: self._on_shutdown,
+        }
+
+    def start(self) -> None:
+        """Wait for every rank's KV capacity, build the scheduler, size the caches, tell the frontend."""
+        num_blocks = self._wait_for_workers()
+        config = self.config
+        mc, cc, sc = config.model, config.cache, config.scheduler
+        self.scheduler = Scheduler(num_blocks, cc.block_size, sc.max_num_seqs, sc.max_num_batched_tokens,
+                                   mc.max_model_len, mc.eos_token_ids, cc.enable_prefix_caching)
+        self.to_workers.send(InitKVCache(num_blocks))
+        self.to_frontend.send(EngineReady(num_blocks, cc.block_size, mc.max_model_len))
+
+    def _wait_for_workers(self) -> int:
+        """Every rank reports how many KV blocks fit; all use the smallest count (or the override)."""
+        reported: dict[int, int] = {}
+        deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
+        while len(reported) < len(self.workers):
+            self._check_workers()
+            if time.monotonic() > deadline:
+                raise EngineDeadError("workers did not start in time")
+            msg = self.inbox.recv(_POLL_MS)
+            if isinstance(msg, WorkerReady):
+                reported[msg.rank] = msg.num_blocks
+            elif isinstance(msg, WorkerFailed):
+                self._on_worker_failed(msg)
+        override = self.config.cache.num_gpu_blocks_override
+        return override if override is not None else min(reported.values())
+
+    def run(self) -> None:
+        """1. wait for messages (briefly if idle) and handle them all; 2. check the workers are
+        alive; 3. with no step in flight, plan the next step and send it to every rank."""
+        while self.running:
+            idle = self.step_in_flight is not None or not self.scheduler.has_work()
+            msg = self.inbox.recv(_POLL_MS if idle else 0)
+            while msg is not None:
+                self._dispatch(msg)
+                msg = self.inbox.recv_nowait()
+            self._check_workers()
+            if self.step_in_flight is None and self.scheduler.has_work():
+                out = self.scheduler.schedule()
+                if out.step is not None:
+                    self.to_workers.send(out.step)
+                    self.step_in_flight = out.step.step_id
+
+    def _dispatch(self, msg) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            logger.error("unexpected message %s", type(msg).__name__)
+            return
+        handler(msg)
+
+    def _on_add_request(self, msg: AddRequest) -> None:
+        try:
+            self.scheduler.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling_params,
+                                       msg.arrival_time)
+        except ValueError as e:
+            self.to_frontend.send(RequestFailed(msg.request_id, str(e)))
+
+    def _on_abort_requests(self, msg: AbortRequests) -> None:
+        deltas = self.scheduler.abort(msg.request_ids)
+        if deltas:
+            self.to_frontend.send(RequestOutputs(deltas))
+
+    def _on_step_result(self, msg: StepResult) -> None:
+        assert msg.step_id == self.step_in_flight, f"result of step {msg.step_id}, expected {self.step_in_flight}"
+        self.step_in_flight = None
+        deltas = self.scheduler.update(msg)
+        if deltas:
+            self.to_frontend.send(RequestOutputs(deltas))
+
+    def _on_worker_failed(self, msg: WorkerFailed) -> None:
+        raise EngineDeadError(f"worker rank {msg.rank} failed: {msg.message}")
+
+    def _on_shutdown(self, msg: Shutdown) -> None:
+        self.running = False
+
+    def _check_workers(self) -> None:
+        dead = first_dead(self.workers)
+        if dead is not None:
+            rank = self.workers.index(dead)
+            raise EngineDeadError(f"worker rank {rank} exited unexpectedly with code {dead.returncode}")
+
+    def close(self) -> None:
+        if self.ctx.closed:
+            return
+        if self.workers:
+            try:
+                self.to_workers.send(Shutdown())
+            except zmq.ZMQError:
+                pass
+            stop(self.workers)
+        self.to_frontend.sock.close(linger=1000)  # let a last EngineDead reach the frontend
+        self.ctx.destroy(linger=0)
+
+
+def run_scheduler(config_json: str) -> None:
+    """Entry of the scheduler process (python -m scheduler_proc CONFIG_JSON)."""
+    init_child("ps-scheduler")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    config = EngineConfig.decode(config_json.encode())
+    proc = SchedulerProc(config, config_json)
+    try:
+        proc.start()
+        proc.run()
+    except Exception as e:
+        logger.exception("scheduler failed")
+        proc.to_frontend.send(EngineDead(f"{type(e).__name__}: {e}"))
+        proc.close()
+        sys.exit(1)
+    finally:
+        proc.close()
+
