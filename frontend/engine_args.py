@@ -44,6 +44,7 @@ class EngineArgs:
 
     def create_engine_config(self, model_path: str, tokenizer) -> EngineConfig:
         hf = _read_json(Path(model_path) / "config.json")
+        _check_architecture(hf)
         device = self.device if self.device != "auto" else _default_device()
         max_len = _derive_max_model_len(hf, self.max_model_len)
         model = ModelConfig(
@@ -67,6 +68,13 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"model directory has no {path.name}: {path.parent}")
     return json.loads(path.read_text())
+
+
+def _check_architecture(hf: dict) -> None:
+    from gpu_workers.models import MODEL_REGISTRY
+    archs = hf.get("architectures") or []
+    if not any(a in MODEL_REGISTRY for a in archs):
+        raise ValueError(f"model architecture {archs} is not supported; supported: {sorted(MODEL_REGISTRY)}")
 
 
 def _default_device() -> str:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import time
 
 import zmq
 
 from ipc.config import EngineConfig
 from ipc.messages import (AbortRequests, AddRequest, EngineDead, EngineReady, RequestDelta,
-                          RequestFailed, RequestOutputs, Shutdown, ToFrontend)
+                          RequestFailed, RequestOutputs, SchedulerStats, Shutdown, ToFrontend)
 from ipc.process import spawn, stop
 from ipc.sockets import IpcPaths, Receiver, Sender
 from ipc.sampling_params import SamplingParams
@@ -35,6 +34,7 @@ class EngineCoreClient:
         self.to_scheduler = Sender(self.ctx, paths.scheduler)
         self.proc = spawn("scheduler_proc", [config.encode().decode()], "ps-scheduler")
         self.dead: str | None = None
+        self.stats = SchedulerStats()  # the latest the scheduler reported
         self.ready = self._wait_ready(start_timeout)
 
     def _wait_ready(self, timeout: float) -> EngineReady:
@@ -61,6 +61,7 @@ class EngineCoreClient:
         while msg is not None:
             if isinstance(msg, RequestOutputs):
                 deltas.extend(msg.outputs)
+                self.stats = msg.stats or self.stats
             elif isinstance(msg, RequestFailed):
                 failures.append(msg)
             msg = self._recv(0)
@@ -90,10 +91,9 @@ class EngineCoreClient:
             return
         if self.proc.poll() is None:
             try:
-                self.to_scheduler.send(Shutdown())
-                self.proc.wait(5.0)  # the scheduler stops its workers itself
-            except (zmq.ZMQError, subprocess.TimeoutExpired):
+                self.to_scheduler.send(Shutdown())  # the scheduler stops its workers itself
+            except zmq.ZMQError:
                 pass
-        stop([self.proc], timeout=10.0)
+        stop([self.proc], timeout=10.0, grace=10.0)
         self.ctx.destroy(linger=0)
         shutil.rmtree(self.config.ipc_root, ignore_errors=True)

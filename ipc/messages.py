@@ -148,6 +148,19 @@ class RequestDelta(_Data):
     stop_token_id: int | None = None
 
 
+class SchedulerStats(_Data):
+    """The scheduler's gauges and counters after a step (for /metrics and tests)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+
+
 class EngineReady(_Msg):
     num_gpu_blocks: int
     block_size: int
@@ -156,6 +169,7 @@ class EngineReady(_Msg):
 
 class RequestOutputs(_Msg):
     outputs: list[RequestDelta]
+    stats: SchedulerStats | None = None
 
 
 class RequestFailed(_Msg):

@@ -44,8 +44,15 @@ def init_child(name: str) -> None:
         os._exit(1)
 
 
-def stop(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    """Terminate the processes, then kill those still alive after `timeout` seconds, and reap all."""
+def stop(procs: list[subprocess.Popen], timeout: float = 5.0, grace: float = 0.0) -> None:
+    """Give the processes `grace` seconds to exit by themselves (they were told to), terminate them,
+    then kill those still alive after `timeout` seconds, and reap all."""
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            pass
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()

@@ -116,14 +116,13 @@ class SchedulerProc:
     def _on_abort_requests(self, msg: AbortRequests) -> None:
         deltas = self.scheduler.abort(msg.request_ids)
         if deltas:
-            self.to_frontend.send(RequestOutputs(deltas))
+            self.to_frontend.send(RequestOutputs(deltas, self.scheduler.stats()))
 
     def _on_step_result(self, msg: StepResult) -> None:
         assert msg.step_id == self.step_in_flight, f"result of step {msg.step_id}, expected {self.step_in_flight}"
         self.step_in_flight = None
         deltas = self.scheduler.update(msg)
-        if deltas:
-            self.to_frontend.send(RequestOutputs(deltas))
+        self.to_frontend.send(RequestOutputs(deltas, self.scheduler.stats()))
 
     def _on_worker_failed(self, msg: WorkerFailed) -> None:
         raise EngineDeadError(f"worker rank {msg.rank} failed: {msg.message}")
@@ -145,7 +144,7 @@ class SchedulerProc:
                 self.to_workers.send(Shutdown())
             except zmq.ZMQError:
                 pass
-            stop(self.workers)
+            stop(self.workers, grace=5.0)
         self.to_frontend.sock.close(linger=1000)  # let a last EngineDead reach the frontend
         self.ctx.destroy(linger=0)
 

@@ -17,7 +17,7 @@ from collections import deque
 from typing import NamedTuple
 
 from ipc.messages import (CachedRequestData, ExecuteStep, Logprobs, NewRequestData, RequestDelta,
-                          StepResult)
+                          SchedulerStats, StepResult)
 from ipc.sampling_params import SamplingParams
 from scheduler_proc.block_manager import BlockManager
 from scheduler_proc.request import Request, RequestStatus
@@ -53,6 +53,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -94,6 +96,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.block_manager.usage,
+                              self.num_preemptions, self.prefix_queries, self.prefix_hits,
+                              self.num_prompt_tokens, self.num_generation_tokens)
 
     # ------------------------------------------------------------------ planning
 
@@ -172,6 +179,7 @@ class Scheduler:
         req.num_computed_tokens = num_computed
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_computed
+            self.num_prompt_tokens += req.num_prompt_tokens
         return num_new
 
     def _plan(self, req: Request, num_new: int, new_reqs: list, cached_reqs: list) -> None:
@@ -244,6 +252,7 @@ class Scheduler:
 
     def _append(self, req: Request, token: int, lp: Logprobs | None) -> RequestDelta:
         req.all_token_ids.append(token)
+        self.num_generation_tokens += 1
         reason = self._check_stop(req, token)
         delta = RequestDelta(req.client_id, [token], req.index, reason, [lp] if lp else None,
                              num_cached_tokens=max(req.num_cached_tokens, 0),

@@ -1,0 +1,263 @@
+"""Building blocks shared by our decoder-only models (Llama, Mistral, Qwen2, Qwen3).
+
+Every layer works on a flat batch of tokens (`[num_tokens, ...]`, no batch dimension): the attention
+backend knows which tokens belong to which request through `AttentionMetadata`.
+
+Weights are plain parameters with a `weight_loader(param, loaded, shard_id)` attribute. Merged
+projections (qkv, gate_up) keep each shard as a contiguous row slice of the merged weight, so tensor
+parallelism can later split them column-wise by swapping the loader, not the layout:
+
+    qkv_proj.weight rows: [ q: num_heads*head_dim | k: num_kv_heads*head_dim | v: num_kv_heads*head_dim ]
+    gate_up_proj.weight rows: [ gate: intermediate_size | up: intermediate_size ]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
+
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    """Copies a whole checkpoint tensor into `param` (casting dtype, moving device)."""
+    assert shard_id is None, f"unsharded parameter got shard_id {shard_id!r}"
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def _new_param(*shape: int) -> nn.Parameter:
+    # Uninitialized on purpose: the loader overwrites every value, and skipping init keeps
+    # construction of a multi-billion-parameter model fast.
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with W [output_size, input_size]; loaded whole (o_proj, down_proj, lm_head)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.weight = _new_param(output_size, input_size)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = _new_param(output_size)
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        default_weight_loader(param, loaded, shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnLinear(Linear):
+    """Several projections of the same input fused into one matmul; output columns are the shards
+    laid end to end in the order of `output_sizes` (e.g. {"q": 512, "k": 128, "v": 128})."""
+
+    def __init__(self, input_size: int, output_sizes: dict[Any, int], bias: bool = False):
+        super().__init__(input_size, sum(output_sizes.values()), bias)
+        self.shard_offsets: dict[Any, tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in output_sizes.items():
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+        self.weight.shard_ids = tuple(output_sizes)
+        if self.bias is not None:
+            self.bias.shard_ids = tuple(output_sizes)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if shard_id is None:  # a checkpoint that already stores the merged tensor
+            default_weight_loader(param, loaded)
+            return
+        offset, size = self.shard_offsets[shard_id]
+        if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(
+                f"shard {shard_id!r}: checkpoint shape {tuple(loaded.shape)} does not fit "
+                f"rows [{offset}, {offset + size}) of {tuple(param.shape)}"
+            )
+        param.data.narrow(0, offset, size).copy_(loaded)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding table [vocab_size, hidden_size] (kept as its own class so it can be vocab-sharded)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = _new_param(vocab_size, hidden_size)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)  # [num_tokens, hidden_size]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. With `residual`, adds it first and also returns the sum (the new
+    residual stream), saving one read of the hidden states per layer."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        orig_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        # Cast back before scaling, as the HF reference does, so low-precision outputs match it.
+        return self.weight * x.to(orig_dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+def rope_parameters(hf_config) -> tuple[float, dict]:
+    """(rope_theta, scaling dict with a "rope_type" key) from a transformers v5 (`rope_parameters`)
+    or v4 (`rope_theta` + `rope_scaling`) config."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:
+        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        scaling = dict(params)
+    else:
+        theta = getattr(hf_config, "rope_theta", 10000.0)
+        scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+    return float(theta), scaling
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 frequency remap: long wavelengths are slowed by `factor`, short ones kept, and the
+    band between blends the two smoothly."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_context_len / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelen < old_context_len / high_freq_factor, inv_freq, out)
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (rotate the two halves of head_dim), cos/sin precomputed in float32 for every
+    position up to `max_position`."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict):
+        super().__init__()
+        rope_type = scaling.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        self.head_dim = head_dim
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = 1.0 / (theta ** exponents)  # [head_dim // 2]
+        if rope_type == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # [max_position, head_dim // 2]
+        # Non-persistent: never in a checkpoint, and kept float32 whatever the model dtype.
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)  # [num_tokens, heads, head_dim // 2] each
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [num_tokens, num_heads, head_dim], key [num_tokens, num_kv_heads, head_dim]."""
+        cos = self.cos_cache[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+        sin = self.sin_cache[positions].unsqueeze(1)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+
+class SiluAndMulMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedColumnLinear(hidden_size, {0: intermediate_size, 1: intermediate_size}, bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # [num_tokens, hidden_size]
+
+
+class Attention(nn.Module):
+    """Self-attention: merged qkv projection, optional per-head q/k RMSNorm (Qwen3), RoPE, then the
+    paged attention backend, then o_proj."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary_emb: RotaryEmbedding,
+        attn_backend: AttentionBackend,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.qkv_proj = MergedColumnLinear(
+            hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, qkv_bias
+        )
+        self.o_proj = Linear(self.q_size, hidden_size, o_bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        self.rotary_emb = rotary_emb  # one instance shared by every layer
+        self.attn_backend = attn_backend
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        k_cache, v_cache = kv_cache
+        out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))  # [num_tokens, hidden_size]

@@ -1,0 +1,347 @@
+"""The sampler: turns one step's logits into token ids (and logprobs), on the worker's device.
+
+One row per sample to draw (a request about to fork into n outputs has n rows with the same logits).
+Each row goes through vLLM's order:
+
+    raw logits ──► logprobs = log_softmax(raw)         (only when requested; the model's own view)
+        │
+        ├─ logit_bias (+), blocked tokens (-inf)       (min_tokens not reached: EOS, stop_token_ids)
+        ├─ penalties: repetition (prompt + output), frequency and presence (output)
+        ├─ greedy rows (temperature < 1e-5) ──► argmax
+        └─ random rows ──► / temperature ──► min_p ──► top_k ──► top_p ──► argmax(probs / q), q ~ Exp(1)
+
+The last step is the exponential race: argmax(p_i / q_i) with q_i i.i.d. Exp(1) picks token i with
+probability p_i, and needs no cumsum or multinomial. Unseeded rows draw q from one engine-wide generator;
+a seeded row draws its q from a generator seeded with mix(seed, output_index, position), so the same
+request gives the same tokens whatever else is in the batch, in any row order, and after preemption
+recomputes it; outputs of an n > 1 request differ through output_index.
+
+Everything stays on the device until the final `.tolist()`: only ids and small metadata leave the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ipc.messages import Logprobs
+from ipc.sampling_params import SamplingParams
+
+_GREEDY_EPS = 1e-5
+"""Rows with temperature below this are greedy (the same threshold as SamplingParams.greedy)."""
+_MASK64 = (1 << 64) - 1
+
+
+class RowInfo(NamedTuple):
+    """What SamplingBatch.build needs to know about one row (one sample to draw this step)."""
+
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    """Tokens this output generated so far; its length is the position of this draw."""
+    output_index: int = 0
+    """Which of the request's n outputs this row samples for."""
+    blocked_token_ids: list[int] = []
+    """Token ids forbidden this step (EOS and stop_token_ids while min_tokens is not reached)."""
+
+
+@dataclass
+class SamplingBatch:
+    """The sampling state of one step, S rows. Tensors live on the sampler's device; the rest is host
+    metadata. The flags let the sampler skip whole stages without reading tensors back from the device.
+    """
+
+    temperature: torch.Tensor  # [S] float32; < 1e-5 means greedy
+    top_p: torch.Tensor  # [S] float32; 1 disables
+    top_k: torch.Tensor  # [S] int32; 0 disables
+    min_p: torch.Tensor  # [S] float32; 0 disables
+    presence_penalty: torch.Tensor  # [S] float32
+    frequency_penalty: torch.Tensor  # [S] float32
+    repetition_penalty: torch.Tensor  # [S] float32
+    output_token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+    logit_bias: list[dict[int, float] | None]
+    blocked_token_ids: list[list[int]]
+    seeds: list[int | None]
+    output_indices: list[int]
+    positions: list[int]
+    """Per row: output tokens generated before this draw (seeds the row's noise with seed, index)."""
+    num_logprobs: list[int | None]
+    all_greedy: bool
+    all_random: bool
+    no_penalties: bool
+    # Extra fast-path facts (conservative defaults: a hand-built batch still samples correctly).
+    no_repetition_penalty: bool = False
+    no_min_p: bool = False
+    no_top_k: bool = False
+    no_top_p: bool = False
+    max_top_k: int = 0
+    """Largest top_k among rows that set one; 0 when unknown or none."""
+    top_p_within_top_k: bool = False
+    """Every row with top_p < 1 also sets top_k, so top-p only needs the max_top_k best candidates."""
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.seeds)
+
+    @classmethod
+    def build(cls, rows: list[RowInfo], device: torch.device | str) -> SamplingBatch:
+        """Gathers the rows' parameters into device tensors (two host-to-device copies in all)."""
+        params = [row.sampling_params for row in rows]
+        top_ks = [p.top_k if p.top_k > 0 else 0 for p in params]  # -1 and 0 both disable
+        floats = torch.tensor(
+            [[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+              p.repetition_penalty] for p in params],
+            dtype=torch.float32,
+        ).reshape(len(params), 6).T.contiguous().to(device)  # [6, S]
+        temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(0)
+        greedy = [p.greedy for p in params]
+        no_repetition = all(p.repetition_penalty == 1.0 for p in params)
+        no_top_p = all(p.top_p >= 1.0 for p in params)
+        return cls(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=torch.tensor(top_ks, dtype=torch.int32).to(device),
+            min_p=min_p,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            repetition_penalty=repetition,
+            output_token_ids=[row.output_token_ids for row in rows],
+            prompt_token_ids=[row.prompt_token_ids for row in rows],
+            logit_bias=[p.logit_bias for p in params],
+            blocked_token_ids=[list(row.blocked_token_ids) for row in rows],
+            seeds=[p.seed for p in params],
+            output_indices=[row.output_index for row in rows],
+            positions=[len(row.output_token_ids) for row in rows],
+            num_logprobs=[p.logprobs for p in params],
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            no_penalties=no_repetition and all(
+                p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 for p in params),
+            no_repetition_penalty=no_repetition,
+            no_min_p=all(p.min_p == 0.0 for p in params),
+            no_top_k=not any(top_ks),
+            no_top_p=no_top_p,
+            max_top_k=max(top_ks, default=0),
+            top_p_within_top_k=all(p.top_p >= 1.0 or k > 0 for p, k in zip(params, top_ks)),
+        )
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: list[int]
+    """[S] sampled token ids, as a Python list (they cross ZeroMQ)."""
+    logprobs: list[Logprobs | None]
+    """Per row: the sampled token's raw logprob and rank, then the top-k; None where not requested."""
+
+
+class Sampler:
+    """Samples one token per row. Holds the engine-wide generator for unseeded random rows.
+
+    `sampler(logits [S, V] float32, batch) -> SamplerOutput`; the incoming logits are never modified.
+    """
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self._row_generator = torch.Generator(device=self.device)  # re-seeded for each seeded row
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()  # [S, V]
+        wants_logprobs = any(k is not None for k in batch.num_logprobs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None  # [S, V]
+        logits = apply_logit_bias_and_blocks(logits, batch.logit_bias, batch.blocked_token_ids)
+        if not batch.no_penalties:
+            logits = apply_penalties(logits, batch)
+        token_ids = self._sample(logits, batch)  # [S] int64
+        logprobs: list[Logprobs | None] = [None] * batch.num_rows
+        if raw_logprobs is not None:
+            rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
+            index = torch.tensor(rows, device=logits.device)
+            gathered = gather_logprobs(raw_logprobs[index], token_ids[index],
+                                       [batch.num_logprobs[i] for i in rows])
+            for row, entry in zip(rows, gathered):
+                logprobs[row] = entry
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Greedy rows take the argmax of the penalized logits; random rows race. Returns [S] int64."""
+        greedy = None if batch.all_random else logits.argmax(dim=-1)  # [S]
+        if batch.all_greedy:
+            return greedy
+        is_greedy = batch.temperature < _GREEDY_EPS  # [S]
+        temperature = torch.where(is_greedy, 1.0, batch.temperature)  # [S]; avoids dividing by 0
+        logits = logits / temperature[:, None]  # [S, V]
+        if not batch.no_min_p:
+            logits = apply_min_p(logits, batch.min_p)
+        if not (batch.no_top_k and batch.no_top_p):
+            num_candidates = batch.max_top_k if (batch.no_top_p or batch.top_p_within_top_k) else 0
+            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, num_candidates,
+                                       batch.no_top_p)
+        probs = torch.softmax(logits, dim=-1)  # [S, V]; filtered tokens are exactly 0
+        q = self._exponential_noise(probs.shape, batch)  # [S, V]
+        sampled = probs.div_(q).argmax(dim=-1)  # [S]
+        return sampled if batch.all_random else torch.where(is_greedy, greedy, sampled)
+
+    def _exponential_noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
+        """Exp(1) noise [S, V]: the global generator for all rows, then seeded rows overwritten."""
+        q = torch.empty(shape, device=self.device).exponential_(generator=self.generator)  # [S, V]
+        vocab_size = shape[1]
+        for row, seed in enumerate(batch.seeds):  # only seeded rows do device work here
+            if seed is None:
+                continue
+            self._row_generator.manual_seed(
+                row_seed(seed, batch.output_indices[row], batch.positions[row]))
+            q[row] = torch.empty(vocab_size, device=self.device).exponential_(
+                generator=self._row_generator)  # [V], drawn alone so its values never depend on S
+        return q.clamp_min_(1e-20)  # an exact 0 would turn a filtered token's 0 / q into NaN
+
+
+def row_seed(seed: int, output_index: int, position: int) -> int:
+    """A 63-bit generator seed for one draw: splitmix64 chained over (seed, output_index, position)."""
+    x = _splitmix64(seed & _MASK64)
+    x = _splitmix64(x ^ (output_index & _MASK64))
+    x = _splitmix64(x ^ (position & _MASK64))
+    return x >> 1
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def apply_logit_bias_and_blocks(logits: torch.Tensor, logit_bias: list[dict[int, float] | None],
+                                blocked_token_ids: list[list[int]]) -> torch.Tensor:
+    """Adds each row's logit_bias, then sets its blocked tokens to -inf (out of place).
+
+    Token ids outside [0, V) are ignored: a bad request must not take the worker down.
+    """
+    vocab_size = logits.shape[1]
+    if any(logit_bias):
+        entries = [(row, int(token_id), float(value))
+                   for row, bias in enumerate(logit_bias) if bias
+                   for token_id, value in bias.items() if 0 <= int(token_id) < vocab_size]
+        logits = _put(logits, entries, accumulate=True)
+    if any(blocked_token_ids):
+        entries = [(row, token_id, float("-inf"))
+                   for row, blocked in enumerate(blocked_token_ids)
+                   for token_id in blocked if 0 <= token_id < vocab_size]
+        logits = _put(logits, entries, accumulate=False)
+    return logits
+
+
+def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate: bool) -> torch.Tensor:
+    """Writes (row, token_id, value) entries into a copy of logits [S, V] in one index_put."""
+    if not entries:
+        return logits
+    rows, cols, values = zip(*entries)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    values_t = torch.tensor(values, dtype=logits.dtype, device=logits.device)  # [num_entries]
+    return logits.index_put(index, values_t, accumulate=accumulate)  # [S, V]
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """vLLM's penalties, out of place. For each token t of row r:
+    repetition: if t is in the prompt or the output, logit / rp when positive, logit * rp otherwise;
+    then logit -= frequency_penalty * count_out(t) + presence_penalty * (count_out(t) > 0).
+    """
+    num_rows, vocab_size = logits.shape
+    output_counts = token_counts(batch.output_token_ids, vocab_size, logits.device)  # [S, V]
+    output_seen = output_counts > 0  # [S, V]
+    if not batch.no_repetition_penalty:
+        prompt_seen = token_counts(batch.prompt_token_ids, vocab_size, logits.device) > 0  # [S, V]
+        penalty = batch.repetition_penalty[:, None]  # [S, 1]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)  # [S, V]
+        logits = torch.where(prompt_seen | output_seen, penalized, logits)  # [S, V]
+    logits = logits - batch.frequency_penalty[:, None] * output_counts  # [S, V]
+    return logits - batch.presence_penalty[:, None] * output_seen  # [S, V]
+
+
+def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """How many times each token id occurs in each row's list, [S, V] float32, by one scatter_add
+    over a padded [S, max_len] id tensor (padding and ids outside [0, V) count 0)."""
+    counts = torch.zeros(len(token_ids), vocab_size, device=device)  # [S, V]
+    max_len = max(map(len, token_ids), default=0)
+    if max_len == 0:
+        return counts
+    padded = torch.tensor([ids + [0] * (max_len - len(ids)) for ids in token_ids],
+                          dtype=torch.int64).to(device)  # [S, max_len]
+    lengths = torch.tensor([len(ids) for ids in token_ids]).to(device)  # [S]
+    valid = torch.arange(max_len, device=device)[None, :] < lengths[:, None]  # [S, max_len]
+    valid &= (padded >= 0) & (padded < vocab_size)
+    return counts.scatter_add_(1, padded.clamp(0, vocab_size - 1), valid.float())  # [S, V]
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drops tokens with p < min_p * p_max, tested in log space: logit < max_logit + log(min_p).
+    min_p = 0 gives log 0 = -inf and drops nothing."""
+    max_logits = logits.amax(dim=-1, keepdim=True)  # [S, 1]
+    threshold = max_logits + torch.log(min_p)[:, None]  # [S, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))  # [S, V]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      num_candidates: int, no_top_p: bool = False) -> torch.Tensor:
+    """Keeps each row's top_k best tokens, then the smallest prefix of those (by renormalized
+    probability) whose mass reaches top_p; the rest become -inf. top_k 0 and top_p 1 disable.
+
+    Both filters only ever look at the C best logits of a row, sorted: C = num_candidates (a
+    `topk`, no full sort of the vocabulary) when the caller knows every filtered row fits in it
+    (top-k alone, or top-p only on rows with a top_k), else C = V (a full sort, the fallback).
+    The filter then becomes one threshold per row, the smallest logit it keeps:
+
+        sorted logits  9  7  6  3  1  ...     top_k 3 -> keep [9 7 6], threshold 6
+                                              logits < 6 -> -inf  (ties with 6 survive)
+    """
+    vocab_size = logits.shape[1]
+    num_candidates = num_candidates if 0 < num_candidates < vocab_size else vocab_size
+    if num_candidates < vocab_size:
+        candidates = logits.topk(num_candidates, dim=-1).values  # [S, C], descending
+    else:
+        candidates = logits.sort(dim=-1, descending=True).values  # [S, V], descending
+    k = top_k.long()  # [S]
+    k_disabled = (k <= 0) | (k >= vocab_size)  # [S]
+    k = torch.where(k_disabled, num_candidates, k.clamp(max=num_candidates))  # [S]
+    keep = torch.arange(num_candidates, device=logits.device)[None, :] < k[:, None]  # [S, C]
+    p_disabled = top_p >= 1.0  # [S]
+    if not no_top_p:
+        probs = candidates.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # [S, C]
+        mass_before = probs.cumsum(dim=-1) - probs  # [S, C]; probability of the better tokens
+        keep &= (mass_before < top_p[:, None]) | p_disabled[:, None]  # the best token always stays
+    threshold = candidates.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # [S, 1]
+    unfiltered = (k_disabled & p_disabled)[:, None]  # [S, 1]
+    threshold = threshold.masked_fill(unfiltered, float("-inf"))  # [S, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))  # [S, V]
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor,
+                    num_logprobs: list[int]) -> list[Logprobs]:
+    """Per row: the chosen token's logprob and 1-based rank, then the row's top-k (descending).
+
+    logprobs [N, V] (already log_softmax'ed), token_ids [N]; row i keeps num_logprobs[i] top entries.
+    Rank counts the tokens at least as likely as the chosen one (ties rank it lower, like vLLM).
+    """
+    vocab_size = logprobs.shape[1]
+    max_k = min(max(num_logprobs, default=0), vocab_size)
+    top_logprobs, top_ids = logprobs.topk(max_k, dim=-1)  # [N, k], [N, k]
+    chosen_ids = token_ids.long()[:, None]  # [N, 1]
+    chosen_logprobs = logprobs.gather(1, chosen_ids)  # [N, 1]
+    ranks = (logprobs >= chosen_logprobs).sum(dim=-1)  # [N]
+    ids = torch.cat([chosen_ids, top_ids], dim=1).tolist()  # [N, 1 + k]
+    values = torch.cat([chosen_logprobs, top_logprobs], dim=1).tolist()  # [N, 1 + k]
+    return [
+        Logprobs(token_ids=ids[i][:1 + min(k, vocab_size)],
+                 logprobs=values[i][:1 + min(k, vocab_size)], rank=rank)
+        for i, (k, rank) in enumerate(zip(num_logprobs, ranks.tolist()))
+    ]
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int) -> list[Logprobs]:
+    """Prompt logprobs: logits [L, V] at positions whose next (prompt) token is target_ids [L].
+    Entry 0 of each Logprobs is the prompt token with its rank, then the top-k."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [L, V]
+    return gather_logprobs(logprobs, target_ids, [k] * logits.shape[0])

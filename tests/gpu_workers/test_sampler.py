@@ -1,0 +1,294 @@
+"""The worker's sampler on CPU, against naive per-row references, with fresh random logits every run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpu_workers.sampler import (
+    RowInfo,
+    Sampler,
+    SamplingBatch,
+    apply_logit_bias_and_blocks,
+    apply_penalties,
+    compute_prompt_logprobs,
+    row_seed,
+)
+from ipc.sampling_params import SamplingParams
+
+
+def make_batch(params: list[SamplingParams], outputs=None, prompts=None, output_indices=None,
+               blocked=None) -> SamplingBatch:
+    num_rows = len(params)
+    outputs = outputs or [[] for _ in range(num_rows)]
+    prompts = prompts or [[1, 2, 3] for _ in range(num_rows)]
+    output_indices = output_indices or [0] * num_rows
+    blocked = blocked or [[] for _ in range(num_rows)]
+    rows = [RowInfo(p, prompt, out, index, block)
+            for p, prompt, out, index, block in zip(params, prompts, outputs, output_indices, blocked)]
+    return SamplingBatch.build(rows, "cpu")
+
+
+def reference_filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Naive single-row min_p -> top_k -> top_p, by walking the sorted tokens one at a time."""
+    probs = torch.softmax(logits.double() / p.temperature, dim=-1)  # [V]
+    keep = probs >= p.min_p * probs.max()  # [V]
+    order = [t for t in torch.argsort(probs, descending=True).tolist() if keep[t]]
+    if p.top_k > 0:
+        order = order[:p.top_k]
+    total = sum(probs[t].item() for t in order)
+    kept, mass = [], 0.0
+    for t in order:
+        if mass >= p.top_p:
+            break
+        kept.append(t)
+        mass += probs[t].item() / total
+    out = torch.zeros_like(probs)
+    out[kept] = probs[kept]
+    return out / out.sum()  # [V]
+
+
+def assert_follows(counts: torch.Tensor, expected: torch.Tensor) -> None:
+    """No draw outside the support, every token within 5 sigma, pooled chi-square within bounds."""
+    num_draws = int(counts.sum())
+    assert counts[expected == 0].sum() == 0, "sampled a filtered token"
+    freq = counts.double() / num_draws
+    sigma = torch.sqrt(expected * (1 - expected) / num_draws)
+    assert torch.all((freq - expected).abs() <= 5 * sigma + 3 / num_draws), (freq, expected)
+    expected_counts = expected * num_draws
+    big = expected_counts >= 5
+    observed = torch.cat([counts.double()[big], counts.double()[~big & (expected > 0)].sum()[None]])
+    wanted = torch.cat([expected_counts[big], expected_counts[~big & (expected > 0)].sum()[None]])
+    observed, wanted = observed[wanted > 0], wanted[wanted > 0]
+    chi2 = ((observed - wanted) ** 2 / wanted).sum().item()
+    dof = max(len(wanted) - 1, 1)
+    assert chi2 < dof + 8 * math.sqrt(2 * dof) + 10, (chi2, dof)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(8, 1000)
+    out = Sampler()(logits, make_batch([SamplingParams(temperature=0.0)] * 8))
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None] * 8
+
+
+def test_greedy_rows_mixed_with_random_rows():
+    logits = torch.randn(16, 500) * 0.1  # nearly flat: random rows rarely hit the argmax
+    params = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0) for i in range(16)]
+    batch = make_batch(params)
+    assert not batch.all_greedy and not batch.all_random
+    sampler = Sampler(seed=int(torch.randint(0, 2**31, ())))
+    random_hits_argmax = 0
+    for _ in range(5):
+        out = sampler(logits, batch)
+        argmax = logits.argmax(-1).tolist()
+        assert out.token_ids[0::2] == argmax[0::2]
+        random_hits_argmax += sum(a == b for a, b in zip(out.token_ids[1::2], argmax[1::2]))
+    assert random_hits_argmax < 10
+
+
+def test_top_k_one_equals_greedy():
+    logits = torch.randn(32, 2000)
+    params = [SamplingParams(temperature=1.5, top_k=1, seed=i if i % 2 else None) for i in range(32)]
+    out = Sampler()(logits, make_batch(params))
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+FILTER_CASES = [
+    SamplingParams(top_k=4),
+    SamplingParams(top_p=0.6),
+    SamplingParams(min_p=0.1),
+    SamplingParams(top_k=6, top_p=0.8),
+    SamplingParams(temperature=0.7, top_k=8, top_p=0.9, min_p=0.02),
+    SamplingParams(temperature=1.3, top_p=0.75, min_p=0.05),
+    SamplingParams(temperature=0.8),
+]
+
+
+@pytest.mark.parametrize("cases", [[c] for c in FILTER_CASES] + [FILTER_CASES],
+                         ids=[f"case{i}" for i in range(len(FILTER_CASES))] + ["mixed_batch"])
+def test_filters_follow_renormalized_distribution(cases):
+    """Each filter alone, then all of them side by side in one batch (there top-p rows without a
+    top_k force the full-sort fallback): draws follow the filtered, renormalized softmax."""
+    vocab_size, draws = 12, 20_000
+    row_logits = torch.randn(len(cases), vocab_size) * 1.5  # [C, V]
+    logits = row_logits.repeat_interleave(draws, dim=0)  # [C * draws, V]
+    params = [p for p in cases for _ in range(draws)]
+    out = Sampler(seed=int(torch.randint(0, 2**31, ())))(logits, make_batch(params))
+    tokens = torch.tensor(out.token_ids).view(len(cases), draws)
+    for i, p in enumerate(cases):
+        counts = torch.bincount(tokens[i], minlength=vocab_size)
+        assert_follows(counts, reference_filtered_probs(row_logits[i], p))
+
+
+def test_seeded_rows_reproducible_across_batches_and_orders():
+    vocab_size = 50_000
+    seeded_logits = torch.randn(vocab_size) * 0.5  # flat enough that a repeat is a coincidence
+    seeded = SamplingParams(seed=1234, top_p=0.95)
+    history = [5, 6, 7]
+    alone = Sampler(seed=0)(seeded_logits[None], make_batch([seeded], outputs=[history]))
+    others = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(top_k=3),
+              SamplingParams(seed=99, min_p=0.01)]
+    for engine_seed, order in [(1, [0, 1, 4, 2, 3]), (7, [4, 3, 2, 1, 0]), (3, [2, 4, 0, 1, 3])]:
+        all_params = others + [seeded]
+        params = [all_params[i] for i in order]
+        logits = torch.randn(5, vocab_size)
+        row = order.index(4)
+        logits[row] = seeded_logits
+        outputs = [history if i == 4 else [11] * i for i in order]
+        out = Sampler(seed=engine_seed)(logits, make_batch(params, outputs=outputs))
+        assert out.token_ids[row] == alone.token_ids[0]
+
+
+def test_seeded_rows_differ_across_output_index_and_position():
+    vocab_size, n = 50_000, 8
+    logits = (torch.randn(vocab_size) * 0.5).expand(n, vocab_size)
+    params = [SamplingParams(seed=42)] * n
+    by_index = Sampler()(logits, make_batch(params, output_indices=list(range(n)))).token_ids
+    assert len(set(by_index)) > 1
+    again = Sampler(seed=5)(logits.flip(0), make_batch(params, output_indices=list(range(n))[::-1]))
+    assert again.token_ids[::-1] == by_index
+    by_position = Sampler()(logits, make_batch(params, outputs=[[1] * i for i in range(n)])).token_ids
+    assert len(set(by_position)) > 1
+    assert row_seed(42, 0, 3) != row_seed(42, 1, 3) != row_seed(43, 1, 3)
+
+
+def naive_penalties(logits, prompt, output, presence, frequency, repetition):
+    out = logits.clone()
+    for t in set(prompt) | set(output):
+        out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    for t in output:
+        out[t] -= frequency
+    for t in set(output):
+        out[t] -= presence
+    return out
+
+
+def random_penalty_batch(num_rows, vocab_size):
+    params, prompts, outputs = [], [], []
+    for i in range(num_rows):
+        params.append(SamplingParams(
+            temperature=0.0,
+            presence_penalty=float(torch.empty(()).uniform_(-2, 2)),
+            frequency_penalty=float(torch.empty(()).uniform_(-2, 2)),
+            repetition_penalty=float(torch.empty(()).uniform_(0.5, 2.0)) if i != 1 else 1.0))
+        prompts.append(torch.randint(0, vocab_size, (int(torch.randint(0, 20, ())),)).tolist())
+        outputs.append(torch.randint(0, vocab_size, (int(torch.randint(0, 30, ())),)).tolist())
+    outputs[0] = []  # a row with no output yet
+    return params, prompts, outputs
+
+
+def test_penalties_match_naive_reference():
+    num_rows, vocab_size = 6, 40
+    logits = torch.randn(num_rows, vocab_size) * 3
+    params, prompts, outputs = random_penalty_batch(num_rows, vocab_size)
+    batch = make_batch(params, outputs=outputs, prompts=prompts)
+    got = apply_penalties(logits, batch)
+    for i, p in enumerate(params):
+        want = naive_penalties(logits[i], prompts[i], outputs[i], p.presence_penalty,
+                               p.frequency_penalty, p.repetition_penalty)
+        torch.testing.assert_close(got[i], want)
+    # Greedy takes the argmax of the penalized logits, and logprobs stay the raw model's.
+    params = [SamplingParams(**{**_fields(p), "logprobs": 2}) for p in params]
+    out = Sampler()(logits, make_batch(params, outputs=outputs, prompts=prompts))
+    assert out.token_ids == got.argmax(-1).tolist()
+    raw = torch.log_softmax(logits, -1)
+    for i, entry in enumerate(out.logprobs):
+        assert entry.logprobs[0] == pytest.approx(raw[i, out.token_ids[i]].item(), abs=1e-5)
+
+
+def _fields(p: SamplingParams) -> dict:
+    return {name: getattr(p, name) for name in p.__struct_fields__}
+
+
+def test_frequency_penalty_steers_greedy_away_from_repeats():
+    logits = torch.randn(1, 100)
+    top = int(logits.argmax())
+    params = [SamplingParams(temperature=0.0, frequency_penalty=2.0)]
+    gap = (logits[0, top] - logits[0].topk(2).values[1]).item()
+    repeats = int(gap / 2.0) + 1
+    out = Sampler()(logits, make_batch(params, outputs=[[top] * repeats]))
+    assert out.token_ids[0] != top
+
+
+def test_blocked_tokens_never_sampled():
+    vocab_size, num_rows = 30, 4000
+    row_logits = torch.randn(vocab_size) * 3
+    blocked = row_logits.topk(5).indices.tolist()  # the most likely tokens
+    logits = row_logits.expand(num_rows, vocab_size)
+    params = [SamplingParams(temperature=0.0 if i == 0 else 1.0) for i in range(num_rows)]
+    out = Sampler()(logits, make_batch(params, blocked=[blocked] * num_rows))
+    assert not set(out.token_ids) & set(blocked)
+    assert out.token_ids[0] == row_logits.topk(6).indices[5].item()
+
+
+def test_logit_bias_applied_before_sampling():
+    vocab_size = 64
+    logits = torch.randn(3, vocab_size)
+    favoured = int(logits[0].argmin())
+    params = [SamplingParams(temperature=0.0, logit_bias={favoured: 100.0}),
+              SamplingParams(temperature=1.0, logit_bias={favoured: 100.0, 10**9: 5.0}),
+              SamplingParams(temperature=0.0)]
+    out = Sampler()(logits, make_batch(params, blocked=[[], [], [10**9]]))
+    assert out.token_ids == [favoured, favoured, int(logits[2].argmax())]
+    bias = {3: 1.5, 7: -2.0}
+    got = apply_logit_bias_and_blocks(logits, [bias, None, {}], [[7], [], [1, 2]])
+    want = logits.clone()
+    want[0, 3] += 1.5
+    want[0, 7] = float("-inf")
+    want[2, [1, 2]] = float("-inf")
+    torch.testing.assert_close(got, want)
+
+
+def test_sampled_logprobs_are_raw_with_rank_and_sorted_top_k():
+    num_rows, vocab_size = 6, 300
+    logits = torch.randn(num_rows, vocab_size) * 2
+    logits_before = logits.clone()
+    requested = [None, 0, 1, 5, 20, 3]
+    params = [SamplingParams(temperature=0.9 if i % 2 else 0.0, logprobs=k, top_k=50,
+                             presence_penalty=1.0)
+              for i, k in enumerate(requested)]
+    out = Sampler()(logits, make_batch(params, outputs=[[1, 2, 3]] * num_rows))
+    torch.testing.assert_close(logits, logits_before)  # the caller's logits are untouched
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.logprobs[0] is None
+    for i in range(1, num_rows):
+        entry, k, token = out.logprobs[i], requested[i], out.token_ids[i]
+        assert len(entry.token_ids) == len(entry.logprobs) == 1 + k
+        assert entry.token_ids[0] == token
+        assert entry.logprobs[0] == pytest.approx(raw[i, token].item(), abs=1e-5)
+        assert entry.rank == 1 + int((raw[i] > raw[i, token]).sum())
+        top = raw[i].topk(k)
+        assert entry.token_ids[1:] == top.indices.tolist()
+        assert entry.logprobs[1:] == pytest.approx(top.values.tolist(), abs=1e-5)
+        assert entry.logprobs[1:] == sorted(entry.logprobs[1:], reverse=True)
+
+
+def test_compute_prompt_logprobs_matches_reference():
+    length, vocab_size, k = 9, 120, 4
+    logits = torch.randn(length, vocab_size) * 2
+    targets = torch.randint(0, vocab_size, (length,))
+    got = compute_prompt_logprobs(logits, targets, k)
+    assert len(got) == length
+    for i, entry in enumerate(got):
+        row = torch.log_softmax(logits[i].double(), -1)
+        target = int(targets[i])
+        assert entry.token_ids[0] == target
+        assert entry.logprobs[0] == pytest.approx(row[target].item(), abs=1e-5)
+        assert entry.rank == 1 + int((row > row[target]).sum())
+        assert entry.token_ids[1:] == row.topk(k).indices.tolist()
+        assert entry.logprobs[1:] == pytest.approx(row.topk(k).values.tolist(), abs=1e-5)
+
+
+def test_build_converts_params():
+    params = [SamplingParams(top_k=-1), SamplingParams(top_k=5, temperature=0.0, seed=3),
+              SamplingParams(top_p=0.5, repetition_penalty=1.2)]
+    batch = make_batch(params, outputs=[[], [1, 2], [4]], output_indices=[0, 2, 1])
+    assert batch.top_k.tolist() == [0, 5, 0]
+    assert batch.top_k.dtype == torch.int32 and batch.temperature.dtype == torch.float32
+    assert batch.positions == [0, 2, 1] and batch.output_indices == [0, 2, 1]
+    assert batch.seeds == [None, 3, None]
+    assert not batch.all_greedy and not batch.all_random and not batch.no_penalties
+    assert batch.max_top_k == 5 and not batch.top_p_within_top_k and not batch.no_top_p
