@@ -1,6 +1,6 @@
 """pagedserve's caller-side API: `from frontend import LLM, SamplingParams`."""
 
-from frontend.engine_client import EngineDeadError
+from ipc.errors import EngineDeadError
 from frontend.llm import LLM
 from frontend.outputs import CompletionOutput, Logprob, RequestOutput
 from ipc.sampling_params import SamplingParams

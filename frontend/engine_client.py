@@ -10,6 +10,7 @@ import time
 import zmq
 
 from ipc.config import EngineConfig
+from ipc.errors import EngineDeadError
 from ipc.messages import (AbortRequests, AddRequest, EngineDead, EngineReady, RequestDelta,
                           RequestFailed, RequestOutputs, SchedulerStats, Shutdown, ToFrontend)
 from ipc.process import spawn, stop
@@ -21,8 +22,9 @@ logger = logging.getLogger(__name__)
 _POLL_MS = 100
 
 
-class EngineDeadError(RuntimeError):
-    """The scheduler or a worker died; the engine cannot serve any more requests."""
+def start_scheduler(config: EngineConfig):
+    """Start the scheduler process, which starts one worker process per rank."""
+    return spawn("scheduler_proc", [config.encode().decode()], "ps-scheduler")
 
 
 class EngineCoreClient:
@@ -32,7 +34,7 @@ class EngineCoreClient:
         self.ctx = zmq.Context()
         self.inbox = Receiver(self.ctx, paths.frontend, ToFrontend, bind=True)
         self.to_scheduler = Sender(self.ctx, paths.scheduler)
-        self.proc = spawn("scheduler_proc", [config.encode().decode()], "ps-scheduler")
+        self.proc = start_scheduler(config)
         self.dead: str | None = None
         self.stats = SchedulerStats()  # the latest the scheduler reported
         self.ready = self._wait_ready(start_timeout)

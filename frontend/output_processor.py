@@ -14,8 +14,19 @@ from ipc.sampling_params import SamplingParams
 
 class OutputUpdate(NamedTuple):
     output: RequestOutput
-    new_text: list[str]  # per index: text gained by this update (for streaming)
-    new_token_ids: list[list[int]]  # per index
+    """The request's cumulative output so far."""
+    new_text: list[str]
+    """Per output index: text gained by this update (stop-string safe, for streaming)."""
+    new_token_ids: list[list[int]]
+    """Per output index: token ids gained by this update."""
+
+    @property
+    def outputs(self):
+        return self.output.outputs
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finished
 
 
 class RequestState:

@@ -42,6 +42,15 @@ class AddRequest(_Msg):
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = 0.0
+    client_index: int = 0
+    """Which connected client gets the outputs (0: the process that started the engine)."""
+
+
+class ClientHello(_Msg):
+    """An embedded EngineClient joins a running engine; the scheduler answers with EngineReady."""
+
+    client_index: int
+    address: str
 
 
 class AbortRequests(_Msg):
@@ -79,7 +88,12 @@ class Shutdown(_Msg):
     pass
 
 
-ToScheduler = Union[AddRequest, AbortRequests, WorkerReady, StepResult, WorkerFailed, Shutdown]
+class ClientBye(_Msg):
+    client_index: int
+
+
+ToScheduler = Union[AddRequest, AbortRequests, ClientHello, ClientBye, WorkerReady, StepResult,
+                    WorkerFailed, Shutdown]
 
 
 # ---------------------------------------------------------------- to the workers
@@ -146,6 +160,8 @@ class RequestDelta(_Data):
     prompt_logprobs: list[Logprobs | None] | None = None
     num_cached_tokens: int = 0
     stop_token_id: int | None = None
+    queue_time: float | None = None
+    """Seconds from arrival to first scheduling; set on the first delta with tokens."""
 
 
 class SchedulerStats(_Data):
@@ -165,6 +181,8 @@ class EngineReady(_Msg):
     num_gpu_blocks: int
     block_size: int
     max_model_len: int
+    model: str = ""
+    """The checkpoint directory (clients load its tokenizer)."""
 
 
 class RequestOutputs(_Msg):

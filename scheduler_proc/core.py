@@ -19,9 +19,9 @@ import time
 import zmq
 
 from ipc.config import EngineConfig
-from ipc.messages import (AbortRequests, AddRequest, EngineDead, EngineReady, InitKVCache,
-                          RequestFailed, RequestOutputs, Shutdown, StepResult, ToScheduler,
-                          WorkerFailed, WorkerReady)
+from ipc.messages import (AbortRequests, AddRequest, ClientBye, ClientHello, EngineDead, EngineReady,
+                          InitKVCache, RequestDelta, RequestFailed, RequestOutputs, Shutdown, StepResult,
+                          ToScheduler, WorkerFailed, WorkerReady)
 from ipc.process import first_dead, init_child, spawn, stop
 from ipc.sockets import Broadcaster, IpcPaths, Receiver, Sender
 from scheduler_proc.scheduler import Scheduler
@@ -43,6 +43,8 @@ class SchedulerProc:
         self.ctx = zmq.Context()
         self.inbox = Receiver(self.ctx, paths.scheduler, ToScheduler, bind=True)
         self.to_frontend = Sender(self.ctx, paths.frontend)
+        self.clients: dict[int, Sender] = {0: self.to_frontend}  # client_index -> its inbox
+        self.owner: dict[str, int] = {}  # request id -> client_index
         tp = config.parallel.tensor_parallel_size
         self.workers = [spawn("gpu_workers", [config_json, str(rank)], f"ps-worker-{rank}")
                         for rank in range(tp)]
@@ -52,6 +54,8 @@ class SchedulerProc:
         self.handlers = {
             AddRequest: self._on_add_request,
             AbortRequests: self._on_abort_requests,
+            ClientHello: self._on_client_hello,
+            ClientBye: self._on_client_bye,
             StepResult: self._on_step_result,
             WorkerFailed: self._on_worker_failed,
             Shutdown: self._on_shutdown,
@@ -65,7 +69,8 @@ class SchedulerProc:
         self.scheduler = Scheduler(num_blocks, cc.block_size, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    mc.max_model_len, mc.eos_token_ids, cc.enable_prefix_caching)
         self.to_workers.send(InitKVCache(num_blocks))
-        self.to_frontend.send(EngineReady(num_blocks, cc.block_size, mc.max_model_len))
+        self.ready = EngineReady(num_blocks, cc.block_size, mc.max_model_len, mc.model)
+        self.to_frontend.send(self.ready)
 
     def _wait_for_workers(self) -> int:
         """Every rank reports how many KV blocks fit; all use the smallest count (or the override)."""
@@ -107,22 +112,50 @@ class SchedulerProc:
         handler(msg)
 
     def _on_add_request(self, msg: AddRequest) -> None:
+        client = self.clients.get(msg.client_index)
+        if client is None:
+            logger.error("request %s from unknown client %d", msg.request_id, msg.client_index)
+            return
         try:
             self.scheduler.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling_params,
                                        msg.arrival_time)
         except ValueError as e:
-            self.to_frontend.send(RequestFailed(msg.request_id, str(e)))
+            client.send(RequestFailed(msg.request_id, str(e)))
+            return
+        self.owner[msg.request_id] = msg.client_index
 
     def _on_abort_requests(self, msg: AbortRequests) -> None:
-        deltas = self.scheduler.abort(msg.request_ids)
-        if deltas:
-            self.to_frontend.send(RequestOutputs(deltas, self.scheduler.stats()))
+        self._send_outputs(self.scheduler.abort(msg.request_ids), always=True)
+
+    def _on_client_hello(self, msg: ClientHello) -> None:
+        self.clients[msg.client_index] = Sender(self.ctx, msg.address)
+        self.clients[msg.client_index].send(self.ready)
+
+    def _on_client_bye(self, msg: ClientBye) -> None:
+        sender = self.clients.pop(msg.client_index, None)
+        if sender is not None and msg.client_index != 0:
+            mine = [rid for rid, owner in self.owner.items() if owner == msg.client_index]
+            self._send_outputs(self.scheduler.abort(mine))
+            sender.close()
 
     def _on_step_result(self, msg: StepResult) -> None:
         assert msg.step_id == self.step_in_flight, f"result of step {msg.step_id}, expected {self.step_in_flight}"
         self.step_in_flight = None
-        deltas = self.scheduler.update(msg)
-        self.to_frontend.send(RequestOutputs(deltas, self.scheduler.stats()))
+        self._send_outputs(self.scheduler.update(msg), always=True)
+
+    def _send_outputs(self, deltas: list[RequestDelta], always: bool = False) -> None:
+        """Route deltas to the clients that own the requests; client 0 also gets the stats."""
+        by_client: dict[int, list[RequestDelta]] = {0: []} if always else {}
+        for delta in deltas:
+            by_client.setdefault(self.owner.get(delta.request_id, 0), []).append(delta)
+        stats = self.scheduler.stats()
+        for index, group in by_client.items():
+            client = self.clients.get(index)
+            if client is not None:
+                client.send(RequestOutputs(group, stats if index == 0 else None))
+        for delta in deltas:
+            if delta.finish_reason is not None and delta.request_id not in self.scheduler.groups:
+                self.owner.pop(delta.request_id, None)
 
     def _on_worker_failed(self, msg: WorkerFailed) -> None:
         raise EngineDeadError(f"worker rank {msg.rank} failed: {msg.message}")
@@ -145,7 +178,8 @@ class SchedulerProc:
             except zmq.ZMQError:
                 pass
             stop(self.workers, grace=5.0)
-        self.to_frontend.sock.close(linger=1000)  # let a last EngineDead reach the frontend
+        for client in self.clients.values():
+            client.sock.close(linger=1000)  # let a last EngineDead reach the clients
         self.ctx.destroy(linger=0)
 
 
@@ -160,7 +194,8 @@ def run_scheduler(config_json: str) -> None:
         proc.run()
     except Exception as e:
         logger.exception("scheduler failed")
-        proc.to_frontend.send(EngineDead(f"{type(e).__name__}: {e}"))
+        for client in proc.clients.values():
+            client.send(EngineDead(f"{type(e).__name__}: {e}"))
         proc.close()
         sys.exit(1)
     finally:

@@ -40,6 +40,7 @@ class Request:
         self.num_prompt_logprobs = 0  # prompt positions whose logprobs reached the frontend
         self.chunk_start = 0  # first position computed by the latest planned step
         self.finish_reason: str | None = None
+        self.first_scheduled_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

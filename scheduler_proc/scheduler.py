@@ -13,6 +13,7 @@ num_computed_tokens advances when the step is planned; tokens are appended when 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import NamedTuple
 
@@ -179,6 +180,7 @@ class Scheduler:
         req.num_computed_tokens = num_computed
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_computed
+            req.first_scheduled_time = time.time()
             self.num_prompt_tokens += req.num_prompt_tokens
         return num_new
 
@@ -254,9 +256,12 @@ class Scheduler:
         req.all_token_ids.append(token)
         self.num_generation_tokens += 1
         reason = self._check_stop(req, token)
+        queue_time = None
+        if req.num_output_tokens == 1 and req.first_scheduled_time is not None:
+            queue_time = max(req.first_scheduled_time - req.arrival_time, 0.0)
         delta = RequestDelta(req.client_id, [token], req.index, reason, [lp] if lp else None,
                              num_cached_tokens=max(req.num_cached_tokens, 0),
-                             stop_token_id=token if reason == "stop" else None)
+                             stop_token_id=token if reason == "stop" else None, queue_time=queue_time)
         if reason is not None:
             self._finish(req, reason)
         return delta
@@ -273,6 +278,7 @@ class Scheduler:
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.prompt_logprobs_sent = True
+            child.first_scheduled_time = parent.first_scheduled_time
             self.block_manager.fork(parent.request_id, child.request_id)
             self.requests[child.request_id] = child
             self.groups[parent.client_id].append(child)
