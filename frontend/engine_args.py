@@ -23,6 +23,10 @@ class EngineArgs:
     tokenizer: str | None = None
     dtype: str = "auto"
     tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     block_size: int = 16
@@ -34,6 +38,7 @@ class EngineArgs:
     seed: int = 0
     load_format: str = "auto"
     device: str = "auto"
+    enforce_eager: bool = False
 
     def resolve_model_path(self) -> str:
         if self.model is None:
@@ -55,8 +60,21 @@ class EngineArgs:
                             self.enable_prefix_caching, envs.cpu_kv_cache_bytes())
         batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
         return EngineConfig(model, cache, SchedulerConfig(self.max_num_seqs, batched),
-                            ParallelConfig(self.tensor_parallel_size),
-                            WorkerConfig(device, self.attention_backend, self.seed), IpcPaths.create().root)
+                            self.create_parallel_config(hf),
+                            WorkerConfig(device, self.attention_backend, self.seed, self.enforce_eager), IpcPaths.create().root)
+
+    def create_parallel_config(self, hf: dict) -> ParallelConfig:
+        """Checks the model splits over the ranks before any process starts."""
+        if self.node_rank != 0:
+            raise ValueError(f"node_rank {self.node_rank}: the frontend runs on node 0; the other nodes run "
+                             f"`python -m gpu_workers.node --node-rank N ...`")
+        parallel = ParallelConfig(self.tensor_parallel_size, self.nnodes, self.node_rank, self.master_addr,
+                                  self.master_port)
+        from gpu_workers.models.layers import check_tensor_parallel
+        heads = hf["num_attention_heads"]
+        check_tensor_parallel(heads, hf.get("num_key_value_heads") or heads, hf["intermediate_size"],
+                              parallel.tensor_parallel_size)
+        return parallel
 
 
 def load_tokenizer(path: str):

@@ -7,9 +7,14 @@ import logging
 import torch
 
 from gpu_workers.attention import get_attention_backend
+from gpu_workers.distributed import get_tp_group, local_rank  # tensor parallel
+from gpu_workers.cuda_graph import CUDAGraphRunner
+from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import CachedRequestState, StepInputs, prepare_inputs
 from gpu_workers.loader import load_hf_config, load_model
+from gpu_workers.models.layers import split_heads  # tensor parallel
 from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
+from ipc import envs
 from ipc.config import EngineConfig
 from ipc.messages import ExecuteStep, Logprobs, StepResult
 from ipc.sampling_params import SamplingParams
@@ -25,9 +30,12 @@ class ModelRunner:
         self.config = config
         self.rank = rank
         wc = config.worker
-        self.device = torch.device(f"cuda:{rank}" if wc.device == "cuda" else "cpu")
+        # tensor parallel: a rank's GPU is its index on its node
+        self.device = torch.device(f"cuda:{local_rank(config.parallel, rank)}" if wc.device == "cuda" else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(envs.cpu_threads(config.parallel.tensor_parallel_size))
         self.dtype = _DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
         self.hf_config = load_hf_config(config.model.model)
@@ -39,6 +47,8 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: torch.Tensor | None = None  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graph_runner: CUDAGraphRunner | None = None
+        self.timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else lambda: None)
 
     # ------------------------------------------------------------------ KV cache
 
@@ -46,7 +56,9 @@ class ModelRunner:
     def _kv_shape(self) -> tuple[int, int, int]:
         cfg = self.hf_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+        tp = get_tp_group()  # tensor parallel: this rank's KV heads only
+        kv_heads = split_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tp.rank, tp.world_size).num_kv_heads
+        return cfg.num_hidden_layers, kv_heads, head_dim
 
     def block_bytes(self) -> int:
         layers, kv_heads, head_dim = self._kv_shape
@@ -97,17 +109,35 @@ class ModelRunner:
                                     dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(layers)]
 
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs over the allocated KV cache (CUDA with the Triton backend only:
+        the graphs need kernels that skip padded slots)."""
+        if self.device.type != "cuda" or self.config.worker.enforce_eager or self.attn_backend.name != "triton":
+            return
+        self.graph_runner = CUDAGraphRunner(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
+                                            self.config.model.max_model_len, self.block_size, self.device)
+        self.graph_runner.capture()
+
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
     def execute(self, step: ExecuteStep) -> StepResult:
+        self.timer.start_step()
         reqs = self._update_states(step)
         if step.blocks_to_copy:
             src, dst = zip(*step.blocks_to_copy)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
         inputs = prepare_inputs(reqs, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        self.timer.mark("prepare")
+        if self.graph_runner is not None and self.graph_runner.can_run(inputs.meta):
+            hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, inputs.meta)
+            self.timer.mark("forward_graph")
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            self.timer.mark("forward_eager")
         result = self._sample(step.step_id, hidden, inputs)
+        self.timer.mark("sample")
+        self.timer.end_step()
         return result
 
     def _update_states(self, step: ExecuteStep) -> list[CachedRequestState]:
@@ -155,10 +185,10 @@ class ModelRunner:
                 request_ids.append(req.request_id)
                 sampled.append(tokens)
                 logprobs.append(lps if any(lp is not None for lp in lps) else None)
-        pl_ids, pl_values = self._prompt_logprobs(hidden, inputs)
+        pl_ids, pl_values, pl_starts = self._prompt_logprobs(hidden, inputs)
         return StepResult(step_id, request_ids, sampled,
                           logprobs if any(lp is not None for lp in logprobs) else None,
-                          pl_ids or None, pl_values or None)
+                          pl_ids or None, pl_values or None, pl_starts or None)
 
     def _blocked_tokens(self, req: CachedRequestState) -> list[int]:
         params = req.sampling_params
@@ -167,8 +197,10 @@ class ModelRunner:
         return (self.eos_token_ids if not params.ignore_eos else []) + list(params.stop_token_ids or [])
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs):
-        ids, values = [], []
+        ids, values, starts = [], [], []
         for sl in inputs.prompt_logprobs:
+            start = sl.request.num_computed_tokens
+            starts.append(start + 1 if start else 0)
             if len(sl.hidden_rows) == 0:
                 ids.append(sl.request.request_id)
                 values.append([None] if sl.leading_none else [])
@@ -178,5 +210,5 @@ class ModelRunner:
                 logits, sl.target_ids.to(self.device), sl.request.sampling_params.prompt_logprobs)
             ids.append(sl.request.request_id)
             values.append(([None] if sl.leading_none else []) + lps)
-        return ids, values
+        return ids, values, starts
 

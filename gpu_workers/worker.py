@@ -15,7 +15,7 @@ import zmq
 
 from ipc.config import EngineConfig
 from ipc.messages import ExecuteStep, InitKVCache, Shutdown, ToWorker, WorkerFailed, WorkerReady
-from ipc.process import init_child
+from ipc.process import init_child, run_profiled
 from ipc.sockets import IpcPaths, Receiver, Sender
 
 logger = logging.getLogger(__name__)
@@ -23,13 +23,17 @@ logger = logging.getLogger(__name__)
 
 class WorkerProc:
     def __init__(self, config: EngineConfig, rank: int) -> None:
-        from gpu_workers.model_runner import ModelRunner  # torch import after logging is set up
+        # torch imports after logging is set up
+        from gpu_workers.distributed import destroy_distributed, init_distributed
+        from gpu_workers.model_runner import ModelRunner
 
         paths = IpcPaths(config.ipc_root)
         self.rank = rank
         self.ctx = zmq.Context()
         self.inbox = Receiver(self.ctx, paths.worker(rank), ToWorker, bind=True)
         self.to_scheduler = Sender(self.ctx, paths.scheduler)
+        init_distributed(config.parallel, rank, config.worker.device, config.ipc_root)  # tensor parallel
+        self.leave_group = destroy_distributed
         self.runner = ModelRunner(config, rank)
         self.running = True
         self.handlers = {
@@ -50,6 +54,7 @@ class WorkerProc:
 
     def _on_init_kv_cache(self, msg: InitKVCache) -> None:
         self.runner.init_kv_cache(msg.num_blocks)
+        self.runner.capture_cuda_graphs()
 
     def _on_execute_step(self, msg: ExecuteStep) -> None:
         result = self.runner.execute(msg)
@@ -58,6 +63,8 @@ class WorkerProc:
 
     def _on_shutdown(self, msg: Shutdown) -> None:
         self.running = False
+        self.runner.timer.dump()
+        self.leave_group()
 
 
 def run_worker(config_json: str, rank: int) -> None:
@@ -68,7 +75,7 @@ def run_worker(config_json: str, rank: int) -> None:
     proc = None
     try:
         proc = WorkerProc(config, rank)
-        proc.run()
+        run_profiled(f"worker-{rank}", proc.run)
     except Exception as e:
         logger.exception("worker rank %d failed", rank)
         _report_failure(config, rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")

@@ -76,12 +76,44 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Tensor-parallel ranks, possibly spread over several hosts ("nodes"):
+
+        node 0: frontend + scheduler + ranks 0..k-1      (k = tensor_parallel_size // nnodes)
+        node i: `python -m gpu_workers.node` + ranks i*k..(i+1)*k-1
+
+    Ports on master_addr: master_port is torch.distributed's TCP store (hosted by rank 0),
+    master_port + 1 the scheduler's ZeroMQ port that the other nodes connect to. With nnodes 1
+    neither is used: the ranks meet through a file in the engine's private directory.
+    """
+
     tensor_parallel_size: int = 1
     """Number of GPU ranks the model is split across (one worker process each)."""
+    nnodes: int = 1
+    """Number of hosts the ranks run on (tensor_parallel_size is the total over all of them)."""
+    node_rank: int = 0
+    """This host's index; 0 runs the frontend and scheduler, the others `python -m gpu_workers.node`."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0 that the other nodes reach (multi-node only)."""
+    master_port: int = 0
+    """torch.distributed TCP-store port on master_addr; master_port + 1 is the scheduler's port for
+    the other nodes (multi-node only, where it must be given)."""
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size",
                  f"must be positive, got {self.tensor_parallel_size}")
+        _require(self.nnodes >= 1, "nnodes", f"must be positive, got {self.nnodes}")
+        _require(self.tensor_parallel_size % self.nnodes == 0, "tensor_parallel_size",
+                 f"{self.tensor_parallel_size} must be a multiple of nnodes {self.nnodes} (equal ranks per node)")
+        _require(0 <= self.node_rank < self.nnodes, "node_rank",
+                 f"must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        _require(0 <= self.master_port < 65535, "master_port", f"must be in [0, 65535), got {self.master_port}")
+        _require(self.nnodes == 1 or self.master_port > 0, "master_port",
+                 f"must be given when nnodes is {self.nnodes} (every node needs the same port)")
+
+    @property
+    def scheduler_port(self) -> int:
+        """The scheduler's ZeroMQ port for the other nodes' agents."""
+        return self.master_port + 1
 
 
 @dataclass(frozen=True)
@@ -92,6 +124,8 @@ class WorkerConfig:
     """"torch" (portable), "triton" (GPU kernels) or "auto" (triton on CUDA, torch on CPU)."""
     seed: int = 0
     """Seed of the worker's random generator (requests without their own seed)."""
+    enforce_eager: bool = False
+    """Never use CUDA graphs (decode steps run eagerly)."""
 
     def __post_init__(self) -> None:
         _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",

@@ -22,3 +22,19 @@ def api_key() -> str | None:
 
 def log_level() -> str:
     return os.environ.get("PAGEDSERVE_LOG_LEVEL", "WARNING").upper()
+
+
+def pin_collectives_to_loopback() -> None:
+    """Single-node tensor parallelism: keep gloo's and NCCL's bootstrap sockets on the loopback
+    interface ($GLOO_SOCKET_IFNAME / $NCCL_SOCKET_IFNAME win when the user set them)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
+def cpu_threads(tensor_parallel_size: int) -> int:
+    """Torch threads of each CPU worker: $PAGEDSERVE_CPU_THREADS, else the cores left after the
+    frontend and scheduler, shared by the ranks (oversubscribed OpenMP threads spin and stall)."""
+    value = os.environ.get("PAGEDSERVE_CPU_THREADS")
+    if value:
+        return max(int(value), 1)
+    return max(((os.cpu_count() or 1) - 1) // max(tensor_parallel_size, 1), 1)

@@ -3,6 +3,8 @@
     frontend --AddRequest/AbortRequests-->  scheduler  --ExecuteStep-->  worker rank 0..N-1
     frontend <--RequestOutputs----------    scheduler  <--StepResult---  worker rank 0
                                                        <--WorkerReady--  every rank
+                                            scheduler  <--NodeHello--->  node agent (other hosts;
+                                                           StartNode,    relays ToWorker to its ranks)
 
 Rules (docs/STYLE.md): frozen tagged Structs, new fields go last with defaults, only ids and small
 metadata (never tensors), one encoder/decoder per socket direction (see ipc/sockets.py).
@@ -14,6 +16,7 @@ from typing import Union
 
 import msgspec
 
+from ipc.config import EngineConfig
 from ipc.sampling_params import SamplingParams
 
 
@@ -77,6 +80,8 @@ class StepResult(_Msg):
     logprobs: list[list[Logprobs] | None] | None = None
     prompt_logprob_request_ids: list[str] | None = None
     prompt_logprobs: list[list[Logprobs | None]] | None = None
+    prompt_logprob_starts: list[int] | None = None
+    """Prompt position of each prompt_logprobs list's first entry."""
 
 
 class WorkerFailed(_Msg):
@@ -92,8 +97,15 @@ class ClientBye(_Msg):
     client_index: int
 
 
+class NodeHello(_Msg):
+    """A node agent (multi-node tensor parallelism) joined; `address` is its tcp:// inbox."""
+
+    node_rank: int
+    address: str
+
+
 ToScheduler = Union[AddRequest, AbortRequests, ClientHello, ClientBye, WorkerReady, StepResult,
-                    WorkerFailed, Shutdown]
+                    WorkerFailed, Shutdown, NodeHello]
 
 
 # ---------------------------------------------------------------- to the workers
@@ -143,6 +155,18 @@ class ExecuteStep(_Msg):
 
 
 ToWorker = Union[InitKVCache, ExecuteStep, Shutdown]
+
+
+# ---------------------------------------------------------------- to a node agent (gpu_workers/node.py)
+
+
+class StartNode(_Msg):
+    """The engine's config: the agent starts its node's ranks with it, then relays ToWorker messages."""
+
+    config: EngineConfig
+
+
+ToNode = Union[StartNode, InitKVCache, ExecuteStep, Shutdown]
 
 
 # ---------------------------------------------------------------- to the frontend
@@ -204,7 +228,7 @@ ToFrontend = Union[EngineReady, RequestOutputs, RequestFailed, EngineDead]
 
 def _check_names() -> None:
     """Import-time guard: every member of a Union is a tagged _Msg with a unique tag."""
-    for union in (ToScheduler, ToWorker, ToFrontend):
+    for union in (ToScheduler, ToWorker, ToNode, ToFrontend):
         for cls in union.__args__:
             assert issubclass(cls, _Msg), f"{cls.__name__} must derive from _Msg"
 

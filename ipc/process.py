@@ -44,6 +44,21 @@ def init_child(name: str) -> None:
         os._exit(1)
 
 
+def run_profiled(name: str, fn) -> None:
+    """Run fn(), under cProfile when $PAGEDSERVE_PROFILE_DIR is set (stats dumped to <dir>/<name>.prof
+    when fn returns), so the cost of each process's loop can be read offline."""
+    out = os.environ.get("PAGEDSERVE_PROFILE_DIR")
+    if not out:
+        fn()
+        return
+    import cProfile
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(fn)
+    finally:
+        prof.dump_stats(os.path.join(out, f"{name}.prof"))
+
+
 def stop(procs: list[subprocess.Popen], timeout: float = 5.0, grace: float = 0.0) -> None:
     """Give the processes `grace` seconds to exit by themselves (they were told to), terminate them,
     then kill those still alive after `timeout` seconds, and reap all."""

@@ -157,7 +157,8 @@ class BlockManager:
             return
         table = self.tables[req_id]
         start = self.num_hashed[req_id]
-        end = min(num_computed // self.block_size, len(table))
+        # Tokens sampled by a step still in flight are not known yet: their blocks wait.
+        end = min(min(num_computed, len(token_ids)) // self.block_size, len(table))
         parent = self.blocks[table[start - 1]].block_hash if start else None
         for i in range(start, end):
             chunk = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])

@@ -4,15 +4,22 @@
                                    │ SchedulerProc.run: drain, schedule, send │ ◀──WorkerReady── ranks
     frontend ◀──RequestOutputs──── └──────────── ExecuteStep to every rank ──┘ ──▶ ranks 0..N-1
 
-One step is in flight at a time: the plan for step n+1 is made once step n's sampled tokens are back,
-because its decode inputs are those tokens. (The GPU issue overlaps planning with execution by letting
-workers feed their own sampled tokens forward; the messages already allow it.)
+Tensor parallelism over several hosts: ranks 0..k-1 are this node's children (ipc://); each other
+node runs an agent (gpu_workers/node.py) that connects to master_addr:master_port+1 (tcp://), says
+NodeHello, gets StartNode(config), starts its k ranks and relays their messages both ways. The
+scheduler treats an agent as one more receiver of the plans; a lost agent kills the engine.
+
+Overlap: up to MAX_STEPS_IN_FLIGHT plans are outstanding. While the workers run step n, the scheduler
+plans step n+1 and sends it, so the worker starts it the moment step n is done instead of idling
+through a round trip (result -> scheduler -> plan). Decode inputs need no round trip: each worker
+appends the tokens it samples to its own copy of the request (see Scheduler on pending samples).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections import deque
 import sys
 import time
 
@@ -20,15 +27,16 @@ import zmq
 
 from ipc.config import EngineConfig
 from ipc.messages import (AbortRequests, AddRequest, ClientBye, ClientHello, EngineDead, EngineReady,
-                          InitKVCache, RequestDelta, RequestFailed, RequestOutputs, Shutdown, StepResult,
-                          ToScheduler, WorkerFailed, WorkerReady)
-from ipc.process import first_dead, init_child, spawn, stop
-from ipc.sockets import Broadcaster, IpcPaths, Receiver, Sender
+                          InitKVCache, NodeHello, RequestDelta, RequestFailed, RequestOutputs, Shutdown,
+                          StartNode, StepResult, ToScheduler, WorkerFailed, WorkerReady)
+from ipc.process import first_dead, init_child, run_profiled, spawn, stop
+from ipc.sockets import Broadcaster, IpcPaths, PeerWatch, Receiver, Sender, tcp_address
 from scheduler_proc.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 100
+MAX_STEPS_IN_FLIGHT = 2
 _WORKER_START_TIMEOUT_S = 1800.0
 
 
@@ -45,11 +53,16 @@ class SchedulerProc:
         self.to_frontend = Sender(self.ctx, paths.frontend)
         self.clients: dict[int, Sender] = {0: self.to_frontend}  # client_index -> its inbox
         self.owner: dict[str, int] = {}  # request id -> client_index
-        tp = config.parallel.tensor_parallel_size
+        pc = config.parallel
+        local_ranks = pc.tensor_parallel_size // pc.nnodes  # ranks 0..local_ranks-1 run here
         self.workers = [spawn("gpu_workers", [config_json, str(rank)], f"ps-worker-{rank}")
-                        for rank in range(tp)]
-        self.to_workers = Broadcaster(self.ctx, [paths.worker(rank) for rank in range(tp)])
-        self.step_in_flight: int | None = None
+                        for rank in range(local_ranks)]
+        self.to_workers = Broadcaster(self.ctx, [paths.worker(rank) for rank in range(local_ranks)])
+        self.nodes: dict[int, PeerWatch] = {}  # node_rank -> its agent's connection
+        if pc.nnodes > 1:
+            self.inbox.also_bind(tcp_address(pc.master_addr, pc.scheduler_port))
+        self.steps_in_flight: deque[int] = deque()
+        self.nothing_to_plan = False  # the last schedule() found nothing: wait for a message
         self.running = True
         self.handlers = {
             AddRequest: self._on_add_request,
@@ -59,6 +72,7 @@ class SchedulerProc:
             StepResult: self._on_step_result,
             WorkerFailed: self._on_worker_failed,
             Shutdown: self._on_shutdown,
+            NodeHello: self._on_node_hello,
         }
 
     def start(self) -> None:
@@ -76,15 +90,15 @@ class SchedulerProc:
         """Every rank reports how many KV blocks fit; all use the smallest count (or the override)."""
         reported: dict[int, int] = {}
         deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
-        while len(reported) < len(self.workers):
+        while len(reported) < self.config.parallel.tensor_parallel_size:
             self._check_workers()
             if time.monotonic() > deadline:
                 raise EngineDeadError("workers did not start in time")
             msg = self.inbox.recv(_POLL_MS)
             if isinstance(msg, WorkerReady):
                 reported[msg.rank] = msg.num_blocks
-            elif isinstance(msg, WorkerFailed):
-                self._on_worker_failed(msg)
+            elif isinstance(msg, (WorkerFailed, NodeHello)):
+                self._dispatch(msg)
         override = self.config.cache.num_gpu_blocks_override
         return override if override is not None else min(reported.values())
 
@@ -92,17 +106,22 @@ class SchedulerProc:
         """1. wait for messages (briefly if idle) and handle them all; 2. check the workers are
         alive; 3. with no step in flight, plan the next step and send it to every rank."""
         while self.running:
-            idle = self.step_in_flight is not None or not self.scheduler.has_work()
-            msg = self.inbox.recv(_POLL_MS if idle else 0)
+            msg = self.inbox.recv(_POLL_MS if self._should_wait() else 0)
             while msg is not None:
                 self._dispatch(msg)
                 msg = self.inbox.recv_nowait()
             self._check_workers()
-            if self.step_in_flight is None and self.scheduler.has_work():
+            if len(self.steps_in_flight) < MAX_STEPS_IN_FLIGHT and self.scheduler.has_work():
                 out = self.scheduler.schedule()
+                self.nothing_to_plan = out.step is None
                 if out.step is not None:
                     self.to_workers.send(out.step)
-                    self.step_in_flight = out.step.step_id
+                    self.steps_in_flight.append(out.step.step_id)
+
+    def _should_wait(self) -> bool:
+        """Block on the inbox unless there is a step to plan right now."""
+        return (len(self.steps_in_flight) >= MAX_STEPS_IN_FLIGHT or not self.scheduler.has_work()
+                or self.nothing_to_plan)
 
     def _dispatch(self, msg) -> None:
         handler = self.handlers.get(type(msg))
@@ -123,8 +142,10 @@ class SchedulerProc:
             client.send(RequestFailed(msg.request_id, str(e)))
             return
         self.owner[msg.request_id] = msg.client_index
+        self.nothing_to_plan = False
 
     def _on_abort_requests(self, msg: AbortRequests) -> None:
+        self.nothing_to_plan = False  # freed blocks may admit a waiting request
         self._send_outputs(self.scheduler.abort(msg.request_ids), always=True)
 
     def _on_client_hello(self, msg: ClientHello) -> None:
@@ -139,8 +160,9 @@ class SchedulerProc:
             sender.close()
 
     def _on_step_result(self, msg: StepResult) -> None:
-        assert msg.step_id == self.step_in_flight, f"result of step {msg.step_id}, expected {self.step_in_flight}"
-        self.step_in_flight = None
+        expected = self.steps_in_flight.popleft()
+        assert msg.step_id == expected, f"result of step {msg.step_id}, expected {expected}"
+        self.nothing_to_plan = False
         self._send_outputs(self.scheduler.update(msg), always=True)
 
     def _send_outputs(self, deltas: list[RequestDelta], always: bool = False) -> None:
@@ -163,13 +185,28 @@ class SchedulerProc:
     def _on_shutdown(self, msg: Shutdown) -> None:
         self.running = False
 
+    def _on_node_hello(self, msg: NodeHello) -> None:
+        if msg.node_rank in self.nodes or not 0 < msg.node_rank < self.config.parallel.nnodes:
+            logger.error("ignoring node agent %d at %s (nnodes %d, joined: %s)", msg.node_rank, msg.address,
+                         self.config.parallel.nnodes, sorted(self.nodes))
+            return
+        sock = self.to_workers.add(msg.address)
+        self.nodes[msg.node_rank] = PeerWatch(sock)
+        self.to_workers.send_to(sock, StartNode(self.config))
+        logger.info("node %d joined from %s", msg.node_rank, msg.address)
+
     def _check_workers(self) -> None:
         dead = first_dead(self.workers)
         if dead is not None:
             rank = self.workers.index(dead)
             raise EngineDeadError(f"worker rank {rank} exited unexpectedly with code {dead.returncode}")
+        for node_rank, watch in self.nodes.items():
+            if watch.peer_lost():
+                raise EngineDeadError(f"worker node {node_rank} (its agent) disconnected")
 
-    def close(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
+        """Tell every rank to stop and reap ours (after a failure, grace 0: ranks blocked in a
+        collective with a dead peer cannot act on a message)."""
         if self.ctx.closed:
             return
         if self.workers:
@@ -177,7 +214,9 @@ class SchedulerProc:
                 self.to_workers.send(Shutdown())
             except zmq.ZMQError:
                 pass
-            stop(self.workers, grace=5.0)
+            stop(self.workers, timeout=5.0 if grace else 1.0, grace=grace)
+        for watch in self.nodes.values():
+            watch.close()
         for client in self.clients.values():
             client.sock.close(linger=1000)  # let a last EngineDead reach the clients
         self.ctx.destroy(linger=0)
@@ -191,12 +230,12 @@ def run_scheduler(config_json: str) -> None:
     proc = SchedulerProc(config, config_json)
     try:
         proc.start()
-        proc.run()
+        run_profiled("scheduler", proc.run)
     except Exception as e:
         logger.exception("scheduler failed")
         for client in proc.clients.values():
             client.send(EngineDead(f"{type(e).__name__}: {e}"))
-        proc.close()
+        proc.close(grace=0.0)
         sys.exit(1)
     finally:
         proc.close()

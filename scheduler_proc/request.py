@@ -38,9 +38,9 @@ class Request:
         self.table_replaced = False  # copy-on-write changed a block the workers already know
         self.prompt_logprobs_sent = sampling_params.prompt_logprobs is None
         self.num_prompt_logprobs = 0  # prompt positions whose logprobs reached the frontend
-        self.chunk_start = 0  # first position computed by the latest planned step
         self.finish_reason: str | None = None
         self.first_scheduled_time: float | None = None
+        self.num_pending_samples = 0  # planned steps that sample this request, results not back yet
 
     @property
     def num_prompt_tokens(self) -> int:

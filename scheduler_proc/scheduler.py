@@ -9,6 +9,11 @@ running request is preempted (blocks freed, re-queued at the front, recomputed l
 The plan sent to workers is a diff (vLLM's SchedulerOutput): a request in full the first time the
 workers see it (or after preemption / fork), afterwards only its new block ids and token counts.
 num_computed_tokens advances when the step is planned; tokens are appended when its result arrives.
+
+Two steps may be in flight (the scheduler plans step n+1 while the GPU runs step n): a request whose
+token from step n is not back yet is planned as if it were (`num_pending_samples`); the worker already
+holds that token. A request that would surely be finished by then (max_tokens, max_model_len), a
+parent about to fork (n > 1), and a preempted request still waiting for a result are not planned.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(self._num_schedulable(req), budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -131,6 +136,8 @@ class Scheduler:
             i += 1
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if self.waiting[0].num_pending_samples:
+                break  # preempted while a step that samples it was in flight: wait for its token
             num_new = self._admit(self.waiting[0], budget)
             if num_new == 0:
                 break
@@ -148,6 +155,14 @@ class Scheduler:
         step = ExecuteStep(self.step_id, new_reqs, cached_reqs, self.finished_ids, copies)
         self.finished_ids = []
         return SchedulerOutput(step, scheduled, preempted)
+
+    def _num_schedulable(self, req: Request) -> int:
+        """Tokens of a running request that can be computed now, counting tokens in flight."""
+        pending = req.num_pending_samples
+        if pending and (req.num_samples > 1 or req.num_output_tokens + pending >= req.max_tokens
+                        or req.num_tokens + pending >= self.max_model_len):
+            return 0
+        return req.num_tokens + pending - req.num_computed_tokens
 
     def _append_or_preempt(self, req: Request, num_new: int, preempted: list[Request]):
         """Slots for req's next num_new tokens, preempting the newest running requests if needed.
@@ -201,8 +216,9 @@ class Scheduler:
                 req.request_id, req.num_computed_tokens, num_new, table[req.num_blocks_on_worker:]))
         req.num_blocks_on_worker = len(table)
         req.table_replaced = False
-        req.chunk_start = req.num_computed_tokens
         req.num_computed_tokens += num_new
+        if req.num_computed_tokens == req.num_tokens + req.num_pending_samples:
+            req.num_pending_samples += 1  # this step samples the request's next token
         bm.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     def _preempt(self, req: Request) -> None:
@@ -226,26 +242,27 @@ class Scheduler:
         """Apply a step's sampled tokens: append, fork n > 1 parents, finish. Returns the deltas
         for the frontend."""
         deltas: list[RequestDelta] = []
-        for rid, lps in zip(result.prompt_logprob_request_ids or (), result.prompt_logprobs or ()):
+        starts = result.prompt_logprob_starts or [0] * len(result.prompt_logprobs or ())
+        for rid, lps, first in zip(result.prompt_logprob_request_ids or (), result.prompt_logprobs or (), starts):
             req = self.requests.get(rid)
             if req is not None and not req.prompt_logprobs_sent:
-                deltas.append(self._prompt_logprobs(req, lps))
+                deltas.append(self._prompt_logprobs(req, lps, first))
         logprobs = result.logprobs or [None] * len(result.request_ids)
         for rid, tokens, lps in zip(result.request_ids, result.sampled_token_ids, logprobs):
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted while the step ran
+            req.num_pending_samples -= 1
             if req.num_samples > 1:
                 deltas.extend(self._fork(req, tokens, lps))
             else:
                 deltas.append(self._append(req, tokens[0], lps[0] if lps else None))
         return deltas
 
-    def _prompt_logprobs(self, req: Request, lps: list[Logprobs | None]) -> RequestDelta:
-        """A chunk computing positions [s, e) yields prompt logprobs of positions [s + 1, e + 1) (the
-        logits at p score token p + 1), plus position 0's None when s is 0. After a preemption the
-        recomputed chunks repeat positions already delivered, which are dropped."""
-        first = req.chunk_start + 1 if req.chunk_start else 0
+    def _prompt_logprobs(self, req: Request, lps: list[Logprobs | None], first: int) -> RequestDelta:
+        """`lps` are the prompt logprobs of positions [first, first + len(lps)) (a chunk computing
+        positions [s, e) scores tokens s + 1 .. e, plus position 0's None when s is 0). After a
+        preemption the recomputed chunks repeat positions already delivered, which are dropped."""
         skip = req.num_prompt_logprobs - first
         fresh = lps[skip:] if skip > 0 else lps
         req.num_prompt_logprobs += len(fresh)

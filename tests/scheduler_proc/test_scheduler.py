@@ -190,14 +190,14 @@ def test_prompt_logprobs_are_delivered_once_even_after_preemption():
     sched.add_request("a", list(range(1, 9)), SamplingParams(max_tokens=2, prompt_logprobs=0))
     lp = Logprobs([1], [-1.0])
     out = sched.schedule()  # positions 0-3 -> prompt positions 0-4
-    deltas = sched.update(StepResult(out.step.step_id, [], [], None, ["a"], [[None, lp, lp, lp, lp]]))
+    deltas = sched.update(StepResult(out.step.step_id, [], [], None, ["a"], [[None, lp, lp, lp, lp]], [0]))
     assert len(deltas[0].prompt_logprobs) == 5
     sched._preempt(sched.running.pop())
     out = sched.schedule()  # recomputes positions 0-3: already delivered
-    deltas = sched.update(StepResult(out.step.step_id, [], [], None, ["a"], [[None, lp, lp, lp, lp]]))
+    deltas = sched.update(StepResult(out.step.step_id, [], [], None, ["a"], [[None, lp, lp, lp, lp]], [0]))
     assert deltas[0].prompt_logprobs == []
     out = sched.schedule()  # positions 4-7 -> prompt positions 5-7
-    deltas = sched.update(StepResult(out.step.step_id, ["a"], [[3]], None, ["a"], [[lp, lp, lp]]))
+    deltas = sched.update(StepResult(out.step.step_id, ["a"], [[3]], None, ["a"], [[lp, lp, lp]], [5]))
     assert len(deltas[0].prompt_logprobs) == 3
 
 
@@ -208,3 +208,49 @@ def test_bad_requests_are_rejected_with_the_cause():
         sched.add_request("a", list(range(8)), SamplingParams())
     with pytest.raises(ValueError, match="empty"):
         sched.add_request("b", [], SamplingParams())
+
+
+def _result(sched, out, tokens):
+    """Play the worker for an already planned step: every request in it that samples gets a token."""
+    ids = [d.request_id for d in [*out.step.cached_requests, *out.step.new_requests]
+           if d.num_computed_tokens + d.num_scheduled_tokens >= len(sched.requests[d.request_id].prompt_token_ids)
+           and d.request_id in tokens]
+    return StepResult(out.step.step_id, ids, [[tokens[i]] for i in ids])
+
+
+def test_plans_the_next_step_before_the_previous_result_arrives():
+    sched = make(num_blocks=16)
+    sched.add_request("a", [1, 2, 3], SamplingParams(max_tokens=3))
+    step1 = sched.schedule()
+    step2 = sched.schedule()  # a's first token is still in flight: planned as if known
+    (c,) = step2.step.cached_requests
+    assert (c.num_computed_tokens, c.num_scheduled_tokens) == (3, 1)
+    assert [d.new_token_ids for d in sched.update(_result(sched, step1, {"a": 7}))] == [[7]]
+    step3 = sched.schedule()
+    assert step3.step.cached_requests[0].num_computed_tokens == 4
+    sched.update(_result(sched, step2, {"a": 8}))
+    # Two outputs are in hand and one in flight: max_tokens=3 is reached without planning a 4th.
+    assert sched.schedule().step is None
+    deltas = sched.update(_result(sched, step3, {"a": 9}))
+    assert deltas[0].finish_reason == "length"
+    assert not sched.has_work() and sched.block_manager.num_free_blocks == 16
+
+
+def test_a_token_sampled_after_eos_is_dropped():
+    sched = make(num_blocks=16)
+    sched.add_request("a", [1, 2, 3], SamplingParams(max_tokens=10))
+    step1, step2 = sched.schedule(), sched.schedule()
+    assert sched.update(_result(sched, step1, {"a": 99}))[0].finish_reason == "stop"
+    assert sched.update(StepResult(step2.step.step_id, ["a"], [[5]])) == []  # computed in vain
+    assert not sched.has_work() and sched.block_manager.num_free_blocks == 16
+    assert sched.finished_ids == ["a"]  # the workers drop it with the next plan
+
+
+def test_a_parent_waits_for_its_samples_before_forking():
+    sched = make(num_blocks=16)
+    sched.add_request("a", [1, 2, 3], SamplingParams(n=2, max_tokens=3))
+    step1 = sched.schedule()
+    assert sched.schedule().step is None  # the parent cannot run ahead of its fork
+    out = StepResult(step1.step.step_id, ["a"], [[5, 6]])
+    assert [d.new_token_ids for d in sched.update(out)] == [[5], [6]]
+    assert [r.request_id for r in sched.schedule().step.new_requests] == ["a#0", "a#1"]

@@ -1,0 +1,81 @@
+"""GPU smoke test: our engine (Triton backend, CUDA graphs) against transformers on the same random
+checkpoints, then a rough decode timing. Run on the GPU machine: python scripts/gpu_smoke.py OUT_DIR"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from frontend import LLM, SamplingParams  # noqa: E402
+from tests.checkpoints import make_tiny_checkpoint  # noqa: E402
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time, there was a small model " * 5, "1 2 3"]
+
+
+def hf_greedy(path, prompt_ids, n, dtype):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    outs = []
+    for ids in prompt_ids:
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=n, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"))
+        outs.append(gen[0, len(ids):].tolist())
+    del model
+    torch.cuda.empty_cache()
+    return outs
+
+
+def check(path, dtype, eager, results):
+    with LLM(path, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.3, enforce_eager=eager,
+             attention_backend="triton") as llm:
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    ours = [o.outputs[0].token_ids for o in outs]
+    ref = hf_greedy(path, [o.prompt_token_ids for o in outs], 32, getattr(torch, dtype))
+    same = sum(a == b for x, y in zip(ours, ref) for a, b in zip(x, y))
+    total = sum(len(y) for y in ref)
+    key = f"{Path(path).name}-{dtype}-{'eager' if eager else 'graphs'}"
+    results[key] = {"identical_sequences": sum(x == y for x, y in zip(ours, ref)), "of": len(ref),
+                    "same_tokens": same, "total": total}
+    print(key, results[key], flush=True)
+
+
+def timing(path, results):
+    with LLM(path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.5,
+             attention_backend="triton") as llm:
+        for bs in (1, 32, 128):
+            prompts = [{"prompt_token_ids": [5 + i % 50] * 64} for i in range(bs)]
+            params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+            llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)
+            t = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t
+            results[f"timing-bs{bs}"] = {"s": dt, "ms_per_step": dt / 128 * 1000, "out_tok_s": bs * 128 / dt}
+            print(f"bs={bs}", results[f"timing-bs{bs}"], flush=True)
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/smoke")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    root = Path("/tmp/ckpt")
+    paths = {a: make_tiny_checkpoint(a, root / a) for a in ("llama", "qwen3")}
+    for arch, path in paths.items():
+        check(path, "float32", False, results)
+        check(path, "float32", True, results)
+        check(path, "bfloat16", False, results)
+    mid = make_tiny_checkpoint("llama", root / "mid", hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                               num_attention_heads=16, num_key_value_heads=4, vocab_size=8192,
+                               max_position_embeddings=2048)
+    timing(mid, results)
+    (out / "smoke.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""decode_attention against a dense float64 reference, over shuffled paged caches, with and without splits."""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import choose_num_splits, decode_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+# triton 3.6's interpreter computes bf16 tl.dot on the raw bits (garbage); bf16 is checked on the GPU only.
+BF16_ON_GPU = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="bf16 tl.dot is wrong in the triton 3.6 interpreter"))
+
+
+def _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype):
+    """Random caches (unused slots too) and block tables whose ids are a shuffled, non-contiguous set.
+    Returns k_cache, v_cache, block_tables [num_seqs, max_blocks] int32, and each sequence's dense K, V."""
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks full of noise
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks, device=DEVICE)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32, device=DEVICE)
+    dense, used = [], 0
+    for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+        ids = perm[used:used + nb]
+        used += nb
+        block_tables[i, :nb] = ids.int()
+        k = k_cache[ids].flatten(0, 1)[:n]  # [n, num_kv_heads, head_dim]
+        v = v_cache[ids].flatten(0, 1)[:n]
+        dense.append((k, v))
+    return k_cache, v_cache, block_tables, dense
+
+
+def _reference_decode(query, dense, scale):
+    """query [num_seqs, num_heads, head_dim]; the last context position attends to all of its context."""
+    out = []
+    for i, (k, v) in enumerate(dense):
+        group = query.shape[1] // k.shape[1]
+        k = k.double().repeat_interleave(group, dim=1)  # [n, num_heads, head_dim]
+        v = v.double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", query[i].double(), k) * scale
+        out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
+    return torch.stack(out)
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (8, 2)])
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_matches_reference(block_size, num_heads, num_kv_heads, head_dim, num_splits):
+    # Two splits of 256 tokens: the 300-token context loops twice in split 0, the 37-token one leaves
+    # split 1 empty.
+    seq_lens = [1, 37, 150, 300]
+    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim,
+                                                         torch.float32)
+    # The query as a strided view into a fused qkv projection.
+    qkv = torch.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim, device=DEVICE)
+    query = qkv[:, :num_heads]
+    scale = head_dim ** -0.5
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+    out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, max(seq_lens), scale,
+                           num_splits=num_splits)
+
+    assert _rel_err(out, _reference_decode(query, dense, scale)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [BF16_ON_GPU, (torch.float16, 5e-3)])
+def test_decode_half_precision_and_odd_head_dim(dtype, tol):
+    seq_lens = [9, 70]
+    head_dim, num_heads, num_kv_heads = 80, 6, 2  # head_dim padded to 128 by masks, group of 3
+    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, 16, num_kv_heads, head_dim, dtype)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, device=DEVICE).to(dtype)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+    out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, max(seq_lens), 0.1, num_splits=2)
+
+    assert out.dtype == dtype
+    assert _rel_err(out, _reference_decode(query, dense, 0.1)) < tol
+
+
+def test_small_batch_long_context_is_split():
+    device = torch.device(DEVICE)
+    assert choose_num_splits(1, 8, 4096, device) > 1
+    assert choose_num_splits(1, 8, 100, device) == 1  # too short to be worth a reduce
+    assert choose_num_splits(4096, 8, 4096, device) == 1  # the batch alone fills the GPU
+
+
+def test_decode_default_splits_long_context():
+    seq_lens = [700]  # one sequence, 8 KV heads: the default picks several splits
+    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, 16, 8, 16, torch.float32)
+    assert choose_num_splits(1, 8, 700, torch.device(DEVICE)) > 1
+    query = torch.randn(1, 8, 16, device=DEVICE)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+    out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 700, 0.25)
+
+    assert _rel_err(out, _reference_decode(query, dense, 0.25)) < 1e-4
+
+
+def test_decode_rejects_bad_inputs():
+    k_cache, v_cache, block_tables, _ = _paged_cache([5, 9], 4, 2, 16, torch.float32)
+    seq_lens = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
+    query = torch.randn(2, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        decode_attention(query.half(), k_cache, v_cache, block_tables, seq_lens, 9, 1.0)
+    with pytest.raises(ValueError, match="last dim"):
+        decode_attention(query.transpose(0, 2).contiguous().transpose(0, 2), k_cache, v_cache,
+                         block_tables, seq_lens, 9, 1.0)
+    with pytest.raises(ValueError, match="KV heads"):
+        decode_attention(torch.randn(2, 3, 16, device=DEVICE), k_cache, v_cache, block_tables, seq_lens, 9, 1.0)
+    with pytest.raises(ValueError, match="rows"):
+        decode_attention(query, k_cache, v_cache, block_tables[:1], seq_lens, 9, 1.0)
+    with pytest.raises(ValueError, match="k_cache"):
+        decode_attention(query, k_cache, v_cache[:, :, :1], block_tables, seq_lens, 9, 1.0)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(query, k_cache, v_cache, block_tables, seq_lens.float(), 9, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_large_shapes_gpu(dtype, tol, head_dim):
+    seq_lens = [1, 17, 1000, 4096, 3333, 64, 2048, 513]
+    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, 16, 8, head_dim, dtype)
+    query = torch.randn(len(seq_lens), 32, head_dim, device=DEVICE).to(dtype)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, max(seq_lens), head_dim ** -0.5)
+    assert _rel_err(out, _reference_decode(query, dense, head_dim ** -0.5)) < tol

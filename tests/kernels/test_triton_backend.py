@@ -1,0 +1,86 @@
+"""TritonAttentionBackend.forward over several engine steps (chunked prefill, mixed batch, decodes) against
+dense causal attention over each request's whole history."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gpu_workers.attention.base import AttentionMetadata  # noqa: E402
+from gpu_workers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+BLOCK_SIZE, NUM_BLOCKS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 96, 8, 2, 16
+
+
+def _meta(steps, block_tables):
+    """steps: per request (start, end) positions computed this step; a request with end == 0 is absent."""
+    rows = [(i, s, e) for i, (s, e) in enumerate(steps) if e > 0]
+    slots = [block_tables[i][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for i, s, e in rows for p in range(s, e)]
+    qsl = [0]
+    for _, s, e in rows:
+        qsl.append(qsl[-1] + e - s)
+    seq_lens = [e for _, _, e in rows]
+    table = torch.tensor([block_tables[i] for i, _, _ in rows], dtype=torch.int32, device=DEVICE)
+    return AttentionMetadata(
+        num_seqs=len(rows), num_tokens=qsl[-1], max_query_len=max(e - s for _, s, e in rows),
+        max_seq_len=max(seq_lens), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_tables=table,
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_decode_only=all(e - s == 1 for _, s, e in rows))
+
+
+def _dense_causal(q, k, v, scale):
+    """q [n, num_heads, d], k/v [n, num_kv_heads, d]: plain causal attention over one whole request."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    n = q.shape[0]
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def test_backend_matches_dense_attention_over_steps():
+    lengths = [262, 11, 6]
+    q = [torch.randn(n, NUM_HEADS, HEAD_DIM, device=DEVICE) for n in lengths]
+    k = [torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device=DEVICE) for n in lengths]
+    v = [torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device=DEVICE) for n in lengths]
+    ids = torch.randperm(NUM_BLOCKS).tolist()  # shuffled, non-contiguous blocks; tables padded with 0
+    block_tables = [ids[5:71] + [0] * 4, ids[0:3] + [0] * 67, ids[3:5] + [0] * 68]
+    k_cache = torch.randn(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)  # noise, not zeros
+    v_cache = torch.randn_like(k_cache)
+    refs = [_dense_causal(q[i], k[i], v[i], HEAD_DIM ** -0.5) for i in range(3)]
+    backend = TritonAttentionBackend()
+    assert backend.name == "triton"
+
+    steps = [
+        [(0, 200), (0, 5), (0, 0)],  # prefills: a first chunk, a whole prompt
+        [(200, 261), (5, 6), (0, 6)],  # mixed: the rest of a chunk, a decode, a new prompt
+        [(261, 262), (6, 7), (0, 0)],  # decode only; 262 tokens of context: split-KV
+        [(0, 0), (7, 11), (0, 0)],  # one request alone, a chunk of 4 over 7 cached tokens
+    ]
+    for step in steps:
+        meta = _meta(step, block_tables)
+        live = [(i, s, e) for i, (s, e) in enumerate(step) if e > 0]
+        out = backend.forward(
+            torch.cat([q[i][s:e] for i, s, e in live]), torch.cat([k[i][s:e] for i, s, e in live]),
+            torch.cat([v[i][s:e] for i, s, e in live]), k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+        ref = torch.cat([refs[i][s:e] for i, s, e in live])
+        assert out.shape == (meta.num_tokens, NUM_HEADS, HEAD_DIM)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-4, step
+
+
+def test_backend_rejects_decode_meta_with_several_tokens_per_sequence():
+    block_tables = [[3, 1], [0, 2]]
+    meta = _meta([(0, 2), (0, 1)], block_tables)
+    meta.is_decode_only = True  # wrong: request 0 has two query tokens
+    k_cache = torch.randn(4, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)
+    kv = torch.randn(3, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)
+    with pytest.raises(ValueError, match="one token per sequence"):
+        TritonAttentionBackend().forward(torch.randn(3, NUM_HEADS, HEAD_DIM, device=DEVICE), kv, kv,
+                                         k_cache, torch.randn_like(k_cache), meta, 0.25)
