@@ -62,8 +62,9 @@ def test_greedy_matches_transformers_on_the_default_model(default_model):
     assert "Paris" in outs[1].outputs[0].text
 
 
-def test_preemption_and_chunked_prefill_keep_greedy_outputs(tiny_checkpoints):
-    path = tiny_checkpoints["llama"]
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_preemption_and_chunked_prefill_keep_greedy_outputs(tiny_checkpoints, arch):
+    path = tiny_checkpoints[arch]
     prompts = [p * (1 + i % 2) for i, p in enumerate(PROMPTS * 2)]
     # 32 blocks of 4 slots (one max_model_len request) for 8 requests of ~25-110 tokens: the pool
     # must preempt. A budget of 16 tokens per step chunks every long prompt.
@@ -243,3 +244,14 @@ def test_triton_backend_under_the_interpreter_matches_transformers(tiny_checkpoi
         outs = llm.generate(PROMPTS[:2] + [PROMPTS[2] * 2], SamplingParams(temperature=0, max_tokens=6),
                             use_tqdm=False)
     assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], 6)
+
+
+def test_killing_the_scheduler_raises_in_the_caller_and_leaves_no_process(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["llama"], max_model_len=256)
+    procs = _engine_processes(llm)
+    os.kill(llm.engine.proc.pid, signal.SIGKILL)
+    with pytest.raises(EngineDeadError, match="scheduler"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=50), use_tqdm=False)
+    gone, alive = psutil.wait_procs(procs, timeout=10)  # the worker dies with its parent
+    assert alive == []
+    llm.shutdown()
