@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Benchmarks of issue 4 on the GPU machine, in one device call: install the carried wheels, make the random
+# checkpoints in /tmp, run the chosen stages, and leave the results and the log under $OUT: results.jsonl
+# (one JSON summary per run, appended), gpu_bench.log, correctness.json, serve_sweep.csv/.png (5 files at
+# most: the device tool brings back 8).
+#
+#   scripts/gpu_bench.sh [STAGE ...]          (no stage: correctness)
+#
+# Through the device tool: run(command="scripts/gpu_bench.sh STAGES", carry=[".whl"], timeout_s=600), .whl made
+# here by ../shared/tools/gpu-wheels.sh. Each run inside has its own time limit, so one stuck engine costs
+# minutes, not the call. Estimates (not yet measured on a card; the engine's start-up dominates small stages):
+#   correctness ~3-4 min, latency ~4-5, throughput-8b-prefill ~4-6, throughput-8b-decode ~4-6,
+#   throughput-qwen3 ~4-5, serve ~5; so pair at most two short ones per call, and HF=0 saves 1-2 min a stage.
+#
+# Stages:
+#   checkpoints            write full random safetensors checkpoints (Llama-3.1-8B, Qwen3-0.6B shapes, bf16);
+#                          later stages of the same call then load them from disk. Without this stage both
+#                          backends use random weights from config.json alone (--load-format dummy): speed
+#                          does not depend on the values, and no 16 GB need be written.
+#   correctness            greedy tokens of pagedserve vs transformers on small random checkpoints on the GPU:
+#                          float32 (must be identical) and bfloat16 (where they part, our token must be in
+#                          transformers' top 5: a near-tie); correctness.json
+#   latency                batch 1, 128 in, 512 out: Llama-3.1-8B and Qwen3-0.6B, pagedserve and hf
+#   throughput-8b-prefill  1000 x (1024 in, 128 out), pagedserve; hf on 64 of them in one static batch
+#   throughput-8b-decode   256 x (128 in, 1024 out), pagedserve; hf on 64 of them in one static batch
+#   throughput-qwen3       256 x (uniform 100-1024 in and out) and 1000 x (1024, 128), pagedserve; hf on 64
+#   serve                  bench_serve sweep over concurrency 1,4,16,64 (Llama-3.1-8B, 512 in, 128 out):
+#                          pagedserve at every level, hf (one request at a time) at 1 and 4; CSV + PNG
+# Environment: OUT (results; default /tmp/gpu_bench_out), PYTHON (default python3), HF=0 skips the hf runs,
+# BUDGET_S (seconds all runs must end within, default 560: later runs are cut short or skipped),
+# ENGINE_ARGS (extra flags for every pagedserve run, e.g. "--enforce-eager --attention-backend torch").
+set -uo pipefail  # no -e: a failed run is logged and the next one still runs
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+OUT="${OUT:-/tmp/gpu_bench_out}"
+RUNS=/tmp/pb_runs  # one JSON per run; each is also appended to $OUT/results.jsonl
+mkdir -p "$OUT" "$RUNS"
+exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
+PY="${PYTHON:-python3}"
+HF="${HF:-1}"
+ENGINE_ARGS="${ENGINE_ARGS:-}"
+LOAD=dummy
+LLAMA="${LLAMA:-/tmp/pb_llama-3.1-8b}"
+QWEN="${QWEN:-/tmp/pb_qwen3-0.6b}"
+COMMON="--dtype bfloat16 --max-model-len 4096 --max-num-seqs 256 --gpu-memory-utilization 0.9"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+if ! "$PY" -c "import msgspec, zmq" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "pyzmq/msgspec missing and no .whl/ carried (run ../shared/tools/gpu-wheels.sh here, carry .whl)"; exit 1
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH="$root:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+
+# Every run must end by the deadline, so the call (10 minutes at most) still ends with its summary.
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-560} ))
+
+# run SECONDS CMD...: one logged command under a time limit; a failure is reported, not fatal.
+run() {
+  local limit=$1; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 30 ]; then echo "!! SKIPPED (BUDGET_S spent): $*"; return 0; fi
+  [ "$limit" -le "$left" ] || limit=$left
+  echo "+ [$(date +%T)] (limit ${limit}s) $*"
+  timeout -k 15 "$limit" "$@"
+  local rc=$?
+  [ $rc -eq 0 ] || echo "!! FAILED (exit $rc): $*"
+  return 0
+}
+
+collect() {  # collect NAME: append the run's JSON summary to $OUT/results.jsonl
+  [ -f "$RUNS/$1.json" ] && sed "s/^{/{\"run\": \"$1\", /" "$RUNS/$1.json" >> "$OUT/results.jsonl"
+  return 0
+}
+
+# model ARCH DIR: a checkpoint dir to benchmark (config + tokenizer, or full weights after the checkpoints stage).
+model() {
+  local arch=$1 dir=$2
+  if [ "$LOAD" = auto ] && ! ls "$dir"/*.safetensors >/dev/null 2>&1; then
+    run 300 "$PY" scripts/make_random_checkpoint.py --arch "$arch" --out "$dir"
+  elif [ ! -f "$dir/config.json" ]; then
+    run 120 "$PY" scripts/make_random_checkpoint.py --arch "$arch" --out "$dir" --config-only
+  fi
+}
+
+tp() {  # tp NAME BACKEND ARGS...: bench_throughput with the common flags, JSON to $OUT/NAME.json
+  local name=$1 backend=$2; shift 2
+  [ "$backend" = hf ] && [ "$HF" = 0 ] && return 0
+  local extra=""; [ "$backend" = pagedserve ] && extra="$ENGINE_ARGS"
+  # shellcheck disable=SC2086
+  run 420 "$PY" scripts/bench_throughput.py --backend "$backend" --load-format "$LOAD" $COMMON $extra \
+    --disable-tqdm --output-json "$RUNS/$name.json" "$@"
+  collect "$name"
+}
+
+lat() {  # lat NAME BACKEND MODEL ARGS...
+  local name=$1 backend=$2 dir=$3; shift 3
+  [ "$backend" = hf ] && [ "$HF" = 0 ] && return 0
+  local extra=""; [ "$backend" = pagedserve ] && extra="$ENGINE_ARGS"
+  # shellcheck disable=SC2086
+  run 300 "$PY" scripts/bench_latency.py --backend "$backend" --model "$dir" --load-format "$LOAD" --dtype bfloat16 \
+    --input-len 128 --output-len 512 $extra --output-json "$RUNS/$name.json" "$@"
+  collect "$name"
+}
+
+stage_checkpoints() {
+  LOAD=auto
+  model llama-3.1-8b "$LLAMA"
+  model qwen3-0.6b "$QWEN"
+}
+
+stage_correctness() {
+  local f32=/tmp/pb_check_smollm2_f32 q3=/tmp/pb_check_qwen3_f32 l8=/tmp/pb_check_llama8b_2l
+  [ -f $f32/model.safetensors ] || run 120 "$PY" scripts/make_random_checkpoint.py --arch smollm2-135m --num-layers 4 \
+    --dtype float32 --init-std 0.1 --out $f32
+  [ -f $q3/model.safetensors ] || run 120 "$PY" scripts/make_random_checkpoint.py --arch qwen3-0.6b --num-layers 2 \
+    --dtype float32 --init-std 0.08 --out $q3
+  [ -f $l8/model.safetensors ] || run 120 "$PY" scripts/make_random_checkpoint.py --arch llama-3.1-8b --num-layers 2 \
+    --dtype bfloat16 --init-std 0.05 --out $l8
+  # shellcheck disable=SC2086
+  run 420 "$PY" - "$OUT/correctness.json" $f32 $q3 $l8 <<'EOF'
+"""pagedserve vs transformers, greedy, on the GPU. float32: identical tokens. bfloat16: tokens may part at a
+near-tie, as in vLLM's tests: where they first differ, ours must be in transformers' top 5 there."""
+import json, sys, torch
+from frontend import LLM, SamplingParams
+from transformers import AutoModelForCausalLM
+out_path, paths = sys.argv[1], sys.argv[2:]
+NEW, LENS = 32, [5, 40, 200, 700]  # prompt lengths: one block, several, and a chunk-sized one
+results, ok = {}, True
+for path in paths:
+    vocab = json.load(open(f"{path}/config.json"))["vocab_size"]
+    prompts = [torch.randint(3, min(vocab, 30000), (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENS]
+    for dtype in ("float32", "bfloat16"):
+        with LLM(path, dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.4) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).cuda().eval()
+        prefix, ranks = [], []
+        for p, o in zip(prompts, outs):
+            ids, ours = torch.tensor([p], device="cuda"), list(o.outputs[0].token_ids)
+            with torch.inference_mode():
+                g = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                                do_sample=False, output_scores=True, return_dict_in_generate=True)
+            ref = g.sequences[0, len(p):].tolist()
+            n = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), NEW)
+            prefix.append(n)
+            if n < NEW:  # rank of our token among transformers' logits at the first difference
+                ranks.append(int((g.scores[n][0] > g.scores[n][0, ours[n]]).sum()))
+        del hf; torch.cuda.empty_cache()
+        passed = all(n == NEW for n in prefix) if dtype == "float32" else all(r < 5 for r in ranks)
+        ok &= passed
+        key = f"{path.split('/')[-1]}/{dtype}"
+        results[key] = {"matching_prefix_per_prompt": prefix, "of": NEW, "prompt_lens": LENS,
+                        "rank_of_ours_at_first_difference": ranks, "pass": passed}
+        print(f"{key:34s} matching prefix {prefix} of {NEW}, our rank where they part {ranks}: "
+              f"{'PASS' if passed else 'FAIL'}", flush=True)
+json.dump({"card": torch.cuda.get_device_name(), "results": results, "pass": ok}, open(out_path, "w"), indent=1)
+sys.exit(0 if ok else 1)
+EOF
+}
+
+stage_latency() {
+  model llama-3.1-8b "$LLAMA"
+  model qwen3-0.6b "$QWEN"
+  lat latency_llama8b_pagedserve pagedserve "$LLAMA" --num-iters 3
+  lat latency_llama8b_hf hf "$LLAMA" --num-iters 1 --warmup-output-len 8
+  lat latency_qwen3_pagedserve pagedserve "$QWEN" --num-iters 3
+  lat latency_qwen3_hf hf "$QWEN" --num-iters 1 --warmup-output-len 8
+}
+
+stage_throughput-8b-prefill() {
+  model llama-3.1-8b "$LLAMA"
+  tp tput_llama8b_1000x1024x128_pagedserve pagedserve --model "$LLAMA" --num-prompts 1000 --input-len 1024 --output-len 128
+  tp tput_llama8b_1000x1024x128_hf64 hf --model "$LLAMA" --num-prompts 64 --hf-batch-size 64 --input-len 1024 --output-len 128
+}
+
+stage_throughput-8b-decode() {
+  model llama-3.1-8b "$LLAMA"
+  tp tput_llama8b_256x128x1024_pagedserve pagedserve --model "$LLAMA" --num-prompts 256 --input-len 128 --output-len 1024
+  tp tput_llama8b_256x128x1024_hf64 hf --model "$LLAMA" --num-prompts 64 --hf-batch-size 64 --input-len 128 --output-len 1024
+}
+
+stage_throughput-qwen3() {
+  model qwen3-0.6b "$QWEN"
+  local uniform=(--input-len-range 100 1024 --output-len-range 100 1024)
+  tp tput_qwen3_256xuniform_pagedserve pagedserve --model "$QWEN" --num-prompts 256 "${uniform[@]}"
+  tp tput_qwen3_1000x1024x128_pagedserve pagedserve --model "$QWEN" --num-prompts 1000 --input-len 1024 --output-len 128
+  tp tput_qwen3_256xuniform_hf64 hf --model "$QWEN" --num-prompts 64 --hf-batch-size 64 "${uniform[@]}"
+}
+
+stage_serve() {
+  model llama-3.1-8b "$LLAMA"
+  local backends=pagedserve; [ "$HF" = 0 ] || backends=pagedserve,hf
+  # shellcheck disable=SC2086
+  run 480 "$PY" scripts/bench_serve.py --backend $backends --model "$LLAMA" --input-len 512 --output-len 128 \
+    --num-prompts 32 --sweep-concurrency 1,4,16,64 --hf-num-prompts 4 --hf-sweep-concurrency 1,4 \
+    --server-arg=--load-format=$LOAD --server-arg=--dtype=bfloat16 --server-arg=--max-model-len=4096 \
+    $(for a in $ENGINE_ARGS; do printf -- '--server-arg=%s ' "$a"; done) \
+    --server-log "$RUNS/serve_server.log" --output-json "$RUNS/serve_sweep.json" \
+    --sweep-csv "$OUT/serve_sweep.csv" --sweep-png "$OUT/serve_sweep.png"
+  collect serve_sweep
+}
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(correctness)
+for s in "${stages[@]}"; do
+  declare -F "stage_$s" >/dev/null || { echo "unknown stage $s; see the header of $0"; exit 2; }
+done
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+start=$(date +%s)
+for s in "${stages[@]}"; do
+  echo "=== stage $s ($(( $(date +%s) - start )) s elapsed)"
+  "stage_$s"
+done
+echo "=== done in $(( $(date +%s) - start )) s; results:"
+"$PY" - "$OUT/results.jsonl" <<'EOF'
+import json, os, sys
+lines = open(sys.argv[1]).read().splitlines() if os.path.exists(sys.argv[1]) else []
+for r in map(json.loads, lines):
+    name, kind = r["run"], r["benchmark"]
+    if kind == "throughput":
+        print(f"{name:45s} {r['elapsed_s']:7.1f} s {r['output_tokens_per_s']:9.0f} out tok/s "
+              f"{r['total_tokens_per_s']:9.0f} total tok/s  {r['card']}")
+    elif kind == "latency":
+        print(f"{name:45s} {r['decode_ms_per_token']:7.2f} ms/token, first {r['first_token_ms']:6.1f} ms, floor "
+              f"{r['floor_ms_per_token']:.2f} ms ({100 * r['fraction_of_floor']:.0f}%)  {r['card']}")
+    elif kind == "serve":
+        print(f"{name:20s} {r['backend']:10s} c={r['max_concurrency']!s:4s} {r['output_throughput']:9.0f} out tok/s, "
+              f"TTFT p50 {r['median_ttft_ms']:7.1f} ms, TPOT p50 {r['median_tpot_ms']:6.2f} ms  {r['card']}")
+EOF
