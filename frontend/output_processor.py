@@ -49,6 +49,8 @@ class RequestState:
         out = self.output.outputs[delta.index]
         detok = self.detoks[delta.index]
         self.output.num_cached_tokens = max(self.output.num_cached_tokens, delta.num_cached_tokens)
+        if delta.queue_time is not None:
+            self.output.metrics.setdefault("queue_time", delta.queue_time)
         if delta.prompt_logprobs is not None:
             self.output.prompt_logprobs.extend(self._convert(lp) for lp in delta.prompt_logprobs)
         if out.finish_reason is not None:

@@ -42,3 +42,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    """Timings, once known: "queue_time" (seconds from arrival to first scheduling)."""

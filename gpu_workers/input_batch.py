@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from gpu_workers.attention.base import AttentionMetadata
@@ -62,45 +64,84 @@ class StepInputs(NamedTuple):
     prompt_logprobs: list[PromptLogprobsSlice]
 
 
-def prepare_inputs(reqs: list[CachedRequestState], block_size: int, device: torch.device) -> StepInputs:
-    """Lay the scheduled tokens of `reqs` end to end and build the attention metadata. Slot mapping is
-    computed with tensor ops (no Python loop per token)."""
-    input_ids: list[int] = []
-    query_start = [0]
-    seq_lens: list[int] = []
-    sample_rows: list[int] = []
-    sampling: list[CachedRequestState] = []
-    prompt_lp: list[PromptLogprobsSlice] = []
-    for req in reqs:
+class HostStaging:
+    """Reused host buffers (pinned on CUDA) through which a step's index arrays reach the device in
+    one copy per dtype. Before refilling, wait for the previous copy: a step that samples nothing
+    never synchronizes, so that copy may still be queued."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+        self.copied: dict[torch.dtype, torch.cuda.Event] = {}
+
+    def to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        sizes = [a.size for a in arrays]
+        total = sum(sizes)
+        buf = self.buffers.get(dtype)
+        if buf is None or buf.numel() < total:
+            buf = torch.empty(max(total, 4096), dtype=dtype, pin_memory=self.device.type == "cuda")
+            self.buffers[dtype] = buf
+        elif dtype in self.copied:
+            self.copied[dtype].synchronize()
+        host = buf[:total]
+        np.concatenate([a.ravel() for a in arrays], out=host.numpy())
+        if self.device.type == "cuda":
+            dev = host.to(self.device, non_blocking=True)
+            self.copied[dtype] = torch.cuda.Event()
+            self.copied[dtype].record()
+        else:
+            dev = host.clone()
+        return list(dev.split(sizes))
+
+
+def prepare_inputs(reqs: list[CachedRequestState], block_size: int, device: torch.device,
+                   staging: HostStaging | None = None) -> StepInputs:
+    """Lay the scheduled tokens of `reqs` end to end and build the attention metadata. Index math is
+    vectorized numpy (no Python loop per token); everything reaches the device in two copies."""
+    staging = staging or HostStaging(device)
+    num_seqs = len(reqs)
+    q_lens = np.fromiter((r.num_scheduled_tokens for r in reqs), np.int64, num_seqs)
+    starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_seqs)
+    query_start = np.zeros(num_seqs + 1, np.int64)
+    np.cumsum(q_lens, out=query_start[1:])
+    num_tokens = int(query_start[-1])
+    max_q = int(q_lens.max())
+    if max_q == 1:  # decode: one token each
+        input_ids = np.fromiter((r.token_ids[r.num_computed_tokens] for r in reqs), np.int64, num_seqs)
+    else:
+        input_ids = np.fromiter(itertools.chain.from_iterable(
+            r.token_ids[r.num_computed_tokens:r.num_computed_tokens + r.num_scheduled_tokens] for r in reqs),
+            np.int64, num_tokens)
+    seq_lens = starts + q_lens
+    seq_index = np.repeat(np.arange(num_seqs), q_lens)  # [num_tokens]
+    pos = starts[seq_index] + np.arange(num_tokens) - query_start[:-1][seq_index]  # [num_tokens]
+    table = np.zeros((num_seqs, max(len(r.block_ids) for r in reqs)), np.int32)  # [num_seqs, max_blocks]
+    for i, req in enumerate(reqs):
+        table[i, :len(req.block_ids)] = req.block_ids
+    slots = table[seq_index, pos // block_size].astype(np.int64) * block_size + pos % block_size
+
+    sampling = [r for r in reqs if r.samples_this_step]
+    sample_rows = np.array([query_start[i + 1] - 1 for i, r in enumerate(reqs) if r.samples_this_step], np.int64)
+    prompt_lp = _prompt_logprob_slices(reqs, query_start)
+    ids_d, pos_d, slots_d, rows_d = staging.to_device([input_ids, pos, slots, sample_rows], torch.int64)
+    qsl_d, seq_lens_d, table_d = staging.to_device(
+        [query_start.astype(np.int32), seq_lens.astype(np.int32), table], torch.int32)
+    meta = AttentionMetadata(
+        num_seqs=num_seqs, num_tokens=num_tokens, max_query_len=max_q, max_seq_len=int(seq_lens.max()),
+        slot_mapping=slots_d, query_start_loc=qsl_d, seq_lens=seq_lens_d,
+        block_tables=table_d.view(num_seqs, -1), query_start_loc_cpu=query_start.tolist(),
+        seq_lens_cpu=seq_lens.tolist(), is_decode_only=max_q == 1)
+    return StepInputs(ids_d, pos_d, meta, rows_d, sampling, prompt_lp)
+
+
+def _prompt_logprob_slices(reqs: list[CachedRequestState], query_start: np.ndarray) -> list[PromptLogprobsSlice]:
+    slices = []
+    for i, req in enumerate(reqs):
         start, n = req.num_computed_tokens, req.num_scheduled_tokens
-        input_ids.extend(req.token_ids[start:start + n])
         if req.want_prompt_logprobs and start < req.num_prompt_tokens:
             end = min(start + n, req.num_prompt_tokens - 1)  # rows whose next token is in the prompt
-            rows = torch.arange(query_start[-1], query_start[-1] + end - start)
-            targets = torch.tensor(req.token_ids[start + 1:end + 1])
-            prompt_lp.append(PromptLogprobsSlice(req, rows, targets, start == 0))
-        query_start.append(query_start[-1] + n)
-        seq_lens.append(start + n)
-        if req.samples_this_step:
-            sample_rows.append(query_start[-1] - 1)
-            sampling.append(req)
-
-    max_blocks = max(len(r.block_ids) for r in reqs)
-    table = torch.zeros(len(reqs), max_blocks, dtype=torch.int32)  # [num_seqs, max_blocks]
-    for i, req in enumerate(reqs):
-        table[i, :len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
-    q_lens = torch.tensor([r.num_scheduled_tokens for r in reqs])
-    starts = torch.tensor([r.num_computed_tokens for r in reqs])
-    seq_index = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)  # [num_tokens]
-    first_row = torch.tensor(query_start[:-1])
-    pos = starts[seq_index] + torch.arange(len(input_ids)) - first_row[seq_index]  # [num_tokens]
-    slots = table[seq_index, pos // block_size].to(torch.int64) * block_size + pos % block_size
-
-    max_q = int(q_lens.max())
-    meta = AttentionMetadata(
-        num_seqs=len(reqs), num_tokens=len(input_ids), max_query_len=max_q, max_seq_len=max(seq_lens),
-        slot_mapping=slots.to(device), query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device), block_tables=table.to(device),
-        query_start_loc_cpu=query_start, seq_lens_cpu=seq_lens, is_decode_only=max_q == 1)
-    return StepInputs(torch.tensor(input_ids, dtype=torch.int64).to(device), pos.to(device), meta,
-                      torch.tensor(sample_rows, dtype=torch.int64).to(device), sampling, prompt_lp)
+            first = int(query_start[i])
+            rows = torch.arange(first, first + max(end - start, 0))
+            targets = torch.tensor(req.token_ids[start + 1:end + 1], dtype=torch.int64)
+            slices.append(PromptLogprobsSlice(req, rows, targets, start == 0))
+    return slices

@@ -10,7 +10,7 @@ from gpu_workers.attention import get_attention_backend
 from gpu_workers.distributed import get_tp_group, local_rank  # tensor parallel
 from gpu_workers.cuda_graph import CUDAGraphRunner
 from gpu_workers.step_timer import StepTimer
-from gpu_workers.input_batch import CachedRequestState, StepInputs, prepare_inputs
+from gpu_workers.input_batch import CachedRequestState, HostStaging, StepInputs, prepare_inputs
 from gpu_workers.loader import load_hf_config, load_model
 from gpu_workers.models.layers import split_heads  # tensor parallel
 from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
@@ -48,6 +48,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner: CUDAGraphRunner | None = None
+        self.staging = HostStaging(self.device)
         self.timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else lambda: None)
 
     # ------------------------------------------------------------------ KV cache
@@ -127,7 +128,7 @@ class ModelRunner:
         if step.blocks_to_copy:
             src, dst = zip(*step.blocks_to_copy)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
-        inputs = prepare_inputs(reqs, self.block_size, self.device)
+        inputs = prepare_inputs(reqs, self.block_size, self.device, self.staging)
         self.timer.mark("prepare")
         if self.graph_runner is not None and self.graph_runner.can_run(inputs.meta):
             hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, inputs.meta)
