@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 
 from frontend.engine_args import EngineArgs, load_tokenizer
 from frontend.engine_client import start_scheduler
 from ipc.client import EngineClient
 from ipc.errors import EngineDeadError
 from ipc.messages import Shutdown
+from ipc.sockets import IpcPaths
 from ipc.process import stop
 
 logger = logging.getLogger(__name__)
@@ -69,4 +69,4 @@ class AsyncLLM:
                 pass
         await asyncio.to_thread(stop, [self.proc], 10.0, 10.0)
         await self.client.close()
-        shutil.rmtree(self.config.ipc_root, ignore_errors=True)
+        IpcPaths(self.config.ipc_root).cleanup()

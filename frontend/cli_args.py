@@ -112,6 +112,9 @@ _ENGINE_FLAGS = {
     "attention_backend": dict(choices=ATTENTION_BACKENDS),
     "load_format": dict(choices=("auto", "dummy")),
     "device": dict(choices=("auto", "cuda", "cpu"), help="Where the model runs; auto: cuda if available."),
+    "ipc_dir": dict(help="Directory (made 0700) of the engine's ipc:// sockets, for embedded "
+                         "ipc.client.EngineClient users. Default: a new private temporary directory."),
+    "enforce_eager": dict(help="Never use CUDA graphs (decode steps run eagerly)."),
 }
 
 

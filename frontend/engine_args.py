@@ -39,6 +39,7 @@ class EngineArgs:
     load_format: str = "auto"
     device: str = "auto"
     enforce_eager: bool = False
+    ipc_dir: str | None = None
 
     def resolve_model_path(self) -> str:
         if self.model is None:
@@ -61,7 +62,8 @@ class EngineArgs:
         batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
         return EngineConfig(model, cache, SchedulerConfig(self.max_num_seqs, batched),
                             self.create_parallel_config(hf),
-                            WorkerConfig(device, self.attention_backend, self.seed, self.enforce_eager), IpcPaths.create().root)
+                            WorkerConfig(device, self.attention_backend, self.seed, self.enforce_eager),
+                            IpcPaths.create(self.ipc_dir).root)
 
     def create_parallel_config(self, hf: dict) -> ParallelConfig:
         """Checks the model splits over the ranks before any process starts."""

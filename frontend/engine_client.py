@@ -4,7 +4,6 @@ the workers), sends requests, and receives their deltas; any child's death raise
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 
 import zmq
@@ -98,4 +97,4 @@ class EngineCoreClient:
                 pass
         stop([self.proc], timeout=10.0, grace=10.0)
         self.ctx.destroy(linger=0)
-        shutil.rmtree(self.config.ipc_root, ignore_errors=True)
+        IpcPaths(self.config.ipc_root).cleanup()

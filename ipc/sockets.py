@@ -25,10 +25,25 @@ class IpcPaths:
     root: str
 
     @classmethod
-    def create(cls) -> "IpcPaths":
-        root = tempfile.mkdtemp(prefix="pagedserve-")  # mkdtemp makes it 0700
+    def create(cls, root: str | None = None) -> "IpcPaths":
+        """A new private directory (or `root`, created 0700 if missing: an embedded EngineClient of
+        the same user connects through it)."""
+        if root is None:
+            root = tempfile.mkdtemp(prefix="pagedserve-")  # mkdtemp makes it 0700
+        else:
+            os.makedirs(root, mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
-        return cls(root)
+        return cls(os.path.abspath(root))
+
+    def cleanup(self) -> None:
+        """Remove the socket files, then the directory if nothing else is in it."""
+        for name in os.listdir(self.root) if os.path.isdir(self.root) else ():
+            if name.endswith(".sock"):
+                os.unlink(os.path.join(self.root, name))
+        try:
+            os.rmdir(self.root)
+        except OSError:
+            pass
 
     @property
     def scheduler(self) -> str:
