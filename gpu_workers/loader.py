@@ -66,18 +66,35 @@ def safetensors_files(model_path: str) -> list[str]:
     return files
 
 
-def iterate_safetensors(files: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) one at a time on CPU, floating tensors cast to `dtype`, so peak host memory is
-    one tensor, not the checkpoint."""
+class SafetensorsSlice:
+    """A checkpoint tensor not read yet: the file is memory-mapped and `narrow` reads only the rows
+    or columns asked for, so a tensor-parallel rank never materializes the parts other ranks own.
+    Quacks like the torch.Tensor methods weight loaders use (`shape`, `narrow`)."""
+
+    def __init__(self, name: str, view, dtype: torch.dtype) -> None:
+        self.name = name
+        self._view = view  # safetensors PySafeSlice, valid while its file is open
+        self._dtype = dtype
+        self.shape = torch.Size(view.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, start + length), floating values cast to the model dtype."""
+        if not 0 <= start <= start + length <= self.shape[dim]:
+            raise ValueError(f"{self.name}: [{start}, {start + length}) is outside dim {dim} of {tuple(self.shape)}")
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        tensor = self._view[index]
+        return tensor.to(self._dtype) if tensor.is_floating_point() else tensor
+
+
+def iterate_safetensors(files: list[str], dtype: torch.dtype) -> Iterator[tuple[str, SafetensorsSlice]]:
+    """(name, lazy slice) one at a time; the consumer reads what it needs before asking for the
+    next, so peak host memory is one rank's slice of one tensor, not the checkpoint."""
     from safetensors import safe_open
 
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                yield name, tensor
+                yield name, SafetensorsSlice(name, f.get_slice(name), dtype)
 
 
 def load_model(

@@ -31,14 +31,16 @@ def spawn(module: str, args: list[str], name: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *args], env=env)
 
 
-def init_child(name: str) -> None:
-    """First thing in a child's entry: logging, process title, and die with the parent."""
+def init_child(name: str, die_with_parent: bool = True) -> None:
+    """First thing in a child's entry: logging, process title, and die with the parent (not for a
+    process a user starts, such as a node agent under nohup)."""
     logging.basicConfig(level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "WARNING").upper(),
                         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     libc = _libc()
     if libc is not None:
         libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if die_with_parent:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     parent = int(os.environ.get("PAGEDSERVE_PARENT_PID", "0"))
     if parent and os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)

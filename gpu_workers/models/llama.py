@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
+from gpu_workers.distributed import get_tp_group
 from gpu_workers.models.layers import (
     Attention,
-    Linear,
+    ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
     SiluAndMulMLP,
-    VocabEmbedding,
+    VocabParallelEmbedding,
+    check_tensor_parallel,
     default_weight_loader,
     rope_parameters,
 )
@@ -44,7 +46,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         hidden = hf_config.hidden_size
         num_heads = hf_config.num_attention_heads
-        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        num_kv_heads = num_kv_heads_of(hf_config)
         eps = hf_config.rms_norm_eps
         self.self_attn = Attention(
             hidden, num_heads, num_kv_heads, head_dim_of(hf_config), rotary_emb, attn_backend,
@@ -71,6 +73,10 @@ def head_dim_of(hf_config) -> int:
     return head_dim or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+def num_kv_heads_of(hf_config) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
 def check_hf_act(hf_config) -> None:
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
@@ -82,9 +88,11 @@ class LlamaModel(nn.Module):
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False):
         super().__init__()
         check_hf_act(hf_config)
+        check_tensor_parallel(hf_config.num_attention_heads, num_kv_heads_of(hf_config),
+                              hf_config.intermediate_size, get_tp_group().world_size)
         theta, scaling = rope_parameters(hf_config)
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings, theta, scaling)
-        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(hf_config, self.rotary_emb, attn_backend, qkv_bias, o_bias, qk_norm)
             for _ in range(hf_config.num_hidden_layers)
@@ -106,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
         model = LlamaForCausalLM(hf_config, attn_backend)
         hidden = model(input_ids, positions, kv_caches, meta)  # [num_tokens, hidden_size]
         logits = model.compute_logits(hidden)                  # [num_selected, vocab_size] float32
-        model.load_weights(weights)                            # iterable of (hf_name, tensor)
+        model.load_weights(weights)                            # iterable of (hf_name, tensor or lazy slice)
     """
 
     # Attention options the subclasses (Qwen2, Qwen3) override.
@@ -122,7 +130,7 @@ class LlamaForCausalLM(nn.Module):
             o_bias=self.o_bias(hf_config), qk_norm=self.qk_norm,
         )
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.check_sliding_window(hf_config)
@@ -150,7 +158,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[num_selected, hidden_size] -> [num_selected, vocab_size] float32."""
+        """[num_selected, hidden_size] -> [num_selected, vocab_size] float32, the full vocabulary on
+        every tensor-parallel rank."""
         return self.lm_head(hidden_states).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -1,0 +1,126 @@
+"""The tensor-parallel group of one worker process, and the two collectives the model needs.
+
+    rank r of N:   x ──column-parallel──▶ local heads / local MLP slice ──row-parallel──▶ partial
+                   partial ──all_reduce──▶ full hidden states (identical on every rank)
+                   local logits [S, V/N] ──all_gather──▶ full logits [S, V] (identical on every rank)
+
+With tensor_parallel_size 1 no process group exists at all: `get_tp_group()` returns a group of
+size 1 whose collectives return their input.
+
+Rendezvous: on one node the store is a file in the engine's private 0700 directory (nothing listens
+on a network port for it), and gloo/NCCL traffic stays on the loopback interface unless the user
+names one. Across nodes it is torch.distributed's TCP store at master_addr:master_port, hosted by
+global rank 0 (on node 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ipc import envs
+from ipc.config import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's rank in the tensor-parallel group. `group` is None for a single rank (and for
+    the fake groups tests use to build one rank's model in-process, which never communicate)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the ranks (in place; returns x)."""
+        if self.world_size == 1:
+            return x
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The ranks' `x` concatenated along `dim`, rank 0 first."""
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        if x.is_cuda:
+            out = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x, group=self.group)  # [world, *x.shape]
+            parts = out.unbind(0)
+        else:  # gloo has no all_gather_into_tensor
+            parts = [torch.empty_like(x) for _ in range(self.world_size)]
+            dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+
+_TP_GROUP = TPGroup()
+
+
+def get_tp_group() -> TPGroup:
+    """The group layers shard over; size 1 until `init_distributed` (or `set_tp_group`) ran."""
+    return _TP_GROUP
+
+
+def set_tp_group(group: TPGroup) -> TPGroup:
+    """Install `group` (tests build one rank's model in-process with TPGroup(rank, size)); returns
+    the previous one."""
+    global _TP_GROUP
+    previous, _TP_GROUP = _TP_GROUP, group
+    return previous
+
+
+def ranks_per_node(parallel: ParallelConfig) -> int:
+    return parallel.tensor_parallel_size // parallel.nnodes
+
+
+def local_rank(parallel: ParallelConfig, rank: int) -> int:
+    """Index of global `rank` among its node's ranks (its GPU index on that node)."""
+    return rank - parallel.node_rank * ranks_per_node(parallel)
+
+
+def init_method(parallel: ParallelConfig, ipc_root: str) -> str:
+    if parallel.nnodes == 1:
+        return f"file://{os.path.join(ipc_root, 'tp-store')}"
+    return f"tcp://{parallel.master_addr}:{parallel.master_port}"
+
+
+def init_distributed(parallel: ParallelConfig, rank: int, device: str, ipc_root: str) -> TPGroup:
+    """Join the tensor-parallel group as global `rank` (blocks until every rank joined). NCCL on
+    CUDA (the process's GPU is set first), gloo on CPU. A no-op for tensor_parallel_size 1."""
+    world_size = parallel.tensor_parallel_size
+    if world_size == 1:
+        set_tp_group(TPGroup())
+        return get_tp_group()
+    if parallel.nnodes == 1:
+        envs.pin_collectives_to_loopback()
+    kwargs = {}
+    if device == "cuda":
+        if torch.cuda.device_count() < ranks_per_node(parallel):
+            raise ValueError(f"tensor_parallel_size {world_size} over nnodes {parallel.nnodes} needs "
+                             f"{ranks_per_node(parallel)} GPUs per node; this one has {torch.cuda.device_count()}")
+        cuda = torch.device("cuda", local_rank(parallel, rank))
+        torch.cuda.set_device(cuda)
+        kwargs["device_id"] = cuda
+        # A rank's CPU work is small tensors for the GPU; N ranks each spinning a thread pool as
+        # wide as the host starve each other (the cost shows at every step).
+        torch.set_num_threads(1)
+    else:
+        # Ranks of one node share its cores: without this, N ranks each start a thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_per_node(parallel)))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=init_method(parallel, ipc_root),
+                            rank=rank, world_size=world_size, **kwargs)
+    logger.info("rank %d of %d joined the tensor-parallel group (%s)", rank, world_size, dist.get_backend())
+    set_tp_group(TPGroup(rank, world_size, dist.group.WORLD))
+    return get_tp_group()
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    set_tp_group(TPGroup())
