@@ -47,6 +47,18 @@ def special_token_ids(model: str) -> list[int]:
     return sorted(ids)
 
 
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every offline benchmark shares: backend, checkpoint, load format, dtype."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["pagedserve", "hf"], default="pagedserve")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, tokenizer, weights)")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights from config.json alone (both backends)")
+    p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype on GPU, float32 on CPU), bfloat16, ...")
+    return p
+
+
 def add_workload_args(p: argparse.ArgumentParser, input_len: int, output_len: int) -> None:
     g = p.add_argument_group("workload (random token ids, ignore_eos: every request yields exactly its output length)")
     g.add_argument("--num-prompts", type=int, default=100, help="number of requests")

@@ -138,13 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["pagedserve", "hf"], default="pagedserve")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, tokenizer, weights)")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                   help="dummy: random weights from config.json alone (both backends)")
-    p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype on GPU, float32 on CPU), bfloat16, ...")
+    p = bc.base_parser(__doc__)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=512)
     p.add_argument("--num-iters", type=int, default=3, help="timed iterations (each: first token, then end to end)")
