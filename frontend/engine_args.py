@@ -72,7 +72,7 @@ class EngineArgs:
                              f"`python -m gpu_workers.node --node-rank N ...`")
         parallel = ParallelConfig(self.tensor_parallel_size, self.nnodes, self.node_rank, self.master_addr,
                                   self.master_port)
-        from gpu_workers.models.layers import check_tensor_parallel
+        from gpu_workers.models.parallel_layers import check_tensor_parallel
         heads = hf["num_attention_heads"]
         check_tensor_parallel(heads, hf.get("num_key_value_heads") or heads, hf["intermediate_size"],
                               parallel.tensor_parallel_size)

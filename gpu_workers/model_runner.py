@@ -12,7 +12,7 @@ from gpu_workers.cuda_graph import CUDAGraphRunner
 from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import CachedRequestState, HostStaging, StepInputs, prepare_inputs
 from gpu_workers.loader import load_hf_config, load_model
-from gpu_workers.models.layers import split_heads  # tensor parallel
+from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
 from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
 from ipc import envs
 from ipc.config import EngineConfig

@@ -38,3 +38,15 @@ def cpu_threads(tensor_parallel_size: int) -> int:
     if value:
         return max(int(value), 1)
     return max(((os.cpu_count() or 1) - 1) // max(tensor_parallel_size, 1), 1)
+
+
+
+def triton_elementwise() -> bool:
+    """$PAGEDSERVE_TRITON_ELEMENTWISE=1: RMSNorm, RoPE (+ q/k norm) and SiLU-and-mul run as fused
+    Triton kernels on CUDA (and on CPU tensors when $TRITON_INTERPRET=1, for tests). Off by default
+    until the kernels have been checked on a GPU; the torch ops are the reference path."""
+    return os.environ.get("PAGEDSERVE_TRITON_ELEMENTWISE", "0") == "1"
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

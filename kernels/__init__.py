@@ -1,7 +1,12 @@
-"""Triton kernels of pagedserve: paged KV-cache writes and attention over the paged cache."""
+"""Triton kernels of pagedserve: paged KV-cache writes and attention over the paged cache, and the fused
+per-token elementwise ops of the decoder layers (RMSNorm + residual add, RoPE + q/k norm, SiLU-and-mul)."""
 
+from kernels.activation import silu_and_mul
 from kernels.decode_attention import choose_num_splits, decode_attention
 from kernels.kv_cache import write_kv_cache
 from kernels.prefill_attention import prefill_attention
+from kernels.rms_norm import rms_norm
+from kernels.rotary import apply_rotary
 
-__all__ = ["choose_num_splits", "decode_attention", "prefill_attention", "write_kv_cache"]
+__all__ = ["apply_rotary", "choose_num_splits", "decode_attention", "prefill_attention", "rms_norm",
+           "silu_and_mul", "write_kv_cache"]

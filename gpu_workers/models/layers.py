@@ -1,251 +1,23 @@
-"""Building blocks shared by our decoder-only models (Llama, Mistral, Qwen2, Qwen3).
+"""Building blocks shared by our decoder-only models (Llama, Mistral, Qwen2, Qwen3): norms, rotary
+embedding, the MLP and attention. The tensor-parallel linear and vocabulary layers live in
+parallel_layers.py.
 
 Every layer works on a flat batch of tokens (`[num_tokens, ...]`, no batch dimension): the attention
 backend knows which tokens belong to which request through `AttentionMetadata`.
-
-Tensor parallelism (Megatron-style, over `get_tp_group()`; all of it vanishes at size 1): each rank
-keeps its heads' slice of qkv_proj and its slice of gate_up_proj (column-parallel), the matching
-input columns of o_proj and down_proj (row-parallel, one all-reduce each), and its rows of the
-vocabulary (embedding: masked lookup + all-reduce; LM head: all-gather of the logits). Weights are
-plain parameters with a `weight_loader(param, loaded, shard_id)` attribute that reads only this
-rank's slice of the checkpoint tensor. Merged projections keep each shard's slice contiguous:
-
-    qkv_proj.weight rows (rank r): [ q: r's heads | k: r's kv heads | v: r's kv heads ]
-    gate_up_proj.weight rows (rank r): [ gate: r's intermediate slice | up: same slice ]
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
-from gpu_workers.distributed import get_tp_group
-
-WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]
-
-
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-    """Copies a whole checkpoint tensor into `param` (casting dtype, moving device).
-
-    `loaded` is a torch.Tensor or a lazy checkpoint slice (gpu_workers.loader.SafetensorsSlice): both
-    have `.shape` and `.narrow(dim, start, length)`, and only what is narrowed gets read."""
-    assert shard_id is None, f"unsharded parameter got shard_id {shard_id!r}"
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
-    param.data.copy_(loaded.narrow(0, 0, loaded.shape[0]))
-
-
-def _new_param(*shape: int) -> nn.Parameter:
-    # Uninitialized on purpose: the loader overwrites every value, and skipping init keeps
-    # construction of a multi-billion-parameter model fast.
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-# ---------------------------------------------------------------- tensor-parallel splits
-
-
-class HeadSplit(NamedTuple):
-    """The attention heads one rank keeps."""
-
-    num_heads: int
-    num_kv_heads: int
-    kv_head_start: int
-    """Index of this rank's first KV head in the checkpoint."""
-
-
-def check_tensor_parallel(num_heads: int, num_kv_heads: int, intermediate_size: int, tp_size: int) -> None:
-    """ValueError naming the numbers when a model cannot be split over tp_size ranks."""
-    if num_heads % tp_size:
-        raise ValueError(f"tensor_parallel_size {tp_size} must divide num_attention_heads {num_heads}")
-    if num_kv_heads % tp_size and tp_size % num_kv_heads:
-        raise ValueError(f"num_key_value_heads {num_kv_heads} must be a multiple or a divisor of "
-                         f"tensor_parallel_size {tp_size}")
-    if intermediate_size % tp_size:
-        raise ValueError(f"tensor_parallel_size {tp_size} must divide intermediate_size {intermediate_size}")
-
-
-def split_heads(num_heads: int, num_kv_heads: int, tp_rank: int, tp_size: int) -> HeadSplit:
-    """Query heads are split evenly. KV heads are split too when there are at least tp_size of them;
-    otherwise each is replicated on tp_size // num_kv_heads consecutive ranks, the ones whose query
-    heads attend to it:
-
-        8 q heads, 2 kv heads, tp 4:  rank 0: q0 q1 | kv0   rank 1: q2 q3 | kv0
-                                      rank 2: q4 q5 | kv1   rank 3: q6 q7 | kv1
-    """
-    if num_kv_heads >= tp_size:
-        local_kv = num_kv_heads // tp_size
-        return HeadSplit(num_heads // tp_size, local_kv, tp_rank * local_kv)
-    return HeadSplit(num_heads // tp_size, 1, tp_rank * num_kv_heads // tp_size)
-
-
-# ---------------------------------------------------------------- linear layers
-
-
-class Linear(nn.Module):
-    """y = x W^T (+ b), W [output_size, input_size], replicated on every rank. The parallel variants
-    below keep only this rank's slice of W."""
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__()
-        self.tp = get_tp_group()
-        self.input_size = input_size
-        self.output_size = output_size
-        self.weight = _new_param(output_size, input_size)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = None
-        if bias:
-            self.bias = _new_param(output_size)
-            self.bias.weight_loader = self.weight_loader
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        default_weight_loader(param, loaded, shard_id)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class ColumnShard(NamedTuple):
-    """Where one checkpoint tensor's slice lands in a merged column-parallel weight."""
-
-    offset: int
-    """First row in this rank's merged weight."""
-    size: int
-    """Rows this rank keeps."""
-    source_start: int
-    """First row this rank reads from the checkpoint tensor."""
-    full_size: int
-    """Rows of the whole checkpoint tensor."""
-
-
-class MergedColumnParallelLinear(Linear):
-    """Several projections of the same input fused into one matmul, output columns split across
-    ranks; this rank's slices of the shards are laid end to end (gate_up: [gate_r | up_r])."""
-
-    def __init__(self, input_size: int, shards: dict[Any, ColumnShard], bias: bool = False):
-        super().__init__(input_size, sum(s.size for s in shards.values()), bias)
-        self.shards = shards
-        self.weight.shard_ids = tuple(shards)
-        if self.bias is not None:
-            self.bias.shard_ids = tuple(shards)
-
-    @classmethod
-    def split_evenly(cls, input_size: int, output_sizes: dict[Any, int], bias: bool = False):
-        """Each shard's rows divided evenly over the ranks, in rank order."""
-        rank, size = get_tp_group().rank, get_tp_group().world_size
-        shards, offset = {}, 0
-        for shard_id, full in output_sizes.items():
-            local = full // size
-            shards[shard_id] = ColumnShard(offset, local, rank * local, full)
-            offset += local
-        return cls(input_size, shards, bias)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        if shard_id is None and self.tp.world_size == 1:  # a checkpoint that already stores the merged tensor
-            default_weight_loader(param, loaded)
-            return
-        if shard_id not in self.shards:
-            raise ValueError(f"merged checkpoint tensors cannot be split across ranks (shard {shard_id!r})")
-        shard = self.shards[shard_id]
-        if loaded.shape[0] != shard.full_size or tuple(loaded.shape[1:]) != tuple(param.shape[1:]):
-            raise ValueError(f"shard {shard_id!r}: checkpoint shape {tuple(loaded.shape)} does not fit "
-                             f"{shard.full_size} rows x {tuple(param.shape[1:])}")
-        param.data.narrow(0, shard.offset, shard.size).copy_(loaded.narrow(0, shard.source_start, shard.size))
-
-
-class QKVParallelLinear(MergedColumnParallelLinear):
-    """The merged q/k/v projection of this rank's heads (see split_heads):
-
-        weight rows: [ q: local heads * head_dim | k: local kv heads * head_dim | v: same ]
-    """
-
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
-        tp = get_tp_group()
-        split = split_heads(num_heads, num_kv_heads, tp.rank, tp.world_size)
-        q_size, kv_size = split.num_heads * head_dim, split.num_kv_heads * head_dim
-        kv_start = split.kv_head_start * head_dim
-        super().__init__(hidden_size, {
-            "q": ColumnShard(0, q_size, tp.rank * q_size, num_heads * head_dim),
-            "k": ColumnShard(q_size, kv_size, kv_start, num_kv_heads * head_dim),
-            "v": ColumnShard(q_size + kv_size, kv_size, kv_start, num_kv_heads * head_dim),
-        }, bias)
-        self.split = split
-
-
-class RowParallelLinear(Linear):
-    """Input columns split across ranks (the input is already this rank's slice: its heads' attention
-    output, or its slice of the MLP); the partial products are summed with one all-reduce, then the
-    (replicated) bias is added once."""
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size // get_tp_group().world_size, output_size, bias)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        if param is self.bias or self.tp.world_size == 1:
-            default_weight_loader(param, loaded, shard_id)
-            return
-        local = self.input_size
-        if tuple(loaded.shape) != (self.output_size, local * self.tp.world_size):
-            raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != "
-                             f"{(self.output_size, local * self.tp.world_size)}")
-        param.data.copy_(loaded.narrow(1, self.tp.rank * local, local))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))  # [num_tokens, output_size]
-        return out if self.bias is None else out + self.bias
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Token embedding table split by vocabulary rows: rank r keeps rows [r*V', (r+1)*V') of the
-    table padded to V' * tp_size rows (padding rows are zero). A token outside this rank's rows
-    looks up zeros, so the all-reduce of the ranks' lookups is the full embedding."""
-
-    def __init__(self, vocab_size: int, hidden_size: int):
-        super().__init__()
-        self.tp = get_tp_group()
-        self.vocab_size = vocab_size
-        self.rows_per_rank = -(-vocab_size // self.tp.world_size)
-        self.vocab_start = self.tp.rank * self.rows_per_rank
-        self.weight = _new_param(self.rows_per_rank, hidden_size)
-        self.weight.weight_loader = self.weight_loader
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        if self.tp.world_size == 1:
-            default_weight_loader(param, loaded, shard_id)
-            return
-        if tuple(loaded.shape) != (self.vocab_size, param.shape[1]):
-            raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != {(self.vocab_size, param.shape[1])}")
-        rows = max(0, min(self.rows_per_rank, self.vocab_size - self.vocab_start))
-        param.data[rows:].zero_()
-        if rows:
-            param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)  # [num_tokens, hidden_size]
-        local_ids = input_ids - self.vocab_start
-        outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
-        out = F.embedding(local_ids.masked_fill(outside, 0), self.weight)  # [num_tokens, hidden_size]
-        out.masked_fill_(outside.unsqueeze(-1), 0)
-        return self.tp.all_reduce(out)
-
-
-class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection with the embedding's vocabulary split (so a tied head is the same table);
-    every rank gathers the full logits, so all ranks sample the same tokens."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
-        if self.tp.world_size == 1:
-            return logits
-        return self.tp.all_gather(logits, dim=-1)[:, :self.vocab_size]  # [num_tokens, vocab_size]
-
+from gpu_workers.models import elementwise
+from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
+                                                RowParallelLinear, default_weight_loader)
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32. With `residual`, adds it first and also returns the sum (the new
@@ -267,6 +39,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() == 2 and elementwise.use_triton(x):  # fused Triton kernel (see elementwise.py)
+            return elementwise.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -351,6 +125,8 @@ class SiluAndMulMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size / tp]
+        if elementwise.use_triton(gate_up):  # fused Triton kernel (see elementwise.py)
+            return self.down_proj(elementwise.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)  # [num_tokens, hidden_size]
 
@@ -401,9 +177,12 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        if elementwise.use_triton(q):  # one fused Triton kernel: q/k norm (Qwen3) + RoPE
+            q, k = elementwise.rotary(self.rotary_emb, positions, q, k, self.q_norm, self.k_norm)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary_emb(positions, q, k)
         k_cache, v_cache = kv_cache
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))  # [num_tokens, hidden_size]

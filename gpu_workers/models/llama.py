@@ -14,17 +14,9 @@ from torch import nn
 
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from gpu_workers.distributed import get_tp_group
-from gpu_workers.models.layers import (
-    Attention,
-    ParallelLMHead,
-    RMSNorm,
-    RotaryEmbedding,
-    SiluAndMulMLP,
-    VocabParallelEmbedding,
-    check_tensor_parallel,
-    default_weight_loader,
-    rope_parameters,
-)
+from gpu_workers.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMulMLP, rope_parameters
+from gpu_workers.models.parallel_layers import (ParallelLMHead, VocabParallelEmbedding, check_tensor_parallel,
+                                                default_weight_loader)
 
 logger = logging.getLogger(__name__)
 

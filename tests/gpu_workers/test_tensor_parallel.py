@@ -14,7 +14,7 @@ from safetensors import safe_open
 from gpu_workers.attention import get_attention_backend
 from gpu_workers.distributed import TPGroup, set_tp_group
 from gpu_workers.loader import SafetensorsSlice, load_model, safetensors_files
-from gpu_workers.models.layers import check_tensor_parallel, split_heads
+from gpu_workers.models.parallel_layers import check_tensor_parallel, split_heads
 from tests.checkpoints import make_tiny_checkpoint
 
 VOCAB = 387  # no tp > 1 divides it: the embedding and LM head get padding rows

@@ -1,0 +1,66 @@
+"""Where the decoder layers' per-token elementwise ops run: fused Triton kernels, or torch ops.
+
+    op (layers.py)                       Triton kernel (kernels/)          replaces, per layer
+    RMSNorm(x, residual)                 rms_norm: add + norm, one launch  ~8 torch kernels, twice
+    Attention: q/k norm + RotaryEmbedding apply_rotary (+ Qwen3 q/k norm)  ~20 (index, chunk, cat, casts)
+    SiluAndMulMLP activation             silu_and_mul                      3 (chunk views, silu, mul)
+
+Decode steps are launch-bound (~3 us per tiny kernel on an H200), so fewer launches is most of the gain.
+The torch code in layers.py stays the reference and the CPU path: CPU outputs do not change.
+
+Choice, per call (`use_triton(x)`):
+  1. MODE, when set ("torch" / "triton"): a module-level switch for tests and benchmarks;
+  2. $PAGEDSERVE_TRITON_ELEMENTWISE=1: Triton for CUDA tensors (and CPU tensors under
+     $TRITON_INTERPRET=1, for tests);
+  3. otherwise torch. The fused path is opt-in until it has been checked on a GPU (it has only run
+     in Triton's interpreter so far); then it becomes the CUDA default.
+The environment is read once, at import. Kernels are imported on first use: triton is optional on
+CPU installs, and must not be imported before a test has set TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ipc import envs
+
+MODE: str | None = None
+""""torch" or "triton" forces a path (set it from tests or benchmarks); None: environment, then device."""
+
+
+def _mode_from_env() -> str | None:
+    return "triton" if envs.triton_elementwise() else None
+
+
+_ENV_MODE = _mode_from_env()
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if MODE is not None:
+        return MODE == "triton"
+    return _ENV_MODE == "triton" and (x.is_cuda or envs.triton_interpret())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """kernels.rms_norm: out, or (out, x + residual)."""
+    from kernels.rms_norm import rms_norm as kernel
+
+    return kernel(x, weight, eps, residual)
+
+
+def rotary(rotary_emb, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
+    """kernels.apply_rotary with a RotaryEmbedding's cos/sin caches and, when given, the RMSNorm
+    modules of Qwen3's per-head q/k norm. Returns new (q, k), contiguous."""
+    from kernels.rotary import apply_rotary
+
+    if q_norm is None:
+        return apply_rotary(q, k, positions, rotary_emb.cos_cache, rotary_emb.sin_cache)
+    return apply_rotary(q, k, positions, rotary_emb.cos_cache, rotary_emb.sin_cache,
+                        q_norm.weight, k_norm.weight, q_norm.eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """kernels.silu_and_mul: [num_tokens, 2 * d] -> [num_tokens, d]."""
+    from kernels.activation import silu_and_mul as kernel
+
+    return kernel(gate_up)

@@ -1,0 +1,84 @@
+"""The decoder layers' fused Triton elementwise path (gpu_workers/models/elementwise.py) against their torch
+path: whole tiny-model forwards, and the choice of path."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gpu_workers.attention import get_attention_backend  # noqa: E402
+from gpu_workers.loader import load_model  # noqa: E402
+from gpu_workers.models import elementwise  # noqa: E402
+from tests.checkpoints import build_metadata, make_tiny_checkpoint, positions_of  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+BLOCK_SIZE, NUM_BLOCKS = 4, 16
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+VARIANTS = {  # qwen3: q/k norm fused into RoPE; llama: llama3 RoPE, biases, 5 heads / 1 kv head (head_dim 16)
+    "qwen3": ("qwen3", {}),
+    "llama": ("llama", {"rope_scaling": LLAMA3_ROPE, "attention_bias": True, "mlp_bias": True, "hidden_size": 80,
+                        "num_attention_heads": 5, "num_key_value_heads": 1, "intermediate_size": 200}),
+}
+
+
+@torch.no_grad()
+def forward_logits(model, mode, monkeypatch):
+    """One mixed step: a 7-token prefill after 2 cached tokens, and a decode at position 5."""
+    monkeypatch.setattr(elementwise, "MODE", mode)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(0)  # same caches and tokens for both modes
+    shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, head_dim)
+    kv_caches = [(torch.randn(shape, generator=gen).to(DEVICE), torch.randn(shape, generator=gen).to(DEVICE))
+                 for _ in range(cfg.num_hidden_layers)]
+    seqs = [(2, 7, [3, 9, 4]), (5, 1, [7, 1])]
+    input_ids = torch.randint(3, cfg.vocab_size, (8,), generator=gen).to(DEVICE)
+    meta = build_metadata(seqs, BLOCK_SIZE, DEVICE)
+    hidden = model(input_ids, positions_of(seqs).to(DEVICE), kv_caches, meta)
+    return model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_triton_elementwise_forward_matches_torch_path(variant, tmp_path, monkeypatch):
+    arch, overrides = VARIANTS[variant]
+    path = make_tiny_checkpoint(arch, tmp_path / variant, **overrides)
+    model = load_model(path, torch.float32, DEVICE, get_attention_backend("torch", torch.device(DEVICE)))
+    calls = {"rms_norm": 0, "rotary": 0, "silu_and_mul": 0}
+    for name in calls:  # count the fused kernels' calls, so a silent fallback to torch would fail the test
+        def spy(*args, _name=name, _fn=getattr(elementwise, name)):
+            calls[_name] += 1
+            return _fn(*args)
+        monkeypatch.setattr(elementwise, name, spy)
+    ref = forward_logits(model, "torch", monkeypatch)
+    assert calls == {"rms_norm": 0, "rotary": 0, "silu_and_mul": 0}
+    got = forward_logits(model, "triton", monkeypatch)
+    layers = model.config.num_hidden_layers
+    assert calls == {"rms_norm": 2 * layers + 1, "rotary": layers, "silu_and_mul": layers}
+    assert got.shape == ref.shape == (8, model.config.vocab_size)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_path_choice(monkeypatch):
+    cpu = torch.ones(1)
+    monkeypatch.setattr(elementwise, "MODE", None)
+    monkeypatch.setattr(elementwise, "_ENV_MODE", None)
+    assert not elementwise.use_triton(cpu)  # torch by default: CPU behaviour is unchanged
+    monkeypatch.setattr(elementwise, "MODE", "triton")
+    assert elementwise.use_triton(cpu)
+    monkeypatch.setattr(elementwise, "MODE", None)
+
+    monkeypatch.setenv("PAGEDSERVE_TRITON_ELEMENTWISE", "1")
+    assert elementwise._mode_from_env() == "triton"
+    monkeypatch.setattr(elementwise, "_ENV_MODE", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert elementwise.use_triton(cpu)
+    monkeypatch.delenv("TRITON_INTERPRET")  # CPU tensors need the interpreter
+    assert not elementwise.use_triton(cpu)
+    monkeypatch.delenv("PAGEDSERVE_TRITON_ELEMENTWISE")
+    assert elementwise._mode_from_env() is None

@@ -1,0 +1,114 @@
+"""apply_rotary (neox RoPE, optionally after Qwen3's per-head q/k RMSNorm) against the model's torch
+RotaryEmbedding and RMSNorm, on q/k views of a merged qkv buffer as the model produces them."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gpu_workers.models import elementwise  # noqa: E402
+from gpu_workers.models.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+from kernels import apply_rotary  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+# The interpreter casts float32 -> bf16 by truncation (the GPU rounds to nearest): looser there.
+TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 2e-2 if INTERPRET else 8e-3)]
+MAX_POSITION = 4096
+
+
+@pytest.fixture(autouse=True)
+def torch_reference(monkeypatch):
+    monkeypatch.setattr(elementwise, "MODE", "torch")  # the modules under comparison run their torch path
+
+
+def rel_err(got, ref):
+    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
+    """q [t, num_heads, d], k [t, num_kv_heads, d]: strided views of one merged qkv projection output."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = (2 * torch.randn(num_tokens, q_size + 2 * kv_size, device=DEVICE)).to(dtype)
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
+
+
+def reference(rope, positions, q, k, q_norm=None, k_norm=None):
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    return rope(positions, q, k)
+
+
+def norm_modules(head_dim, dtype):
+    mods = [RMSNorm(head_dim, 1e-6).to(DEVICE, dtype) for _ in range(2)]
+    for m in mods:
+        m.weight.data = (1 + 0.3 * torch.randn(head_dim, device=DEVICE)).to(dtype)
+    return mods
+
+
+@pytest.mark.parametrize("dtype,tol", TOLERANCES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_matches_model(dtype, tol, head_dim, qk_norm):
+    rope = RotaryEmbedding(head_dim, MAX_POSITION, 10000.0, {"rope_type": "default"}).to(DEVICE)
+    q, k = qkv_views(6, 9, 3, head_dim, dtype)
+    positions = torch.randint(0, MAX_POSITION, (6,), device=DEVICE)
+    q_before, k_before = q.clone(), k.clone()
+    norms = norm_modules(head_dim, dtype) if qk_norm else [None, None]
+    ref_q, ref_k = reference(rope, positions, q, k, *norms)
+
+    weights = [m.weight for m in norms] if qk_norm else [None, None]
+    out_q, out_k = apply_rotary(q, k, positions, rope.cos_cache, rope.sin_cache, *weights, eps=1e-6)
+
+    assert out_q.shape == q.shape and out_k.shape == k.shape and out_q.dtype == dtype
+    assert out_q.is_contiguous() and out_k.is_contiguous()
+    assert rel_err(out_q, ref_q) < tol and rel_err(out_k, ref_k) < tol
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)  # out of place by default
+
+
+def test_rotary_in_place_int32_positions_and_odd_half():
+    """inplace writes into the strided views; int32 positions; head_dim 80 (half = 40, not a power of 2)."""
+    head_dim = 80
+    rope = RotaryEmbedding(head_dim, MAX_POSITION, 500000.0, {"rope_type": "default"}).to(DEVICE)
+    q, k = qkv_views(5, 4, 2, head_dim, torch.float32)
+    positions = torch.randint(0, MAX_POSITION, (5,), device=DEVICE, dtype=torch.int32)
+    q_norm, k_norm = norm_modules(head_dim, torch.float32)
+    ref_q, ref_k = reference(rope, positions.long(), q, k, q_norm, k_norm)
+    out_q, out_k = apply_rotary(q, k, positions, rope.cos_cache, rope.sin_cache, q_norm.weight, k_norm.weight,
+                                eps=1e-6, inplace=True)
+    assert out_q is q and out_k is k
+    assert rel_err(q, ref_q) < 1e-5 and rel_err(k, ref_k) < 1e-5
+
+
+def test_rotary_rejects_bad_inputs():
+    rope = RotaryEmbedding(64, 128, 10000.0, {"rope_type": "default"}).to(DEVICE)
+    cos, sin = rope.cos_cache, rope.sin_cache
+    q, k = qkv_views(3, 4, 2, 64, torch.float32)
+    pos = torch.arange(3, device=DEVICE)
+    w = torch.randn(64, device=DEVICE)
+    with pytest.raises(ValueError, match="last dim"):
+        apply_rotary(q.transpose(1, 2).contiguous().transpose(1, 2), k, pos, cos, sin)
+    with pytest.raises(ValueError, match="dtypes"):
+        apply_rotary(q, k.half(), pos, cos, sin)
+    with pytest.raises(ValueError, match="share num_tokens"):
+        apply_rotary(q, k[:2], pos, cos, sin)
+    with pytest.raises(ValueError, match="positions"):
+        apply_rotary(q, k, pos[:2], cos, sin)
+    with pytest.raises(ValueError, match="positions"):
+        apply_rotary(q, k, pos.float(), cos, sin)
+    with pytest.raises(ValueError, match="cos_cache"):
+        apply_rotary(q, k, pos, cos.half(), sin)
+    with pytest.raises(ValueError, match="sin_cache"):
+        apply_rotary(q, k, pos, cos, sin[:, :16])
+    with pytest.raises(ValueError, match="even"):
+        apply_rotary(q[..., :63], k[..., :63], pos, cos, sin)
+    with pytest.raises(ValueError, match="come together"):
+        apply_rotary(q, k, pos, cos, sin, q_norm_weight=w)
+    with pytest.raises(ValueError, match="k_norm_weight"):
+        apply_rotary(q, k, pos, cos, sin, w, w.half())
