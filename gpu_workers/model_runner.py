@@ -162,20 +162,13 @@ class ModelRunner:
         return reqs
 
     def _sample(self, step_id: int, hidden: torch.Tensor, inputs: StepInputs) -> StepResult:
-        rows, row_reqs = [], []
-        for req in inputs.sampling_requests:
-            blocked = self._blocked_tokens(req)
-            for i in range(req.num_samples):
-                index = req.output_index if req.num_samples == 1 else i
-                rows.append(RowInfo(sampling_params=req.sampling_params, prompt_token_ids=req.prompt_token_ids,
-                                    output_token_ids=req.output_token_ids, output_index=index,
-                                    blocked_token_ids=blocked))
-                row_reqs.append(req)
+        rows = [row for req in inputs.sampling_requests for row in self._sampling_rows(req)]
         request_ids, sampled, logprobs = [], [], []
         if rows:
-            repeats = torch.tensor([r.num_samples for r in inputs.sampling_requests], device=self.device)
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
-            logits = torch.repeat_interleave(logits, repeats, dim=0)  # [num_rows, vocab]
+            if len(rows) > len(inputs.sampling_requests):  # a request forking into n outputs
+                index = [i for i, r in enumerate(inputs.sampling_requests) for _ in range(r.num_samples)]
+                logits = logits[torch.tensor(index).to(self.device, non_blocking=True)]  # [num_rows, vocab]
             out = self.sampler(logits, SamplingBatch.build(rows, self.device))
             i = 0
             for req in inputs.sampling_requests:
@@ -190,6 +183,16 @@ class ModelRunner:
         return StepResult(step_id, request_ids, sampled,
                           logprobs if any(lp is not None for lp in logprobs) else None,
                           pl_ids or None, pl_values or None, pl_starts or None)
+
+    def _sampling_rows(self, req: CachedRequestState) -> list[RowInfo]:
+        """One row per sample to draw; the token history is copied only when a penalty reads it."""
+        params = req.sampling_params
+        history = bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+        prompt, output = (req.prompt_token_ids, req.output_token_ids) if history else ([], [])
+        position = len(req.token_ids) - req.num_prompt_tokens
+        blocked = self._blocked_tokens(req)
+        return [RowInfo(params, prompt, output, req.output_index if req.num_samples == 1 else i, blocked, position)
+                for i in range(req.num_samples)]
 
     def _blocked_tokens(self, req: CachedRequestState) -> list[int]:
         params = req.sampling_params

@@ -45,6 +45,9 @@ class RowInfo(NamedTuple):
     """Which of the request's n outputs this row samples for."""
     blocked_token_ids: list[int] = []
     """Token ids forbidden this step (EOS and stop_token_ids while min_tokens is not reached)."""
+    position: int | None = None
+    """Output tokens generated before this draw, when output_token_ids is left empty (no penalty
+    needs the history, so the caller need not copy it every step)."""
 
 
 @dataclass
@@ -114,7 +117,7 @@ class SamplingBatch:
             blocked_token_ids=[list(row.blocked_token_ids) for row in rows],
             seeds=[p.seed for p in params],
             output_indices=[row.output_index for row in rows],
-            positions=[len(row.output_token_ids) for row in rows],
+            positions=[len(row.output_token_ids) if row.position is None else row.position for row in rows],
             num_logprobs=[p.logprobs for p in params],
             all_greedy=all(greedy),
             all_random=not any(greedy),

@@ -255,3 +255,19 @@ def test_killing_the_scheduler_raises_in_the_caller_and_leaves_no_process(tiny_c
     gone, alive = psutil.wait_procs(procs, timeout=10)  # the worker dies with its parent
     assert alive == []
     llm.shutdown()
+
+
+def test_repetition_penalty_matches_transformers(llama_llm, tiny_checkpoints):
+    from transformers import AutoModelForCausalLM
+    path = tiny_checkpoints["llama"]
+    outs = llama_llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.5),
+                              use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for out in outs:
+        ids = torch.tensor([out.prompt_token_ids])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                 repetition_penalty=1.5)
+        assert out.outputs[0].token_ids == ref[0, ids.shape[1]:].tolist()[:len(out.outputs[0].token_ids)]
+    plain = llama_llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    assert token_ids(plain) != token_ids(outs)  # the penalty changed something
