@@ -5,5 +5,5 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup_env.sh"
-cd "$root"
+# No cd: relative paths (--model ./dir, --chat-template ./t.jinja) stay relative to the caller's directory.
 exec "$root/.venv/bin/python" -m frontend.api_server "$@"
