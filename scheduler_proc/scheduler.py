@@ -285,25 +285,33 @@ class Scheduler:
 
     def _fork(self, parent: Request, tokens: list[int], lps: list[Logprobs] | None) -> list[RequestDelta]:
         """The parent's prefill is done and n first tokens were sampled: split into n children that
-        share the parent's blocks, then drop the parent."""
-        pos = self.running.index(parent)
+        share the parent's blocks, then drop the parent. A parent preempted while its samples were
+        in flight has no blocks left: its children wait, in its place, to be recomputed."""
+        running = parent.status is RequestStatus.RUNNING
+        queue = self.running if running else self.waiting
+        pos = queue.index(parent)
         children = []
-        for i, token in enumerate(tokens):
+        for i in range(len(tokens)):
             child = Request(f"{parent.client_id}#{i}", parent.client_id, parent.prompt_token_ids,
                             parent.sampling_params, parent.max_tokens, parent.arrival_time, index=i)
-            child.status = RequestStatus.RUNNING
-            child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.prompt_logprobs_sent = True
             child.first_scheduled_time = parent.first_scheduled_time
-            self.block_manager.fork(parent.request_id, child.request_id)
+            if running:
+                child.status = RequestStatus.RUNNING
+                child.num_computed_tokens = parent.num_computed_tokens
+                self.block_manager.fork(parent.request_id, child.request_id)
             self.requests[child.request_id] = child
             self.groups[parent.client_id].append(child)
             children.append(child)
-        self.running[pos:pos + 1] = children
+        if running:
+            self.running[pos:pos + 1] = children
+        else:
+            del self.waiting[pos]
+            for child in reversed(children):
+                self.waiting.insert(pos, child)
         self._release(parent)
-        deltas = [self._append(c, t, lps[i] if lps else None) for i, (c, t) in enumerate(zip(children, tokens))]
-        return deltas
+        return [self._append(c, t, lps[i] if lps else None) for i, (c, t) in enumerate(zip(children, tokens))]
 
     def _check_stop(self, req: Request, token: int) -> str | None:
         params = req.sampling_params

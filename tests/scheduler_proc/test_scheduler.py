@@ -254,3 +254,18 @@ def test_a_parent_waits_for_its_samples_before_forking():
     out = StepResult(step1.step.step_id, ["a"], [[5, 6]])
     assert [d.new_token_ids for d in sched.update(out)] == [[5], [6]]
     assert [r.request_id for r in sched.schedule().step.new_requests] == ["a#0", "a#1"]
+
+
+def test_a_parent_preempted_while_its_samples_were_in_flight_forks_into_waiting_children():
+    sched = make(num_blocks=16)
+    sched.add_request("a", [1, 2, 3, 4, 5], SamplingParams(n=2, max_tokens=3))
+    step1 = sched.schedule()
+    sched._preempt(sched.running.pop())  # memory ran out while the prefill step was running
+    deltas = sched.update(StepResult(step1.step.step_id, ["a"], [[5, 6]]))
+    assert [(d.index, d.new_token_ids) for d in deltas] == [(0, [5]), (1, [6])]
+    assert [r.request_id for r in sched.waiting] == ["a#0", "a#1"] and sched.running == []
+    step2 = sched.schedule()
+    # Recomputed with their first tokens; the parent's freed full block is a prefix-cache hit.
+    assert [(r.request_id, r.output_token_ids, r.num_computed_tokens, r.num_scheduled_tokens)
+            for r in step2.step.new_requests] == [("a#0", [5], 4, 2), ("a#1", [6], 4, 2)]
+    assert sched.block_manager.num_free_blocks == 16 - 3
