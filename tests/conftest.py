@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
-from tests.checkpoints import make_tiny_checkpoint
-
+if not torch.cuda.is_available():  # before anything imports triton: kernels run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.checkpoints import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,17 @@
 """The decoder layers' fused Triton elementwise path (gpu_workers/models/elementwise.py) against their torch
 path: whole tiny-model forwards, and the choice of path."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from gpu_workers.attention import get_attention_backend  # noqa: E402
 from gpu_workers.loader import load_model  # noqa: E402
 from gpu_workers.models import elementwise  # noqa: E402
 from tests.checkpoints import build_metadata, make_tiny_checkpoint, positions_of  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+from tests.triton_env import DEVICE  # noqa: E402
 BLOCK_SIZE, NUM_BLOCKS = 4, 16
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}

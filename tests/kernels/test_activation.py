@@ -1,20 +1,14 @@
 """silu_and_mul against the model's torch activation (F.silu(gate) * up over the merged gate_up output)."""
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import silu_and_mul  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+from tests.triton_env import DEVICE, INTERPRET  # noqa: E402
 # The interpreter casts float32 -> bf16 by truncation (the GPU rounds to nearest): looser there.
 TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 2e-2 if INTERPRET else 8e-3)]
 

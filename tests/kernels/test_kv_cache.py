@@ -1,18 +1,13 @@
 """write_kv_cache against plain indexing: written slots hold the new K/V, padding and other slots keep theirs."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import write_kv_cache  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+from tests.triton_env import DEVICE  # noqa: E402
 
 
 def _reference_write(key, value, k_cache, v_cache, slots):

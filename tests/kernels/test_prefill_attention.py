@@ -7,14 +7,10 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import prefill_attention  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+from tests.triton_env import DEVICE  # noqa: E402
 # triton 3.6's interpreter computes bf16 tl.dot on the raw bits (garbage); bf16 is checked on the GPU only.
 BF16_ON_GPU = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1", reason="bf16 tl.dot is wrong in the triton 3.6 interpreter"))

@@ -1,20 +1,15 @@
 """TritonAttentionBackend.forward over several engine steps (chunked prefill, mixed batch, decodes) against
 dense causal attention over each request's whole history."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: run the kernels in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from gpu_workers.attention.base import AttentionMetadata  # noqa: E402
 from gpu_workers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# triton 3.6's interpreter turns 1-element arrays into ints; numpy 2.x warns (and 2.4+ fails: pin numpy<2.4).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+from tests.triton_env import DEVICE  # noqa: E402
 BLOCK_SIZE, NUM_BLOCKS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 96, 8, 2, 16
 
 
