@@ -246,7 +246,7 @@ class _Routes:
         self.chat = OpenAIServingChat(serving)
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.llm.is_healthy else 503)
+        return web.Response(status=200 if await self.llm.check_health() else 503)
 
     async def version(self, request: web.Request) -> web.Response:
         try:

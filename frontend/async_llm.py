@@ -53,6 +53,10 @@ class AsyncLLM:
     def is_healthy(self) -> bool:
         return self.client.dead is None and self.proc.poll() is None
 
+    async def check_health(self) -> bool:
+        """The scheduler answers and reports every worker alive and making progress."""
+        return self.is_healthy and (await self.client.check_health()).ok
+
     def generate(self, *args, **kwargs):
         return self.client.generate(*args, **kwargs)
 

@@ -30,7 +30,7 @@ import zmq.asyncio
 from frontend.output_processor import OutputProcessor, OutputUpdate
 from ipc.errors import EngineDeadError
 from ipc.messages import (AbortRequests, AddRequest, ClientBye, ClientHello, EngineDead, EngineReady,
-                          RequestFailed, RequestOutputs, SchedulerStats, ToFrontend)
+                          HealthCheck, HealthStatus, RequestFailed, RequestOutputs, SchedulerStats, ToFrontend)
 from ipc.sampling_params import SamplingParams
 from ipc.sockets import AsyncReceiver, IpcPaths, Sender
 
@@ -55,6 +55,7 @@ class EngineClient:
         self.dead: str | None = None
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self._health_checks: dict[int, asyncio.Future] = {}
 
     async def start(self, timeout: float | None = 60.0) -> EngineReady:
         """Wait for the engine's EngineReady (introducing ourselves unless we started it), load the
@@ -122,6 +123,22 @@ class EngineClient:
             if not finished:
                 self.abort(request_id)
 
+    async def check_health(self, timeout: float = 5.0) -> HealthStatus:
+        """Ask the scheduler whether it and every worker are serving; unhealthy if it does not answer
+        within `timeout` seconds."""
+        if self.dead is not None:
+            return HealthStatus(-1, False, self.dead)
+        check_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._health_checks[check_id] = future
+        self.to_scheduler.send(HealthCheck(self.client_index, check_id))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            return HealthStatus(check_id, False, f"the scheduler did not answer within {timeout:.0f} s")
+        finally:
+            self._health_checks.pop(check_id, None)
+
     def abort(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are freed at once."""
         if self.processor is not None:
@@ -147,6 +164,10 @@ class EngineClient:
                 queue = self.streams.get(msg.request_id)
                 if queue is not None:
                     queue.put_nowait(ValueError(msg.message))
+            elif isinstance(msg, HealthStatus):
+                future = self._health_checks.get(msg.check_id)
+                if future is not None and not future.done():
+                    future.set_result(msg)
             elif isinstance(msg, EngineDead):
                 self.fail_all(msg.message)
             else:

@@ -20,6 +20,11 @@ def api_key() -> str | None:
     return os.environ.get("PAGEDSERVE_API_KEY") or None
 
 
+def step_stuck_seconds() -> float:
+    """$PAGEDSERVE_STEP_STUCK_S (default 120): a step in flight longer than this makes /health 503."""
+    return float(os.environ.get("PAGEDSERVE_STEP_STUCK_S", "120"))
+
+
 def log_level() -> str:
     return os.environ.get("PAGEDSERVE_LOG_LEVEL", "WARNING").upper()
 

@@ -97,6 +97,13 @@ class ClientBye(_Msg):
     client_index: int
 
 
+class HealthCheck(_Msg):
+    """Is the engine able to serve? The scheduler answers HealthStatus to the asking client."""
+
+    client_index: int
+    check_id: int
+
+
 class NodeHello(_Msg):
     """A node agent (multi-node tensor parallelism) joined; `address` is its tcp:// inbox."""
 
@@ -104,7 +111,7 @@ class NodeHello(_Msg):
     address: str
 
 
-ToScheduler = Union[AddRequest, AbortRequests, ClientHello, ClientBye, WorkerReady, StepResult,
+ToScheduler = Union[AddRequest, AbortRequests, ClientHello, ClientBye, HealthCheck, WorkerReady, StepResult,
                     WorkerFailed, Shutdown, NodeHello]
 
 
@@ -223,7 +230,13 @@ class EngineDead(_Msg):
     message: str
 
 
-ToFrontend = Union[EngineReady, RequestOutputs, RequestFailed, EngineDead]
+class HealthStatus(_Msg):
+    check_id: int
+    ok: bool
+    message: str = ""
+
+
+ToFrontend = Union[EngineReady, RequestOutputs, RequestFailed, EngineDead, HealthStatus]
 
 
 def _check_names() -> None:

@@ -26,9 +26,11 @@ import time
 import zmq
 
 from ipc.config import EngineConfig
+from ipc import envs
 from ipc.messages import (AbortRequests, AddRequest, ClientBye, ClientHello, EngineDead, EngineReady,
-                          InitKVCache, NodeHello, RequestDelta, RequestFailed, RequestOutputs, Shutdown,
-                          StartNode, StepResult, ToScheduler, WorkerFailed, WorkerReady)
+                          HealthCheck, HealthStatus, InitKVCache, NodeHello, RequestDelta, RequestFailed,
+                          RequestOutputs, Shutdown, StartNode, StepResult, ToScheduler, WorkerFailed,
+                          WorkerReady)
 from ipc.process import first_dead, init_child, run_profiled, spawn, stop
 from ipc.sockets import Broadcaster, IpcPaths, PeerWatch, Receiver, Sender, tcp_address
 from scheduler_proc.scheduler import Scheduler
@@ -61,7 +63,7 @@ class SchedulerProc:
         self.nodes: dict[int, PeerWatch] = {}  # node_rank -> its agent's connection
         if pc.nnodes > 1:
             self.inbox.also_bind(tcp_address(pc.master_addr, pc.scheduler_port))
-        self.steps_in_flight: deque[int] = deque()
+        self.steps_in_flight: deque[tuple[int, float]] = deque()  # (step id, time sent)
         self.nothing_to_plan = False  # the last schedule() found nothing: wait for a message
         self.running = True
         self.handlers = {
@@ -69,6 +71,7 @@ class SchedulerProc:
             AbortRequests: self._on_abort_requests,
             ClientHello: self._on_client_hello,
             ClientBye: self._on_client_bye,
+            HealthCheck: self._on_health_check,
             StepResult: self._on_step_result,
             WorkerFailed: self._on_worker_failed,
             Shutdown: self._on_shutdown,
@@ -116,7 +119,7 @@ class SchedulerProc:
                 self.nothing_to_plan = out.step is None
                 if out.step is not None:
                     self.to_workers.send(out.step)
-                    self.steps_in_flight.append(out.step.step_id)
+                    self.steps_in_flight.append((out.step.step_id, time.monotonic()))
 
     def _should_wait(self) -> bool:
         """Block on the inbox unless there is a step to plan right now."""
@@ -159,8 +162,23 @@ class SchedulerProc:
             self._send_outputs(self.scheduler.abort(mine))
             sender.close()
 
+    def _on_health_check(self, msg: HealthCheck) -> None:
+        """Healthy: this loop answers, every worker process lives, and the oldest step in flight has
+        not waited longer than $PAGEDSERVE_STEP_STUCK_S (a hung worker never returns its result)."""
+        client = self.clients.get(msg.client_index)
+        if client is None:
+            return
+        dead = first_dead(self.workers)
+        waited = time.monotonic() - self.steps_in_flight[0][1] if self.steps_in_flight else 0.0
+        if dead is not None:
+            client.send(HealthStatus(msg.check_id, False, f"worker rank {self.workers.index(dead)} exited"))
+        elif waited > envs.step_stuck_seconds():
+            client.send(HealthStatus(msg.check_id, False, f"no step result for {waited:.0f} s"))
+        else:
+            client.send(HealthStatus(msg.check_id, True))
+
     def _on_step_result(self, msg: StepResult) -> None:
-        expected = self.steps_in_flight.popleft()
+        expected, _ = self.steps_in_flight.popleft()
         assert msg.step_id == expected, f"result of step {msg.step_id}, expected {expected}"
         self.nothing_to_plan = False
         self._send_outputs(self.scheduler.update(msg), always=True)

@@ -1,5 +1,6 @@
 """Destructive server tests, each on its own server: the request queue limit and a SIGTERM drain;
-model aliases, a custom chat template, then SIGKILL of the worker process mid-stream."""
+model aliases, a custom chat template, a stopped worker (/health 503), then SIGKILL of the worker
+process mid-stream."""
 
 from __future__ import annotations
 
@@ -75,8 +76,11 @@ TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endf
 
 @pytest.fixture(scope="module")
 def custom_server():
-    """--served-model-name and --chat-template; the last test of this module kills its worker."""
-    server = ServerProcess("--served-model-name", "alias-a", "alias-b", "--chat-template", TEMPLATE)
+    """--served-model-name and --chat-template; a step unanswered for 3 s makes /health 503; the last
+    test of this module kills its worker."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAGEDSERVE_STEP_STUCK_S", "3")
+        server = ServerProcess("--served-model-name", "alias-a", "alias-b", "--chat-template", TEMPLATE)
     yield server
     server.kill()
 
@@ -94,6 +98,31 @@ def test_served_model_names_and_chat_template(custom_server):
     assert text["prompt"] == "[user] hi\n[assistant]"
     assert body["usage"]["prompt_tokens"] == tokens["count"]
     assert http("POST", f"{url}/v1/completions", {"model": MODEL, "prompt": "x"})[0] == 404
+
+
+def _health(url: str) -> int:
+    try:
+        return urllib.request.urlopen(f"{url}/health", timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_stopped_worker_turns_health_503_until_it_resumes(custom_server):
+    server = custom_server
+    [worker] = server.worker_processes()
+    assert _health(server.url) == 200
+    events = _events(_open_stream(server.url, {**LONG, "max_tokens": 100}))
+    next(events)
+    worker.suspend()  # alive, but it answers no step: the process check alone would say healthy
+    try:
+        deadline = time.monotonic() + 30
+        while _health(server.url) != 503:
+            assert time.monotonic() < deadline, "/health stayed 200 with a stopped worker"
+            time.sleep(0.5)
+    finally:
+        worker.resume()
+    assert list(events)[-1] == "[DONE]"  # the request completes once the worker runs again
+    assert _health(server.url) == 200
 
 
 def test_worker_sigkill_ends_streams_with_error_and_exits(custom_server):
