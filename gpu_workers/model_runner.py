@@ -13,7 +13,7 @@ from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import CachedRequestState, HostStaging, StepInputs, prepare_inputs
 from gpu_workers.loader import load_hf_config, load_model
 from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
-from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
+from gpu_workers.sampler import RowInfo, Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
 from ipc import envs
 from ipc.config import EngineConfig
 from ipc.messages import ExecuteStep, Logprobs, StepResult
@@ -169,7 +169,10 @@ class ModelRunner:
             if len(rows) > len(inputs.sampling_requests):  # a request forking into n outputs
                 index = [i for i, r in enumerate(inputs.sampling_requests) for _ in range(r.num_samples)]
                 logits = logits[torch.tensor(index).to(self.device, non_blocking=True)]  # [num_rows, vocab]
-            out = self.sampler(logits, SamplingBatch.build(rows, self.device))
+            if all(map(_plain_greedy, rows)):  # the common benchmark case: skip the sampler's set-up
+                out = SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            else:
+                out = self.sampler(logits, SamplingBatch.build(rows, self.device))
             i = 0
             for req in inputs.sampling_requests:
                 tokens = out.token_ids[i:i + req.num_samples]
@@ -216,3 +219,9 @@ class ModelRunner:
             values.append(([None] if sl.leading_none else []) + lps)
         return ids, values, starts
 
+
+def _plain_greedy(row: RowInfo) -> bool:
+    """Greedy with nothing that changes the logits first: the sampler would just take the argmax."""
+    p = row.sampling_params
+    return (p.greedy and not row.blocked_token_ids and p.logit_bias is None and p.logprobs is None
+            and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1.0)
