@@ -1,6 +1,5 @@
 """decode_attention against a dense float64 reference, over shuffled paged caches, with and without splits."""
 
-import math
 import os
 
 import pytest
@@ -9,30 +8,10 @@ import torch
 
 from kernels import choose_num_splits, decode_attention  # noqa: E402
 
-from tests.triton_env import DEVICE  # noqa: E402
+from tests.triton_env import DEVICE, paged_cache  # noqa: E402
 # triton 3.6's interpreter computes bf16 tl.dot on the raw bits (garbage); bf16 is checked on the GPU only.
 BF16_ON_GPU = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1", reason="bf16 tl.dot is wrong in the triton 3.6 interpreter"))
-
-
-def _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype):
-    """Random caches (unused slots too) and block tables whose ids are a shuffled, non-contiguous set.
-    Returns k_cache, v_cache, block_tables [num_seqs, max_blocks] int32, and each sequence's dense K, V."""
-    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 3  # spare blocks full of noise
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
-    v_cache = torch.randn_like(k_cache)
-    perm = torch.randperm(num_blocks, device=DEVICE)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32, device=DEVICE)
-    dense, used = [], 0
-    for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
-        ids = perm[used:used + nb]
-        used += nb
-        block_tables[i, :nb] = ids.int()
-        k = k_cache[ids].flatten(0, 1)[:n]  # [n, num_kv_heads, head_dim]
-        v = v_cache[ids].flatten(0, 1)[:n]
-        dense.append((k, v))
-    return k_cache, v_cache, block_tables, dense
 
 
 def _reference_decode(query, dense, scale):
@@ -59,7 +38,7 @@ def test_decode_matches_reference(block_size, num_heads, num_kv_heads, head_dim,
     # Two splits of 256 tokens: the 300-token context loops twice in split 0, the 37-token one leaves
     # split 1 empty.
     seq_lens = [1, 37, 150, 300]
-    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim,
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, block_size, num_kv_heads, head_dim,
                                                          torch.float32)
     # The query as a strided view into a fused qkv projection.
     qkv = torch.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim, device=DEVICE)
@@ -77,7 +56,7 @@ def test_decode_matches_reference(block_size, num_heads, num_kv_heads, head_dim,
 def test_decode_half_precision_and_odd_head_dim(dtype, tol):
     seq_lens = [9, 70]
     head_dim, num_heads, num_kv_heads = 80, 6, 2  # head_dim padded to 128 by masks, group of 3
-    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, 16, num_kv_heads, head_dim, dtype)
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, num_kv_heads, head_dim, dtype)
     query = torch.randn(len(seq_lens), num_heads, head_dim, device=DEVICE).to(dtype)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
 
@@ -96,7 +75,7 @@ def test_small_batch_long_context_is_split():
 
 def test_decode_default_splits_long_context():
     seq_lens = [700]  # one sequence, 8 KV heads: the default picks several splits
-    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, 16, 8, 16, torch.float32)
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 8, 16, torch.float32)
     assert choose_num_splits(1, 8, 700, torch.device(DEVICE)) > 1
     query = torch.randn(1, 8, 16, device=DEVICE)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
@@ -107,7 +86,7 @@ def test_decode_default_splits_long_context():
 
 
 def test_decode_rejects_bad_inputs():
-    k_cache, v_cache, block_tables, _ = _paged_cache([5, 9], 4, 2, 16, torch.float32)
+    k_cache, v_cache, block_tables, _ = paged_cache([5, 9], 4, 2, 16, torch.float32)
     seq_lens = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
     query = torch.randn(2, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):
@@ -131,7 +110,7 @@ def test_decode_rejects_bad_inputs():
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_decode_large_shapes_gpu(dtype, tol, head_dim):
     seq_lens = [1, 17, 1000, 4096, 3333, 64, 2048, 513]
-    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, 16, 8, head_dim, dtype)
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 8, head_dim, dtype)
     query = torch.randn(len(seq_lens), 32, head_dim, device=DEVICE).to(dtype)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, max(seq_lens), head_dim ** -0.5)

@@ -1,7 +1,6 @@
 """prefill_attention against a dense float64 causal reference: full prefills, chunks over cached prefixes,
 and mixed batches with decodes, over shuffled paged caches."""
 
-import math
 import os
 
 import pytest
@@ -10,28 +9,10 @@ import torch
 
 from kernels import prefill_attention  # noqa: E402
 
-from tests.triton_env import DEVICE  # noqa: E402
+from tests.triton_env import DEVICE, paged_cache  # noqa: E402
 # triton 3.6's interpreter computes bf16 tl.dot on the raw bits (garbage); bf16 is checked on the GPU only.
 BF16_ON_GPU = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1", reason="bf16 tl.dot is wrong in the triton 3.6 interpreter"))
-
-
-def _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype):
-    """Random caches (unused slots too) and block tables whose ids are a shuffled, non-contiguous set.
-    Returns k_cache, v_cache, block_tables [num_seqs, max_blocks] int32, and each sequence's dense K, V."""
-    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 3  # spare blocks full of noise
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
-    v_cache = torch.randn_like(k_cache)
-    perm = torch.randperm(num_blocks, device=DEVICE)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32, device=DEVICE)
-    dense, used = [], 0
-    for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
-        ids = perm[used:used + nb]
-        used += nb
-        block_tables[i, :nb] = ids.int()
-        dense.append((k_cache[ids].flatten(0, 1)[:n], v_cache[ids].flatten(0, 1)[:n]))  # [n, kv_heads, dim]
-    return k_cache, v_cache, block_tables, dense
 
 
 def _reference(query, q_lens, dense, scale):
@@ -52,7 +33,7 @@ def _reference(query, q_lens, dense, scale):
 
 
 def _run(q_lens, seq_lens, block_size, num_heads, num_kv_heads, head_dim, dtype=torch.float32):
-    k_cache, v_cache, block_tables, dense = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     num_tokens = sum(q_lens)
     qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=DEVICE).to(dtype)
     query = qkv[:, :num_heads]  # a strided view, as split from a fused qkv projection
@@ -105,7 +86,7 @@ def test_half_precision(dtype, tol):
 
 
 def test_prefill_rejects_bad_inputs():
-    k_cache, v_cache, block_tables, _ = _paged_cache([5, 9], 4, 2, 16, torch.float32)
+    k_cache, v_cache, block_tables, _ = paged_cache([5, 9], 4, 2, 16, torch.float32)
     seq_lens = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
     qsl = torch.tensor([0, 5, 14], dtype=torch.int32, device=DEVICE)
     query = torch.randn(14, 4, 16, device=DEVICE)
