@@ -46,11 +46,14 @@ def cpu_threads(tensor_parallel_size: int) -> int:
 
 
 
-def triton_elementwise() -> bool:
-    """$PAGEDSERVE_TRITON_ELEMENTWISE=1: RMSNorm, RoPE (+ q/k norm) and SiLU-and-mul run as fused
-    Triton kernels on CUDA (and on CPU tensors when $TRITON_INTERPRET=1, for tests). Off by default
-    until the kernels have been checked on a GPU; the torch ops are the reference path."""
-    return os.environ.get("PAGEDSERVE_TRITON_ELEMENTWISE", "0") == "1"
+def triton_elementwise() -> str | None:
+    """$PAGEDSERVE_TRITON_ELEMENTWISE: where RMSNorm, RoPE (+ q/k norm) and SiLU-and-mul run.
+    Unset: fused Triton kernels on CUDA, torch ops on CPU. "1": also on CPU tensors when
+    $TRITON_INTERPRET=1 (tests). "0": torch ops everywhere (the reference path, for comparison)."""
+    value = os.environ.get("PAGEDSERVE_TRITON_ELEMENTWISE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_TRITON_ELEMENTWISE must be 0 or 1, not {value!r}")
+    return {"": None, "0": "torch", "1": "triton"}[value]
 
 
 def triton_interpret() -> bool:

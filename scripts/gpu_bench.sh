@@ -13,6 +13,8 @@
 #   throughput-qwen3 ~4-5, serve ~5; so pair at most two short ones per call, and HF=0 saves 1-2 min a stage.
 #
 # Stages:
+#   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path; pytest from the
+#                          carried .whl/) and scripts/bench_elementwise.py; kernels.txt
 #   checkpoints            write full random safetensors checkpoints (Llama-3.1-8B, Qwen3-0.6B shapes, bf16);
 #                          later stages of the same call then load them from disk. Without this stage both
 #                          backends use random weights from config.json alone (--load-format dummy): speed
@@ -104,6 +106,12 @@ lat() {  # lat NAME BACKEND MODEL ARGS...
   run 300 "$PY" scripts/bench_latency.py --backend "$backend" --model "$dir" --load-format "$LOAD" --dtype bfloat16 \
     --input-len 128 --output-len 512 $extra --output-json "$RUNS/$name.json" "$@"
   collect "$name"
+}
+
+stage_kernels() {
+  run 240 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/gpu_workers/test_elementwise.py 2>&1 \
+    | tail -25 | tee -a "$OUT/kernels.txt"
+  run 120 "$PY" scripts/bench_elementwise.py 2>&1 | tee -a "$OUT/kernels.txt"
 }
 
 stage_checkpoints() {

@@ -10,10 +10,9 @@ The torch code in layers.py stays the reference and the CPU path: CPU outputs do
 
 Choice, per call (`use_triton(x)`):
   1. MODE, when set ("torch" / "triton"): a module-level switch for tests and benchmarks;
-  2. $PAGEDSERVE_TRITON_ELEMENTWISE=1: Triton for CUDA tensors (and CPU tensors under
-     $TRITON_INTERPRET=1, for tests);
-  3. otherwise torch. The fused path is opt-in until it has been checked on a GPU (it has only run
-     in Triton's interpreter so far); then it becomes the CUDA default.
+  2. $PAGEDSERVE_TRITON_ELEMENTWISE=0: torch everywhere (the reference, for comparisons);
+     =1: Triton for CUDA tensors and for CPU tensors under $TRITON_INTERPRET=1 (tests);
+  3. unset: Triton for CUDA tensors, torch on CPU.
 The environment is read once, at import. Kernels are imported on first use: triton is optional on
 CPU installs, and must not be imported before a test has set TRITON_INTERPRET.
 """
@@ -28,17 +27,15 @@ MODE: str | None = None
 """"torch" or "triton" forces a path (set it from tests or benchmarks); None: environment, then device."""
 
 
-def _mode_from_env() -> str | None:
-    return "triton" if envs.triton_elementwise() else None
-
-
-_ENV_MODE = _mode_from_env()
+_ENV_MODE = envs.triton_elementwise()
 
 
 def use_triton(x: torch.Tensor) -> bool:
     if MODE is not None:
         return MODE == "triton"
-    return _ENV_MODE == "triton" and (x.is_cuda or envs.triton_interpret())
+    if _ENV_MODE == "torch":
+        return False
+    return x.is_cuda or (_ENV_MODE == "triton" and envs.triton_interpret())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -9,6 +9,7 @@ import torch
 from gpu_workers.attention import get_attention_backend  # noqa: E402
 from gpu_workers.loader import load_model  # noqa: E402
 from gpu_workers.models import elementwise  # noqa: E402
+from ipc import envs  # noqa: E402
 from tests.checkpoints import build_metadata, make_tiny_checkpoint, positions_of  # noqa: E402
 
 from tests.triton_env import DEVICE  # noqa: E402
@@ -63,17 +64,32 @@ def test_path_choice(monkeypatch):
     cpu = torch.ones(1)
     monkeypatch.setattr(elementwise, "MODE", None)
     monkeypatch.setattr(elementwise, "_ENV_MODE", None)
-    assert not elementwise.use_triton(cpu)  # torch by default: CPU behaviour is unchanged
+    assert not elementwise.use_triton(cpu)  # torch by default on CPU: CPU behaviour is unchanged
     monkeypatch.setattr(elementwise, "MODE", "triton")
     assert elementwise.use_triton(cpu)
     monkeypatch.setattr(elementwise, "MODE", None)
 
     monkeypatch.setenv("PAGEDSERVE_TRITON_ELEMENTWISE", "1")
-    assert elementwise._mode_from_env() == "triton"
+    assert envs.triton_elementwise() == "triton"
     monkeypatch.setattr(elementwise, "_ENV_MODE", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert elementwise.use_triton(cpu)
     monkeypatch.delenv("TRITON_INTERPRET")  # CPU tensors need the interpreter
     assert not elementwise.use_triton(cpu)
+    monkeypatch.setenv("PAGEDSERVE_TRITON_ELEMENTWISE", "0")
+    assert envs.triton_elementwise() == "torch"
     monkeypatch.delenv("PAGEDSERVE_TRITON_ELEMENTWISE")
-    assert elementwise._mode_from_env() is None
+    assert envs.triton_elementwise() is None
+    monkeypatch.setenv("PAGEDSERVE_TRITON_ELEMENTWISE", "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        envs.triton_elementwise()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_default_is_triton_unless_disabled(monkeypatch):
+    gpu = torch.ones(1, device="cuda")
+    monkeypatch.setattr(elementwise, "MODE", None)
+    monkeypatch.setattr(elementwise, "_ENV_MODE", None)
+    assert elementwise.use_triton(gpu)
+    monkeypatch.setattr(elementwise, "_ENV_MODE", "torch")
+    assert not elementwise.use_triton(gpu)
