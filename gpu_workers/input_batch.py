@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,6 +25,10 @@ class CachedRequestState:
     output_index: int
     num_samples: int
     want_prompt_logprobs: bool
+    num_pending: int = 0
+    """Tokens sampled by launched steps but not yet appended to token_ids (still on the device)."""
+    pending_row: int = 0
+    """The row of the latest of those tokens in its step's sampled-token tensor."""
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> "CachedRequestState":
@@ -43,9 +46,14 @@ class CachedRequestState:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def num_tokens(self) -> int:
+        """Prompt and output tokens, counting those still on the device."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def samples_this_step(self) -> bool:
-        """The step computes the last known token, so its logits give the next token."""
-        return self.num_computed_tokens + self.num_scheduled_tokens == len(self.token_ids)
+        """The step computes the last token, so its logits give the next token."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == self.num_tokens
 
 
 class PromptLogprobsSlice(NamedTuple):
@@ -62,6 +70,9 @@ class StepInputs(NamedTuple):
     sample_rows: torch.Tensor  # [num_sampling_requests] indices of the last token of each
     sampling_requests: list[CachedRequestState]
     prompt_logprobs: list[PromptLogprobsSlice]
+    feed_rows: tuple[torch.Tensor, torch.Tensor] | None
+    """(rows of input_ids, rows of the step in flight's sampled tokens): inputs whose token is still on
+    the device, to copy there before the forward; None when every input token is known."""
 
 
 class HostStaging:
@@ -106,12 +117,17 @@ def prepare_inputs(reqs: list[CachedRequestState], block_size: int, device: torc
     np.cumsum(q_lens, out=query_start[1:])
     num_tokens = int(query_start[-1])
     max_q = int(q_lens.max())
+    # A request whose last scheduled token is still being sampled on the device (the step in flight)
+    # gets a 0 there; feed_rows tells the runner where to copy the real one from.
+    fed = [i for i, r in enumerate(reqs) if r.num_computed_tokens + r.num_scheduled_tokens > len(r.token_ids)]
     if max_q == 1:  # decode: one token each
-        input_ids = np.fromiter((r.token_ids[r.num_computed_tokens] for r in reqs), np.int64, num_seqs)
+        input_ids = np.fromiter((r.token_ids[r.num_computed_tokens] if r.num_computed_tokens < len(r.token_ids)
+                                 else 0 for r in reqs), np.int64, num_seqs)
     else:
-        input_ids = np.fromiter(itertools.chain.from_iterable(
-            r.token_ids[r.num_computed_tokens:r.num_computed_tokens + r.num_scheduled_tokens] for r in reqs),
-            np.int64, num_tokens)
+        input_ids = np.zeros(num_tokens, np.int64)
+        for i, r in enumerate(reqs):
+            known = r.token_ids[r.num_computed_tokens:r.num_computed_tokens + r.num_scheduled_tokens]
+            input_ids[query_start[i]:query_start[i] + len(known)] = known
     seq_lens = starts + q_lens
     seq_index = np.repeat(np.arange(num_seqs), q_lens)  # [num_tokens]
     pos = starts[seq_index] + np.arange(num_tokens) - query_start[:-1][seq_index]  # [num_tokens]
@@ -123,7 +139,10 @@ def prepare_inputs(reqs: list[CachedRequestState], block_size: int, device: torc
     sampling = [r for r in reqs if r.samples_this_step]
     sample_rows = np.array([query_start[i + 1] - 1 for i, r in enumerate(reqs) if r.samples_this_step], np.int64)
     prompt_lp = _prompt_logprob_slices(reqs, query_start)
-    ids_d, pos_d, slots_d, rows_d = staging.to_device([input_ids, pos, slots, sample_rows], torch.int64)
+    feed_dst = np.array([query_start[i + 1] - 1 for i in fed], np.int64)
+    feed_src = np.array([reqs[i].pending_row for i in fed], np.int64)
+    ids_d, pos_d, slots_d, rows_d, dst_d, src_d = staging.to_device(
+        [input_ids, pos, slots, sample_rows, feed_dst, feed_src], torch.int64)
     qsl_d, seq_lens_d, table_d = staging.to_device(
         [query_start.astype(np.int32), seq_lens.astype(np.int32), table], torch.int32)
     meta = AttentionMetadata(
@@ -131,7 +150,7 @@ def prepare_inputs(reqs: list[CachedRequestState], block_size: int, device: torc
         slot_mapping=slots_d, query_start_loc=qsl_d, seq_lens=seq_lens_d,
         block_tables=table_d.view(num_seqs, -1), query_start_loc_cpu=query_start.tolist(),
         seq_lens_cpu=seq_lens.tolist(), is_decode_only=max_q == 1)
-    return StepInputs(ids_d, pos_d, meta, rows_d, sampling, prompt_lp)
+    return StepInputs(ids_d, pos_d, meta, rows_d, sampling, prompt_lp, (dst_d, src_d) if fed else None)
 
 
 def _prompt_logprob_slices(reqs: list[CachedRequestState], query_start: np.ndarray) -> list[PromptLogprobsSlice]:

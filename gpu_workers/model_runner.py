@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -13,7 +14,7 @@ from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import CachedRequestState, HostStaging, StepInputs, prepare_inputs
 from gpu_workers.loader import load_hf_config, load_model
 from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
-from gpu_workers.sampler import RowInfo, Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
+from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
 from ipc import envs
 from ipc.config import EngineConfig
 from ipc.messages import ExecuteStep, Logprobs, StepResult
@@ -49,7 +50,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner: CUDAGraphRunner | None = None
         self.staging = HostStaging(self.device)
-        self.timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else lambda: None)
+        self.timer = StepTimer(self.device)
+        self.in_flight: InFlightStep | None = None
+        self.overlap = envs.overlap_steps(self.device.type)
+        """Launch step n+1 before step n's tokens reach the host (see worker.py)."""
 
     # ------------------------------------------------------------------ KV cache
 
@@ -123,23 +127,68 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: ExecuteStep) -> StepResult:
+        """Run one step to completion (no overlap): launch it, then wait for its tokens."""
+        results = self.launch(step)
+        results += self.finish_in_flight()
+        return results[-1]
+
+    @torch.inference_mode()
+    def launch(self, step: ExecuteStep) -> list[StepResult]:
+        """Enqueue the step's forward and sampling on the device and return without waiting for its
+        tokens. Its decode inputs whose token the previous step is still sampling are taken from that
+        step's device tensor, so the GPU runs step n+1 right after step n. Returns the results of
+        earlier steps that completed meanwhile: the previous one (its work ran while this one was
+        prepared), or, on CPU, this one."""
+        results = []
+        if self.in_flight is not None and self._needs_host_tokens(step):
+            results.append(self._finish(self.in_flight))  # a penalty reads the token history
+            self.in_flight = None
         self.timer.start_step()
+        if self.in_flight is not None:
+            self.timer.count("overlapped")
         reqs = self._update_states(step)
         if step.blocks_to_copy:
             src, dst = zip(*step.blocks_to_copy)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
         inputs = prepare_inputs(reqs, self.block_size, self.device, self.staging)
+        if inputs.feed_rows is not None:  # tokens still on the device, from the step in flight
+            dst, src = inputs.feed_rows
+            inputs.input_ids[dst] = self.in_flight.token_ids[src]
         self.timer.mark("prepare")
+        gpu_start = self.timer.gpu_start()
         if self.graph_runner is not None and self.graph_runner.can_run(inputs.meta):
             hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, inputs.meta)
-            self.timer.mark("forward_graph")
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-            self.timer.mark("forward_eager")
-        result = self._sample(step.step_id, hidden, inputs)
-        self.timer.mark("sample")
-        self.timer.end_step()
-        return result
+        launched = self._sample(step.step_id, hidden, inputs)
+        self.timer.gpu_end(gpu_start)
+        self.timer.mark("launch")
+        if self.in_flight is not None:
+            results.append(self._finish(self.in_flight))
+        self.in_flight = launched
+        if not self.overlap:
+            results += self.finish_in_flight()
+        return results
+
+    def in_flight_done(self) -> bool:
+        """The step in flight has its tokens on the host (True when there is none)."""
+        return self.in_flight is None or self.in_flight.ready is None or self.in_flight.ready.query()
+
+    def finish_in_flight(self) -> list[StepResult]:
+        """Wait for the step in flight, if any, and return its result."""
+        if self.in_flight is None:
+            return []
+        result = self._finish(self.in_flight)
+        self.in_flight = None
+        return [result]
+
+    def _needs_host_tokens(self, step: ExecuteStep) -> bool:
+        """A request of `step` samples with a penalty over its tokens, and one of them is in flight."""
+        for data in step.cached_requests:
+            req = self.requests.get(data.request_id)
+            if req is not None and req.num_pending and _needs_history(req.sampling_params):
+                return True
+        return False
 
     def _update_states(self, step: ExecuteStep) -> list[CachedRequestState]:
         """Apply the plan's diff; returns the scheduled requests in the plan's token order."""
@@ -161,45 +210,74 @@ class ModelRunner:
             reqs.append(req)
         return reqs
 
-    def _sample(self, step_id: int, hidden: torch.Tensor, inputs: StepInputs) -> StepResult:
+    def _sample(self, step_id: int, hidden: torch.Tensor, inputs: StepInputs) -> "InFlightStep":
+        """Enqueue logits, sampling and the tokens' copy to the host; logprobs, which are rare, are
+        read back now."""
         rows = [row for req in inputs.sampling_requests for row in self._sampling_rows(req)]
-        request_ids, sampled, logprobs = [], [], []
+        token_ids, logprobs = None, []
         if rows:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
             if len(rows) > len(inputs.sampling_requests):  # a request forking into n outputs
                 index = [i for i, r in enumerate(inputs.sampling_requests) for _ in range(r.num_samples)]
                 logits = logits[torch.tensor(index).to(self.device, non_blocking=True)]  # [num_rows, vocab]
             if all(map(_plain_greedy, rows)):  # the common benchmark case: skip the sampler's set-up
-                out = SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+                token_ids, logprobs = logits.argmax(dim=-1), [None] * len(rows)
             else:
-                out = self.sampler(logits, SamplingBatch.build(rows, self.device))
-            i = 0
-            for req in inputs.sampling_requests:
-                tokens = out.token_ids[i:i + req.num_samples]
-                lps = out.logprobs[i:i + req.num_samples]
-                i += req.num_samples
-                req.token_ids.append(tokens[0])
-                request_ids.append(req.request_id)
-                sampled.append(tokens)
-                logprobs.append(lps if any(lp is not None for lp in lps) else None)
-        pl_ids, pl_values, pl_starts = self._prompt_logprobs(hidden, inputs)
-        return StepResult(step_id, request_ids, sampled,
+                token_ids, logprobs = self.sampler.sample(logits, SamplingBatch.build(rows, self.device))
+        row = 0
+        for req in inputs.sampling_requests:
+            req.num_pending += 1
+            req.pending_row = row  # where the next step finds this token on the device
+            row += req.num_samples
+        pl = self._prompt_logprobs(hidden, inputs)
+        host, ready = None, None
+        if token_ids is not None:
+            if self.device.type == "cuda":
+                host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+                host.copy_(token_ids, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host = token_ids
+        return InFlightStep(step_id, inputs.sampling_requests, token_ids, host, ready, logprobs, pl)
+
+    def _finish(self, step: "InFlightStep") -> StepResult:
+        """Wait for a launched step's tokens, append them to the requests, and build its result."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        self.timer.mark("wait")
+        tokens = step.host_token_ids.tolist() if step.host_token_ids is not None else []
+        request_ids, sampled, logprobs = [], [], []
+        i = 0
+        for req in step.sampling_requests:
+            n = req.num_samples
+            req.token_ids.append(tokens[i])
+            req.num_pending -= 1
+            request_ids.append(req.request_id)
+            sampled.append(tokens[i:i + n])
+            lps = step.logprobs[i:i + n]
+            logprobs.append(lps if any(lp is not None for lp in lps) else None)
+            i += n
+        pl_ids, pl_values, pl_starts = step.prompt_logprobs
+        self.timer.mark("finish")
+        self.timer.end_step()
+        return StepResult(step.step_id, request_ids, sampled,
                           logprobs if any(lp is not None for lp in logprobs) else None,
                           pl_ids or None, pl_values or None, pl_starts or None)
 
     def _sampling_rows(self, req: CachedRequestState) -> list[RowInfo]:
         """One row per sample to draw; the token history is copied only when a penalty reads it."""
         params = req.sampling_params
-        history = bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+        history = _needs_history(params)
         prompt, output = (req.prompt_token_ids, req.output_token_ids) if history else ([], [])
-        position = len(req.token_ids) - req.num_prompt_tokens
+        position = req.num_tokens - req.num_prompt_tokens
         blocked = self._blocked_tokens(req)
         return [RowInfo(params, prompt, output, req.output_index if req.num_samples == 1 else i, blocked, position)
                 for i in range(req.num_samples)]
 
     def _blocked_tokens(self, req: CachedRequestState) -> list[int]:
         params = req.sampling_params
-        if len(req.token_ids) - req.num_prompt_tokens >= params.min_tokens:
+        if req.num_tokens - req.num_prompt_tokens >= params.min_tokens:
             return []
         return (self.eos_token_ids if not params.ignore_eos else []) + list(params.stop_token_ids or [])
 
@@ -218,6 +296,21 @@ class ModelRunner:
             ids.append(sl.request.request_id)
             values.append(([None] if sl.leading_none else []) + lps)
         return ids, values, starts
+
+
+class InFlightStep(NamedTuple):
+    """A launched step: its tokens may still be on the device (ModelRunner.launch / _finish)."""
+    step_id: int
+    sampling_requests: list[CachedRequestState]
+    token_ids: torch.Tensor | None  # [num_rows] on the device; the next step's inputs may read it
+    host_token_ids: torch.Tensor | None  # [num_rows] pinned host copy, valid once `ready` is done
+    ready: torch.cuda.Event | None  # None on CPU (nothing to wait for)
+    logprobs: list[Logprobs | None]  # per row, already on the host
+    prompt_logprobs: tuple[list, list, list]  # (request ids, values, starts), already on the host
+
+
+def _needs_history(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
 
 
 def _plain_greedy(row: RowInfo) -> bool:

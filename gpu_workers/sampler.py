@@ -143,6 +143,8 @@ class Sampler:
     """Samples one token per row. Holds the engine-wide generator for unseeded random rows.
 
     `sampler(logits [S, V] float32, batch) -> SamplerOutput`; the incoming logits are never modified.
+    `sampler.sample(...)` is the same with the token ids left on the device (the worker feeds them to
+    the next step before they reach the host).
     """
 
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
@@ -152,6 +154,11 @@ class Sampler:
         self._row_generator = torch.Generator(device=self.device)  # re-seeded for each seeded row
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        token_ids, logprobs = self.sample(logits, batch)
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[Logprobs | None]]:
+        """Token ids [S] int64 on the device, and per row its logprobs (on the host) or None."""
         logits = logits.float()  # [S, V]
         wants_logprobs = any(k is not None for k in batch.num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None  # [S, V]
@@ -167,7 +174,7 @@ class Sampler:
                                        [batch.num_logprobs[i] for i in rows])
             for row, entry in zip(rows, gathered):
                 logprobs[row] = entry
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return token_ids, logprobs
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Greedy rows take the argmax of the penalized logits; random rows race. Returns [S] int64."""

@@ -1,10 +1,14 @@
-"""Per-step timing of a worker, on when $PAGEDSERVE_STEP_TIMING is set (it synchronizes the device at
-each phase boundary, so it is for diagnosis, not production).
+"""Per-step timing of a worker, on when $PAGEDSERVE_STEP_TIMING is set (for diagnosis: it records
+events, but never synchronizes, so overlapped steps stay overlapped).
 
-Phases: `idle` (from sending a step's result to receiving the next plan: scheduler + IPC time, when
-the GPU has nothing to do), `prepare` (state diff and input tensors), `forward` (split into graph
-replays and eager runs), `sample` (logits, sampler, copy of tokens to the host). The summary is
-logged every `every` steps and written to $PAGEDSERVE_STEP_TIMING (a path) at exit if it names a file.
+CPU phases, wall time on the worker's thread: `idle` (waiting for the next plan: scheduler + IPC),
+`prepare` (state diff and input tensors), `launch` (forward and sampling enqueued: graph replay or
+eager kernels), `wait` (blocked until the GPU has the step's tokens), `finish` (tokens appended, result
+built). GPU, from CUDA events: `gpu_step` (first forward kernel to tokens ready) and `gpu_gap` (the GPU
+with nothing queued between two steps: the time it waits on the CPU; near 0 when overlapped; gaps
+over 50 ms are the engine idle between requests and are left out).
+The summary is logged every `every` steps and written to $PAGEDSERVE_STEP_TIMING (a path) at exit if
+it names a file.
 """
 
 from __future__ import annotations
@@ -13,20 +17,25 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+
+import torch
 
 logger = logging.getLogger(__name__)
+_ENGINE_IDLE_S = 0.05
 
 
 class StepTimer:
-    def __init__(self, device_sync, every: int = 200) -> None:
+    def __init__(self, device: torch.device, every: int = 200) -> None:
         self.enabled = bool(os.environ.get("PAGEDSERVE_STEP_TIMING"))
-        self.sync = device_sync
+        self.cuda = device.type == "cuda"
         self.every = every
         self.totals: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.last = 0.0
         self.steps = 0
+        self.events: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # (start, end) not yet read
+        self.prev_end: torch.cuda.Event | None = None
 
     def start_step(self) -> None:
         if self.enabled:
@@ -36,19 +45,46 @@ class StepTimer:
             self.last = now
 
     def mark(self, phase: str) -> None:
-        """Close the phase that ends now (device work included)."""
+        """Close the CPU phase that ends now."""
         if self.enabled:
-            self.sync()
             now = time.perf_counter()
             self._add(phase, now - self.last)
             self.last = now
 
-    def end_step(self) -> None:
+    def count(self, name: str) -> None:
+        """Count an event (reported as n_NAME): `overlapped`, steps launched behind a running one."""
         if self.enabled:
-            self.last = time.perf_counter()
-            self.steps += 1
-            if self.steps % self.every == 0:
-                logger.warning("step timing (ms/step): %s", self.summary())
+            self.counts[name] += 1
+
+    def gpu_start(self) -> torch.cuda.Event | None:
+        """Record where the step's GPU work starts (right after its inputs are enqueued)."""
+        if not (self.enabled and self.cuda):
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def gpu_end(self, start: torch.cuda.Event | None) -> None:
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((start, end))
+
+    def end_step(self) -> None:
+        """After a step's tokens reached the host: read the events that are done."""
+        if not self.enabled:
+            return
+        while self.events and self.events[0][1].query():
+            start, end = self.events.popleft()
+            self._add("gpu_step", start.elapsed_time(end) / 1e3)
+            gap = self.prev_end.elapsed_time(start) / 1e3 if self.prev_end is not None else None
+            if gap is not None and gap < _ENGINE_IDLE_S:
+                self._add("gpu_gap", max(gap, 0.0))
+            self.prev_end = end
+        self.last = time.perf_counter()
+        self.steps += 1
+        if self.steps % self.every == 0:
+            logger.warning("step timing (ms/step): %s", self.summary())
 
     def _add(self, phase: str, seconds: float) -> None:
         self.totals[phase] += seconds
@@ -56,7 +92,7 @@ class StepTimer:
 
     def summary(self) -> dict[str, float]:
         return {k: round(v / max(self.counts[k], 1) * 1e3, 4) for k, v in self.totals.items()} | {
-            f"n_{k}": self.counts[k] for k in self.totals}
+            f"n_{k}": n for k, n in self.counts.items()}
 
     def dump(self) -> None:
         path = os.environ.get("PAGEDSERVE_STEP_TIMING", "")

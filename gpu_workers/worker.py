@@ -1,7 +1,13 @@
 """The worker process of one rank: receives every step plan, runs it, and (rank 0) returns the result.
 
-Loop: 1. receive the next message (blocking: the scheduler drives); 2. dispatch it; 3. rank 0 sends
-the step's sampled tokens back. Every rank runs the same plan so tensor-parallel ranks stay in step.
+Loop: 1. receive the next message (the scheduler drives); 2. dispatch it; 3. rank 0 sends each step's
+sampled tokens back. Every rank runs the same plan so tensor-parallel ranks stay in step.
+
+Overlap (CUDA): a step is launched without waiting for its tokens. While it runs, the worker polls for
+the next plan: if it comes first, it is launched behind the running step (its decode inputs read the
+running step's tokens on the device), and only then is the older step's result sent; if the running
+step finishes first, its result is sent at once. The GPU so never waits for the CPU between steps
+while the scheduler keeps a plan ahead.
 """
 
 from __future__ import annotations
@@ -45,23 +51,38 @@ class WorkerProc:
     def run(self) -> None:
         self.to_scheduler.send(WorkerReady(self.rank, self.runner.profile_num_blocks()))
         while self.running:
-            msg = self.inbox.recv()
+            msg = self._next_message()
             handler = self.handlers.get(type(msg))
             if handler is None:
                 logger.error("unexpected message %s", type(msg).__name__)
                 continue
             handler(msg)
 
+    def _next_message(self) -> ToWorker:
+        """Block for the next message; while a launched step runs, poll instead and send its result
+        as soon as its tokens are on the host."""
+        while self.runner.in_flight is not None:
+            msg = self.inbox.recv_nowait()
+            if msg is not None:
+                return msg
+            if self.runner.in_flight_done():
+                self._send(self.runner.finish_in_flight())
+        return self.inbox.recv()
+
+    def _send(self, results) -> None:
+        if self.rank == 0:
+            for result in results:
+                self.to_scheduler.send(result)
+
     def _on_init_kv_cache(self, msg: InitKVCache) -> None:
         self.runner.init_kv_cache(msg.num_blocks)
         self.runner.capture_cuda_graphs()
 
     def _on_execute_step(self, msg: ExecuteStep) -> None:
-        result = self.runner.execute(msg)
-        if self.rank == 0:
-            self.to_scheduler.send(result)
+        self._send(self.runner.launch(msg))
 
     def _on_shutdown(self, msg: Shutdown) -> None:
+        self.runner.finish_in_flight()
         self.running = False
         self.runner.timer.dump()
         self.leave_group()

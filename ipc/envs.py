@@ -56,5 +56,15 @@ def triton_elementwise() -> str | None:
     return {"": None, "0": "torch", "1": "triton"}[value]
 
 
+def overlap_steps(device_type: str) -> bool:
+    """$PAGEDSERVE_OVERLAP_STEPS: whether a worker launches step n+1 before step n's tokens reach the
+    host (feeding them on the device). Unset: on CUDA only (the CPU computes synchronously, so nothing
+    overlaps there). "0": never (the A/B baseline); "1": also on CPU (tests of the overlapped path)."""
+    value = os.environ.get("PAGEDSERVE_OVERLAP_STEPS", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_OVERLAP_STEPS must be 0 or 1, not {value!r}")
+    return device_type == "cuda" if value == "" else value == "1"
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

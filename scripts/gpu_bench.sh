@@ -13,6 +13,9 @@
 #   throughput-qwen3 ~4-5, serve ~5; so pair at most two short ones per call, and HF=0 saves 1-2 min a stage.
 #
 # Stages:
+#   smoke                  scripts/gpu_smoke.py --quick: float32 greedy tokens equal transformers' (small random
+#                          Llama, Qwen3), CUDA graphs and eager, overlapped steps on; smoke.json (~1.5 min)
+#   attention              scripts/bench_attention.py: our attention kernels vs torch SDPA; attention.json
 #   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path; pytest from the
 #                          carried .whl/) and scripts/bench_elementwise.py; kernels.txt
 #   checkpoints            write full random safetensors checkpoints (Llama-3.1-8B, Qwen3-0.6B shapes, bf16);
@@ -29,6 +32,7 @@
 #   serve                  bench_serve sweep over concurrency 1,4,16,64 (Llama-3.1-8B, 512 in, 128 out):
 #                          pagedserve at every level, hf (one request at a time) at 1 and 4; CSV + PNG
 # Environment: OUT (results; default /tmp/gpu_bench_out), PYTHON (default python3), HF=0 skips the hf runs,
+# PS=0 skips the pagedserve runs (to put the hf baselines after all pagedserve runs of a call),
 # BUDGET_S (seconds all runs must end within, default 560: later runs are cut short or skipped),
 # ENGINE_ARGS (extra flags for every pagedserve run, e.g. "--enforce-eager --attention-backend torch").
 set -uo pipefail  # no -e: a failed run is logged and the next one still runs
@@ -41,6 +45,7 @@ mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
 PY="${PYTHON:-python3}"
 HF="${HF:-1}"
+PS="${PS:-1}"
 ENGINE_ARGS="${ENGINE_ARGS:-}"
 LOAD=dummy
 LLAMA="${LLAMA:-/tmp/pb_llama-3.1-8b}"
@@ -91,6 +96,7 @@ model() {
 tp() {  # tp NAME BACKEND ARGS...: bench_throughput with the common flags, JSON to $OUT/NAME.json
   local name=$1 backend=$2; shift 2
   [ "$backend" = hf ] && [ "$HF" = 0 ] && return 0
+  [ "$backend" = pagedserve ] && [ "$PS" = 0 ] && return 0
   local extra=""; [ "$backend" = pagedserve ] && extra="$ENGINE_ARGS"
   # shellcheck disable=SC2086
   run 420 "$PY" scripts/bench_throughput.py --backend "$backend" --load-format "$LOAD" $COMMON $extra \
@@ -101,11 +107,20 @@ tp() {  # tp NAME BACKEND ARGS...: bench_throughput with the common flags, JSON 
 lat() {  # lat NAME BACKEND MODEL ARGS...
   local name=$1 backend=$2 dir=$3; shift 3
   [ "$backend" = hf ] && [ "$HF" = 0 ] && return 0
+  [ "$backend" = pagedserve ] && [ "$PS" = 0 ] && return 0
   local extra=""; [ "$backend" = pagedserve ] && extra="$ENGINE_ARGS"
   # shellcheck disable=SC2086
   run 300 "$PY" scripts/bench_latency.py --backend "$backend" --model "$dir" --load-format "$LOAD" --dtype bfloat16 \
     --input-len 128 --output-len 512 $extra --output-json "$RUNS/$name.json" "$@"
   collect "$name"
+}
+
+stage_smoke() {
+  run 240 "$PY" scripts/gpu_smoke.py "$OUT" --quick
+}
+
+stage_attention() {
+  run 150 "$PY" scripts/bench_attention.py --output-json "$OUT/attention.json"
 }
 
 stage_kernels() {

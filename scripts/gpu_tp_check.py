@@ -1,7 +1,7 @@
 """Tensor parallelism on a multi-GPU machine: TP=N greedy tokens against TP=1 on the same
 random-weight Llama-shaped checkpoint, then decode throughput of TP=1 and TP=N at several batch sizes.
 
-    python scripts/gpu_tp_check.py --size 8b --tp 2 --out /tmp/tp_check.json
+    python scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --dtype float32 --out /tmp/tp_check.json
     python scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput        # minutes, not tens
 
 --size small: a 8-layer, 1024-wide Llama built in-process (16 heads, 8 KV heads).
@@ -101,7 +101,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("small", "8b"), default="small", help="checkpoint shape")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size to compare with 1")
-    p.add_argument("--num-layers", type=int, default=None, help="fewer decoder layers (8b: faster to write)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="fewer decoder layers in the greedy check's checkpoint (8b: faster to write); the "
+                        "throughput runs always use the whole model")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the greedy comparison (float32: exact ties rarer)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
@@ -123,8 +125,8 @@ def main() -> None:
         results["greedy"] = check_greedy(path, args.tp, args.dtype, args.max_tokens)
     if not args.skip_throughput:
         small = args.size == "small"  # its weights are cheap; 8b gets a config-only directory
-        path = make_checkpoint(args.size, work / f"{args.size}-{'weights' if small else 'config'}", args.num_layers,
-                               weights=small)
+        path = make_checkpoint(args.size, work / f"{args.size}-{'weights' if small else 'config'}",
+                               args.num_layers if small else None, weights=small)
         results["throughput"] = {tp: decode_throughput(path, tp, args.batch_sizes, args.input_len, args.output_len)
                                  for tp in (1, args.tp)}
         for batch in args.batch_sizes:

@@ -111,3 +111,18 @@ def test_bench_serve_against_the_pagedserve_server(checkpoint):
                                "--request-rate", "20", "--server-arg=--max-model-len=64"])
     assert row["failed"] == 0 and row["total_output_tokens"] == 9
     assert_summary(row, ["output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms"])
+
+
+def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
+    """The CPU smoke mode (interpreter, float32, tiny shapes) times every kind of row, and on each the
+    paged kernels' output matches SDPA's on the same context: the table's rel err column is small."""
+    out = tmp_path / "attention.json"
+    subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_attention.py"), "--device", "cpu", "--iters", "1",
+                    "--output-json", str(out)], check=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+    summary = json.load(open(out))
+    assert_summary(summary, [])
+    rows = summary["rows"]
+    assert {r["kind"] for r in rows} == {"decode", "prefill", "chunk"}
+    for row in rows:
+        assert row["rel_err"] < 1e-5, row
+        assert row["ours_us"] > 0 and row["sdpa_us"] > 0 and row["ours_rate"] > 0, row
