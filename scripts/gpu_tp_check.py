@@ -72,9 +72,19 @@ def check_greedy(path: str, tp: int, dtype: str, max_tokens: int) -> dict:
     return result
 
 
+def best_of(n: int, fn) -> float:
+    """The shortest of n timed calls (a stray compile or allocation lands in one, not all)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int, output_len: int) -> dict:
     """Output tokens per second of `batch` requests decoding `output_len` tokens each; the prefill
-    is measured separately (max_tokens=1) and subtracted. After the untimed warm-up of each batch the
+    is measured separately (max_tokens=1) and subtracted, each the best of a few runs. After the untimed warm-up of each batch the
     prompts are in the prefix cache, equally for both timed runs."""
     results = {}
     with LLM(path, dtype="bfloat16", tensor_parallel_size=tp, load_format="dummy", max_model_len=2048,
@@ -84,13 +94,11 @@ def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int
             prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 1000 for j in range(input_len)]} for i in range(batch)]
             # Untimed: the first step of a new shape compiles kernels, which must not land in either timing.
             llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-            t = time.perf_counter()
-            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-            prefill_s = time.perf_counter() - t
-            t = time.perf_counter()
-            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True),
-                         use_tqdm=False)
-            decode_s = max(time.perf_counter() - t - prefill_s, 1e-9)
+            prefill_s = best_of(3, lambda: llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
+                                                          use_tqdm=False))
+            total_s = best_of(2, lambda: llm.generate(
+                prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False))
+            decode_s = total_s - prefill_s
             results[batch] = {"decode_tok_s": batch * (output_len - 1) / decode_s,
                               "ms_per_step": decode_s / (output_len - 1) * 1000, "prefill_s": prefill_s}
             print(f"TP={tp} batch={batch}:", results[batch], flush=True)
