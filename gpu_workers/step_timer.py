@@ -6,7 +6,11 @@ CPU phases, wall time on the worker's thread: `idle` (waiting for the next plan:
 eager kernels), `wait` (blocked until the GPU has the step's tokens), `finish` (tokens appended, result
 built). GPU, from CUDA events: `gpu_step` (first forward kernel to tokens ready) and `gpu_gap` (the GPU
 with nothing queued between two steps: the time it waits on the CPU; near 0 when overlapped; gaps
-over 50 ms are the engine idle between requests and are left out).
+over 50 ms are the engine idle between requests and are left out). Counters, on CUDA: Triton kernels
+compiled after the first step (`n_triton_compiles`, each also logged: a compile inside a timed run
+costs about a second), and the caching allocator's device mallocs / frees and alloc retries since the
+first step (`n_cuda_malloc`, `n_cuda_free`, `n_alloc_retries`: a retry frees cached blocks, which
+synchronizes the device and stalls the overlap).
 The summary is logged every `every` steps and written to $PAGEDSERVE_STEP_TIMING (a path) at exit if
 it names a file.
 """
@@ -36,9 +40,31 @@ class StepTimer:
         self.steps = 0
         self.events: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # (start, end) not yet read
         self.prev_end: torch.cuda.Event | None = None
+        self.alloc_base: dict[str, int] | None = None  # allocator counters at the first step
+
+    def _watch_compiles(self) -> None:
+        """Count (and log) Triton compilations from now on, through triton's jit_cache_hook."""
+        import triton.knobs
+
+        previous = triton.knobs.runtime.jit_cache_hook
+
+        def hook(*args, **kwargs):
+            self.counts["triton_compiles"] += 1
+            logger.warning("step timing: Triton compiles %s during step %d", kwargs.get("repr", "?"), self.steps)
+            return previous(*args, **kwargs) if previous else None
+
+        triton.knobs.runtime.jit_cache_hook = hook
+
+    def _alloc_counters(self) -> dict[str, int]:
+        stats = torch.cuda.memory_stats()
+        return {"cuda_malloc": stats.get("num_device_alloc", 0), "cuda_free": stats.get("num_device_free", 0),
+                "alloc_retries": stats.get("num_alloc_retries", 0)}
 
     def start_step(self) -> None:
         if self.enabled:
+            if self.cuda and self.alloc_base is None:  # the first step: start-up work is done
+                self.alloc_base = self._alloc_counters()
+                self._watch_compiles()
             now = time.perf_counter()
             if self.last:
                 self._add("idle", now - self.last)
@@ -91,8 +117,11 @@ class StepTimer:
         self.counts[phase] += 1
 
     def summary(self) -> dict[str, float]:
-        return {k: round(v / max(self.counts[k], 1) * 1e3, 4) for k, v in self.totals.items()} | {
+        out = {k: round(v / max(self.counts[k], 1) * 1e3, 4) for k, v in self.totals.items()} | {
             f"n_{k}": n for k, n in self.counts.items()}
+        if self.alloc_base is not None:
+            out |= {f"n_{k}": v - self.alloc_base[k] for k, v in self._alloc_counters().items()}
+        return out
 
     def dump(self) -> None:
         path = os.environ.get("PAGEDSERVE_STEP_TIMING", "")
