@@ -34,6 +34,10 @@ class AppendResult(NamedTuple):
     """(src, dst) when copy-on-write replaced the table's last block before appending."""
 
 
+_IN_PLACE = AppendResult([], None)
+"""The result of most decode steps (no new block, no copy), built once: results are only read."""
+
+
 class _Block:
     __slots__ = ("block_id", "ref_count", "block_hash", "token_ids")
 
@@ -115,14 +119,17 @@ class BlockManager:
         [num_computed, num_slots). If that write lands in a last block that is shared, copy the block
         first (copy-on-write). Returns None, changing nothing, if the free blocks do not suffice."""
         table = self.tables[req_id]
+        capacity = len(table) * self.block_size
+        cow = (num_computed < capacity and num_slots > num_computed
+               and self.blocks[table[-1]].ref_count > 1)
+        if num_slots <= capacity and not cow:
+            return _IN_PLACE  # the last block has room and is this request's alone
         num_new = max(self.blocks_needed(num_slots) - len(table), 0)
-        last = self.blocks[table[-1]] if table else None
-        writes_last = num_computed < len(table) * self.block_size and num_slots > num_computed
-        cow = last is not None and writes_last and last.ref_count > 1
         if num_new + int(cow) > self.num_free_blocks:
             return None
         copy = None
         if cow:
+            last = self.blocks[table[-1]]
             dst = self._pop_free()
             last.ref_count -= 1
             table[-1] = dst
@@ -152,13 +159,17 @@ class BlockManager:
                 self.free_queue[block_id] = None
 
     def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
-        """Register the hashes of the request's blocks that `num_computed` tokens fill completely."""
+        """Register the hashes of the request's blocks that `num_computed` tokens fill completely.
+        Blocks hashed by an earlier call are skipped, so a step costs O(blocks it newly fills)."""
         if not self.enable_prefix_caching:
             return
-        table = self.tables[req_id]
         start = self.num_hashed[req_id]
         # Tokens sampled by a step still in flight are not known yet: their blocks wait.
-        end = min(min(num_computed, len(token_ids)) // self.block_size, len(table))
+        end = min(num_computed, len(token_ids)) // self.block_size
+        if end <= start:
+            return  # no block newly full: most decode steps
+        table = self.tables[req_id]
+        end = min(end, len(table))
         parent = self.blocks[table[start - 1]].block_hash if start else None
         for i in range(start, end):
             chunk = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])

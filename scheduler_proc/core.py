@@ -13,6 +13,8 @@ Overlap: up to MAX_STEPS_IN_FLIGHT plans are outstanding. While the workers run 
 plans step n+1 and sends it, so the worker starts it the moment step n is done instead of idling
 through a round trip (result -> scheduler -> plan). Decode inputs need no round trip: each worker
 appends the tokens it samples to its own copy of the request (see Scheduler on pending samples).
+The outputs a step result produces are routed at once but sent after the next plan: the workers
+wait for the plan, the frontend does not.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SchedulerProc:
         self.to_frontend = Sender(self.ctx, paths.frontend)
         self.clients: dict[int, Sender] = {0: self.to_frontend}  # client_index -> its inbox
         self.owner: dict[str, int] = {}  # request id -> client_index
+        self.outbox: list[tuple[int, RequestOutputs]] = []  # (client_index, outputs) to send after the plan
         pc = config.parallel
         local_ranks = pc.tensor_parallel_size // pc.nnodes  # ranks 0..local_ranks-1 run here
         self.workers = [spawn("gpu_workers", [config_json, str(rank)], f"ps-worker-{rank}")
@@ -107,7 +110,8 @@ class SchedulerProc:
 
     def run(self) -> None:
         """1. wait for messages (briefly if idle) and handle them all; 2. check the workers are
-        alive; 3. with no step in flight, plan the next step and send it to every rank."""
+        alive; 3. with a free slot in flight, plan the next step and send it to every rank;
+        4. send the outputs the messages produced."""
         while self.running:
             msg = self.inbox.recv(_POLL_MS if self._should_wait() else 0)
             while msg is not None:
@@ -120,6 +124,7 @@ class SchedulerProc:
                 if out.step is not None:
                     self.to_workers.send(out.step)
                     self.steps_in_flight.append((out.step.step_id, time.monotonic()))
+            self._flush_outputs()
 
     def _should_wait(self) -> bool:
         """Block on the inbox unless there is a step to plan right now."""
@@ -184,18 +189,25 @@ class SchedulerProc:
         self._send_outputs(self.scheduler.update(msg), always=True)
 
     def _send_outputs(self, deltas: list[RequestDelta], always: bool = False) -> None:
-        """Route deltas to the clients that own the requests; client 0 also gets the stats."""
+        """Route deltas to the clients that own the requests; client 0 also gets the stats. They
+        leave with the loop's next `_flush_outputs`, in order."""
         by_client: dict[int, list[RequestDelta]] = {0: []} if always else {}
         for delta in deltas:
             by_client.setdefault(self.owner.get(delta.request_id, 0), []).append(delta)
         stats = self.scheduler.stats()
         for index, group in by_client.items():
-            client = self.clients.get(index)
-            if client is not None:
-                client.send(RequestOutputs(group, stats if index == 0 else None))
+            self.outbox.append((index, RequestOutputs(group, stats if index == 0 else None)))
         for delta in deltas:
             if delta.finish_reason is not None and delta.request_id not in self.scheduler.groups:
                 self.owner.pop(delta.request_id, None)
+
+    def _flush_outputs(self) -> None:
+        """Send the routed outputs; those of a client that has left meanwhile are dropped."""
+        for index, outputs in self.outbox:
+            client = self.clients.get(index)
+            if client is not None:
+                client.send(outputs)
+        self.outbox.clear()
 
     def _on_worker_failed(self, msg: WorkerFailed) -> None:
         raise EngineDeadError(f"worker rank {msg.rank} failed: {msg.message}")

@@ -112,9 +112,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: dict[str, int] = {}
-        new_reqs: list[NewRequestData] = []
-        cached_reqs: list[CachedRequestData] = []
+        planned: list[tuple[Request, int]] = []  # (request, tokens to compute), in running order
         copies: list[tuple[int, int]] = []
         preempted: list[Request] = []
 
@@ -131,7 +129,7 @@ class Scheduler:
             if result.copy is not None:
                 copies.append(result.copy)
                 req.table_replaced = True
-            scheduled[req.request_id] = num_new
+            planned.append((req, num_new))  # preemption only pops requests after req
             budget -= num_new
             i += 1
 
@@ -143,24 +141,28 @@ class Scheduler:
                 break
             req = self.waiting.popleft()
             self.running.append(req)
-            scheduled[req.request_id] = num_new
+            planned.append((req, num_new))
             budget -= num_new
 
-        if not scheduled:
+        scheduled = {req.request_id: num_new for req, num_new in planned}
+        if not planned:
             return SchedulerOutput(None, scheduled, preempted)
-        for req in self.running:
-            if req.request_id in scheduled:
-                self._plan(req, scheduled[req.request_id], new_reqs, cached_reqs)
+        # Planned only now: blocks the running requests fill this step are hashed after the waiting
+        # ones looked up the prefix cache.
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        for req, num_new in planned:
+            self._plan(req, num_new, new_reqs, cached_reqs)
         self.step_id += 1
         step = ExecuteStep(self.step_id, new_reqs, cached_reqs, self.finished_ids, copies)
         self.finished_ids = []
         return SchedulerOutput(step, scheduled, preempted)
 
     def _num_schedulable(self, req: Request) -> int:
-        """Tokens of a running request that can be computed now, counting tokens in flight."""
+        """Tokens of a running request that can be computed now, counting tokens in flight. (max_tokens
+        is capped to the context room at admission, so reaching it also covers max_model_len.)"""
         pending = req.num_pending_samples
-        if pending and (req.num_samples > 1 or req.num_output_tokens + pending >= req.max_tokens
-                        or req.num_tokens + pending >= self.max_model_len):
+        if pending and (req.num_samples > 1 or req.num_output_tokens + pending >= req.max_tokens):
             return 0
         return req.num_tokens + pending - req.num_computed_tokens
 
@@ -315,12 +317,13 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> str | None:
         params = req.sampling_params
-        if req.num_output_tokens > params.min_tokens:  # the sampler blocks stops before that
+        num_output_tokens = req.num_output_tokens
+        if num_output_tokens > params.min_tokens:  # the sampler blocks stops before that
             if not params.ignore_eos and token in self.eos_token_ids:
                 return "stop"
             if params.stop_token_ids and token in params.stop_token_ids:
                 return "stop"
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_output_tokens >= req.max_tokens:  # capped at admission to the context room
             return "length"
         return None
 
