@@ -11,7 +11,8 @@ from gpu_workers.attention import get_attention_backend
 from gpu_workers.distributed import get_tp_group, local_rank  # tensor parallel
 from gpu_workers.cuda_graph import CUDAGraphRunner
 from gpu_workers.step_timer import StepTimer
-from gpu_workers.input_batch import CachedRequestState, HostStaging, StepInputs, prepare_inputs
+from gpu_workers.input_batch import (BlockTable, CachedRequestState, HostStaging, StepInputs,
+                                     greedy_without_processors, prepare_inputs)
 from gpu_workers.loader import load_hf_config, load_model
 from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
 from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
@@ -46,6 +47,8 @@ class ModelRunner:
         self.sampler = Sampler(wc.seed, self.device)
         self.eos_token_ids = list(config.model.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
+        self.block_table = BlockTable(config.scheduler.max_num_seqs, -(-config.model.max_model_len // self.block_size))
+        """Block ids of self.requests, row req.slot each, kept in step with the plans' diffs."""
         self.kv_cache: torch.Tensor | None = None  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner: CUDAGraphRunner | None = None
@@ -94,19 +97,36 @@ class ModelRunner:
         """A prefill of num_tokens tokens over a throwaway cache, to measure peak activation memory."""
         seq_len = min(num_tokens, self.config.model.max_model_len)
         num_seqs = -(-num_tokens // seq_len)
-        blocks_per_seq = -(-seq_len // self.block_size)
-        self.init_kv_cache(num_seqs * blocks_per_seq)
-        reqs = []
-        for i in range(num_seqs):
-            n = min(seq_len, num_tokens - i * seq_len)
-            reqs.append(CachedRequestState(f"profile-{i}", [0] * n, n, _PROFILE_PARAMS,
-                                           list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)),
-                                           0, n, 0, 1, False))
-        inputs = prepare_inputs(reqs, self.block_size, self.device)
+        self.init_kv_cache(num_seqs * -(-seq_len // self.block_size))
+        self._forward_prefills([min(seq_len, num_tokens - i * seq_len) for i in range(num_seqs)])
+        self.kv_cache, self.kv_caches = None, []
+
+    def _forward_prefills(self, lens: list[int]) -> None:
+        """An eager forward (and LM head) of fresh prefills of these lengths over the current cache.
+        Their blocks are taken from the front of it and left holding junk: no request owns them yet."""
+        num_blocks = self.kv_cache.shape[2]
+        reqs, table, first = [], BlockTable(len(lens), max(-(-n // self.block_size) for n in lens)), 0
+        for i, n in enumerate(lens):
+            count = -(-n // self.block_size)
+            block_ids = [(first + j) % num_blocks for j in range(count)]
+            first += count
+            req = CachedRequestState(f"dummy-{i}", [0] * n, n, _PROFILE_PARAMS, block_ids, 0, n, 0, 1, False)
+            req.slot = table.add(req.block_ids)
+            reqs.append(req)
+        inputs = prepare_inputs(reqs, table, self.block_size, self.device)
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
             self.model.compute_logits(hidden[inputs.sample_rows])
-        self.kv_cache, self.kv_caches = None, []
+
+    def warm_up_kernels(self) -> None:
+        """Compile at start-up the kernel variants that steps pick by query length (the prefill
+        attention's tile configurations, see kernels/prefill_attention.py): Triton compiles each on
+        first use, about a second, which would otherwise land in a user's first mixed steps."""
+        if self.device.type != "cuda":
+            return
+        for n in (16, 17, 128):  # query lengths <= 16, > 16, >= 128
+            self._forward_prefills([min(n, self.config.model.max_model_len)])
+        torch.cuda.synchronize()
 
     def init_kv_cache(self, num_blocks: int) -> None:
         layers, kv_heads, head_dim = self._kv_shape
@@ -150,7 +170,7 @@ class ModelRunner:
         if step.blocks_to_copy:
             src, dst = zip(*step.blocks_to_copy)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
-        inputs = prepare_inputs(reqs, self.block_size, self.device, self.staging)
+        inputs = prepare_inputs(reqs, self.block_table, self.block_size, self.device, self.staging)
         if inputs.feed_rows is not None:  # tokens still on the device, from the step in flight
             dst, src = inputs.feed_rows
             inputs.input_ids[dst] = self.in_flight.token_ids[src]
@@ -191,9 +211,10 @@ class ModelRunner:
         return False
 
     def _update_states(self, step: ExecuteStep) -> list[CachedRequestState]:
-        """Apply the plan's diff; returns the scheduled requests in the plan's token order."""
+        """Apply the plan's diff (to the states and the block table); returns the scheduled requests
+        in the plan's token order."""
         for rid in step.finished_request_ids:
-            self.requests.pop(rid, None)
+            self._forget(rid)
         reqs = []
         for data in step.cached_requests:
             req = self.requests[data.request_id]
@@ -201,27 +222,43 @@ class ModelRunner:
             req.num_scheduled_tokens = data.num_scheduled_tokens
             if data.replace_block_ids:
                 req.block_ids = list(data.new_block_ids)
-            else:
+                self.block_table.replace(req.slot, req.block_ids)
+            elif data.new_block_ids:
                 req.block_ids.extend(data.new_block_ids)
+                self.block_table.append(req.slot, data.new_block_ids)
             reqs.append(req)
         for data in step.new_requests:
+            self._forget(data.request_id)  # no-op: a request sent anew (preempted) was finished first
             req = CachedRequestState.from_new(data)
+            req.slot = self.block_table.add(req.block_ids)
             self.requests[req.request_id] = req
             reqs.append(req)
         return reqs
 
+    def _forget(self, request_id: str) -> None:
+        """Drop a request's state and free its block-table row (a step in flight may still hold the
+        state: its tokens are appended to it, which touches no row)."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.block_table.free(req.slot)
+
     def _sample(self, step_id: int, hidden: torch.Tensor, inputs: StepInputs) -> "InFlightStep":
         """Enqueue logits, sampling and the tokens' copy to the host; logprobs, which are rare, are
         read back now."""
-        rows = [row for req in inputs.sampling_requests for row in self._sampling_rows(req)]
+        reqs = inputs.sampling_requests
         token_ids, logprobs = None, []
-        if rows:
+        if reqs:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
-            if len(rows) > len(inputs.sampling_requests):  # a request forking into n outputs
-                index = [i for i, r in enumerate(inputs.sampling_requests) for _ in range(r.num_samples)]
+            num_rows = sum(r.num_samples for r in reqs)
+            if num_rows > len(reqs):  # a request forking into n outputs
+                index = [i for i, r in enumerate(reqs) for _ in range(r.num_samples)]
                 logits = logits[torch.tensor(index).to(self.device, non_blocking=True)]  # [num_rows, vocab]
-            if all(map(_plain_greedy, rows)):  # the common benchmark case: skip the sampler's set-up
-                token_ids, logprobs = logits.argmax(dim=-1), [None] * len(rows)
+            # The common benchmark case, plain greedy: skip the sampler's set-up, and first try the
+            # check per request, which builds no rows.
+            rows = None if all(r.argmax_only for r in reqs) else [
+                row for req in reqs for row in self._sampling_rows(req)]
+            if rows is None or all(map(_plain_greedy, rows)):
+                token_ids, logprobs = logits.argmax(dim=-1), [None] * num_rows
             else:
                 token_ids, logprobs = self.sampler.sample(logits, SamplingBatch.build(rows, self.device))
         row = 0
@@ -247,23 +284,23 @@ class ModelRunner:
             step.ready.synchronize()
         self.timer.mark("wait")
         tokens = step.host_token_ids.tolist() if step.host_token_ids is not None else []
-        request_ids, sampled, logprobs = [], [], []
+        any_logprobs = step.logprobs.count(None) < len(step.logprobs)
+        sampled, logprobs = [], []
         i = 0
         for req in step.sampling_requests:
             n = req.num_samples
             req.token_ids.append(tokens[i])
             req.num_pending -= 1
-            request_ids.append(req.request_id)
             sampled.append(tokens[i:i + n])
-            lps = step.logprobs[i:i + n]
-            logprobs.append(lps if any(lp is not None for lp in lps) else None)
+            if any_logprobs:
+                lps = step.logprobs[i:i + n]
+                logprobs.append(lps if lps.count(None) < n else None)
             i += n
         pl_ids, pl_values, pl_starts = step.prompt_logprobs
         self.timer.mark("finish")
         self.timer.end_step()
-        return StepResult(step.step_id, request_ids, sampled,
-                          logprobs if any(lp is not None for lp in logprobs) else None,
-                          pl_ids or None, pl_values or None, pl_starts or None)
+        return StepResult(step.step_id, [req.request_id for req in step.sampling_requests], sampled,
+                          logprobs if any_logprobs else None, pl_ids or None, pl_values or None, pl_starts or None)
 
     def _sampling_rows(self, req: CachedRequestState) -> list[RowInfo]:
         """One row per sample to draw; the token history is copied only when a penalty reads it."""
@@ -315,6 +352,4 @@ def _needs_history(params: SamplingParams) -> bool:
 
 def _plain_greedy(row: RowInfo) -> bool:
     """Greedy with nothing that changes the logits first: the sampler would just take the argmax."""
-    p = row.sampling_params
-    return (p.greedy and not row.blocked_token_ids and p.logit_bias is None and p.logprobs is None
-            and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1.0)
+    return not row.blocked_token_ids and greedy_without_processors(row.sampling_params)

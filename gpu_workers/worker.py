@@ -76,6 +76,7 @@ class WorkerProc:
 
     def _on_init_kv_cache(self, msg: InitKVCache) -> None:
         self.runner.init_kv_cache(msg.num_blocks)
+        self.runner.warm_up_kernels()
         self.runner.capture_cuda_graphs()
 
     def _on_execute_step(self, msg: ExecuteStep) -> None:

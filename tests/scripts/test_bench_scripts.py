@@ -126,3 +126,35 @@ def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
     for row in rows:
         assert row["rel_err"] < 1e-5, row
         assert row["ours_us"] > 0 and row["sdpa_us"] > 0 and row["ours_rate"] > 0, row
+
+
+def test_bench_scheduler_schedules_every_running_request_each_step(tmp_path):
+    """The scheduler benchmark drives the real Scheduler: in steady decode every running request gets
+    one token per step (continuous batching), and each phase's time is reported."""
+    out = tmp_path / "scheduler.json"
+    subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_scheduler.py"), "--num-requests", "16", "--steps",
+                    "20", "--rounds", "1", "--output-json", str(out)], check=True, timeout=120)
+    summary = json.load(open(out))
+    assert_summary(summary, [])
+    decode = summary["results"]["decode"]
+    assert decode["tokens_per_step"] == 16
+    for phase in ("update", "schedule", "plan_latency", "total"):
+        assert decode[phase] > 0, phase
+
+
+def test_bench_prepare_is_deterministic_and_reports_each_phase(tmp_path):
+    """The worker host-side benchmark: phases timed, and --digest (a hash of every step's inputs and
+    results, for checking that an optimization changed nothing) is the same on a rerun."""
+    cmd = [sys.executable, os.path.join(SCRIPTS, "bench_prepare.py"), "--num-requests", "16", "--steps", "10",
+           "--warmup", "2", "--repeats", "1"]
+    subprocess.run(cmd + ["--output-json", str(tmp_path / "t.json")], check=True, timeout=120)
+    timed = json.load(open(tmp_path / "t.json"))
+    assert_summary(timed, [])
+    for workload in ("decode", "mixed"):
+        assert all(timed[workload][phase] > 0 for phase in ("inputs", "launch", "finish", "total"))
+    digests = []
+    for i in range(2):
+        subprocess.run(cmd + ["--digest", "--output-json", str(tmp_path / f"d{i}.json")], check=True, timeout=120)
+        digests.append(json.load(open(tmp_path / f"d{i}.json")))
+    assert digests[0]["decode_digest"] == digests[1]["decode_digest"]
+    assert digests[0]["mixed_digest"] == digests[1]["mixed_digest"] != digests[0]["decode_digest"]
