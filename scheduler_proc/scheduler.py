@@ -187,12 +187,13 @@ class Scheduler:
         prefix = None
         if req.sampling_params.prompt_logprobs is None or req.prompt_logprobs_sent:
             prefix = bm.find_cached_prefix(req.all_token_ids)
-            self.prefix_queries += req.num_tokens
-            self.prefix_hits += prefix.num_tokens
         num_computed = prefix.num_tokens if prefix else 0
         num_new = min(req.num_tokens - num_computed, budget)
         if not bm.allocate(req.request_id, num_computed + num_new, prefix):
-            return 0
+            return 0  # tried again next step: the lookup is counted when admission succeeds
+        if prefix is not None:
+            self.prefix_queries += req.num_tokens
+            self.prefix_hits += prefix.num_tokens
         req.status = RequestStatus.RUNNING
         req.num_computed_tokens = num_computed
         if req.num_cached_tokens < 0:

@@ -185,6 +185,18 @@ def test_repeated_prompt_hits_the_prefix_cache():
     assert sched.prefix_hits == 8
 
 
+def test_prefix_cache_stats_count_a_request_once_however_long_it_waits_for_blocks():
+    sched = make(num_blocks=6, max_model_len=24)
+    prompt = list(range(1, 11))
+    sched.add_request("a", prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    sched.add_request("b", prompt + list(range(20, 30)), SamplingParams(max_tokens=1))  # needs 3 more blocks
+    out, _ = run_step(sched)
+    assert out.num_scheduled_tokens == {"a": 10}  # b does not fit beside a yet: its lookup is retried
+    while sched.has_work():
+        run_step(sched)
+    assert (sched.prefix_queries, sched.prefix_hits) == (10 + 20, 8)  # b's first 8 tokens hit a's blocks
+
+
 def test_prompt_logprobs_are_delivered_once_even_after_preemption():
     sched = make(num_blocks=16, budget=4)
     sched.add_request("a", list(range(1, 9)), SamplingParams(max_tokens=2, prompt_logprobs=0))
