@@ -21,7 +21,7 @@ import zmq
 
 from ipc.config import EngineConfig
 from ipc.messages import ExecuteStep, InitKVCache, Shutdown, ToWorker, WorkerFailed, WorkerReady
-from ipc.process import init_child, run_profiled
+from ipc.process import freeze_start_up_objects, init_child, run_profiled
 from ipc.sockets import IpcPaths, Receiver, Sender
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class WorkerProc:
         self.runner.init_kv_cache(msg.num_blocks)
         self.runner.warm_up_kernels()
         self.runner.capture_cuda_graphs()
+        freeze_start_up_objects()
 
     def _on_execute_step(self, msg: ExecuteStep) -> None:
         self._send(self.runner.launch(msg))

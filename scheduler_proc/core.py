@@ -33,7 +33,7 @@ from ipc.messages import (AbortRequests, AddRequest, ClientBye, ClientHello, Eng
                           HealthCheck, HealthStatus, InitKVCache, NodeHello, RequestDelta, RequestFailed,
                           RequestOutputs, Shutdown, StartNode, StepResult, ToScheduler, WorkerFailed,
                           WorkerReady)
-from ipc.process import first_dead, init_child, run_profiled, spawn, stop
+from ipc.process import first_dead, freeze_start_up_objects, init_child, run_profiled, spawn, stop
 from ipc.sockets import Broadcaster, IpcPaths, PeerWatch, Receiver, Sender, tcp_address
 from scheduler_proc.scheduler import Scheduler
 
@@ -91,6 +91,7 @@ class SchedulerProc:
         self.to_workers.send(InitKVCache(num_blocks))
         self.ready = EngineReady(num_blocks, cc.block_size, mc.max_model_len, mc.model)
         self.to_frontend.send(self.ready)
+        freeze_start_up_objects()
 
     def _wait_for_workers(self) -> int:
         """Every rank reports how many KV blocks fit; all use the smallest count (or the override)."""
