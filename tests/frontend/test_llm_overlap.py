@@ -35,6 +35,18 @@ def test_overlapped_greedy_matches_transformers_under_preemption_and_chunking(ti
     assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], 20)
 
 
+def test_overlapped_tensor_parallel_ranks_stay_in_step(tiny_checkpoints, monkeypatch, tmp_path):
+    """Each rank decides alone whether the next plan came before its running step ended; the ranks'
+    collectives must still pair up, and the tokens must equal transformers'."""
+    path = tiny_checkpoints["llama"]
+    prompts = [p * (1 + i % 2) for i, p in enumerate(PROMPTS * 2)]
+    outs, timing = run(path, prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), monkeypatch,
+                       tmp_path, True, tensor_parallel_size=2, block_size=4, num_gpu_blocks_override=32,
+                       max_num_batched_tokens=16, enable_prefix_caching=False)
+    assert timing["n_overlapped"] > 10
+    assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], 16)
+
+
 def test_overlap_keeps_every_sampling_feature(tiny_checkpoints, monkeypatch, tmp_path):
     """Seeded sampling, penalties (which need the token history, so those steps wait), min_tokens,
     logprobs, n > 1 and stop strings give the same outputs with and without overlap."""
