@@ -36,6 +36,7 @@ from frontend.serving import OpenAIServing, error_response, json_response, now
 from frontend.serving_chat import OpenAIServingChat
 from frontend.serving_completions import OpenAIServingCompletion
 from ipc import envs
+from ipc.process import freeze_start_up_objects
 
 logger = logging.getLogger("pagedserve.api_server")
 
@@ -140,6 +141,7 @@ async def _serve_http(llm, server: ServerConfig, stop: _Stop) -> int:
         except OSError as e:
             print(f"pagedserve: error: cannot listen on {server.host}:{server.port}: {e}", file=sys.stderr)
             return 1
+        freeze_start_up_objects()  # a full collection would otherwise stall streams (see ipc/process.py)
         host = f"[{server.host}]" if ":" in server.host else server.host
         port = runner.addresses[0][1]  # the real one when --port 0
         print(f"pagedserve: serving {server.model_names()[0]} at http://{host}:{port}", flush=True)
