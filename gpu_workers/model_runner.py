@@ -10,6 +10,7 @@ import torch
 from gpu_workers.attention import get_attention_backend
 from gpu_workers.distributed import get_tp_group, local_rank  # tensor parallel
 from gpu_workers.cuda_graph import CUDAGraphRunner
+from gpu_workers.step_profiler import StepProfiler
 from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import (BlockTable, CachedRequestState, HostStaging, StepInputs,
                                      greedy_without_processors, prepare_inputs)
@@ -54,6 +55,7 @@ class ModelRunner:
         self.graph_runner: CUDAGraphRunner | None = None
         self.staging = HostStaging(self.device)
         self.timer = StepTimer(self.device)
+        self.profiler = StepProfiler(self.device, rank)
         self.in_flight: InFlightStep | None = None
         self.overlap = envs.overlap_steps(self.device.type)
         """Launch step n+1 before step n's tokens reach the host (see worker.py)."""
@@ -160,6 +162,7 @@ class ModelRunner:
         earlier steps that completed meanwhile: the previous one (its work ran while this one was
         prepared), or, on CPU, this one."""
         results = []
+        self.profiler.step()
         if self.in_flight is not None and self._needs_host_tokens(step):
             results.append(self._finish(self.in_flight))  # a penalty reads the token history
             self.in_flight = None

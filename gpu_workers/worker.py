@@ -87,6 +87,7 @@ class WorkerProc:
         self.runner.finish_in_flight()
         self.running = False
         self.runner.timer.dump()
+        self.runner.profiler.stop()
         self.leave_group()
 
 

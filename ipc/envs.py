@@ -66,5 +66,23 @@ def overlap_steps(device_type: str) -> bool:
     return device_type == "cuda" if value == "" else value == "1"
 
 
+def torch_profiler_dir() -> str | None:
+    """$PAGEDSERVE_TORCH_PROFILER_DIR: profile a window of worker steps with torch.profiler and write
+    the per-kernel table there (gpu_workers/step_profiler.py)."""
+    return os.environ.get("PAGEDSERVE_TORCH_PROFILER_DIR") or None
+
+
+def torch_profiler_steps() -> tuple[int, int]:
+    """$PAGEDSERVE_TORCH_PROFILER_STEPS = "start,count" (default "100,50"): which steps are profiled."""
+    value = os.environ.get("PAGEDSERVE_TORCH_PROFILER_STEPS", "100,50")
+    try:
+        start, count = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"PAGEDSERVE_TORCH_PROFILER_STEPS must be START,COUNT, not {value!r}") from None
+    if start < 0 or count < 1:
+        raise ValueError(f"PAGEDSERVE_TORCH_PROFILER_STEPS needs START >= 0 and COUNT >= 1, got {value!r}")
+    return start, count
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

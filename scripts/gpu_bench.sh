@@ -35,6 +35,8 @@
 # PS=0 skips the pagedserve runs (to put the hf baselines after all pagedserve runs of a call),
 # BUDGET_S (seconds all runs must end within, default 560: later runs are cut short or skipped),
 # ENGINE_ARGS (extra flags for every pagedserve run, e.g. "--enforce-eager --attention-backend torch").
+# The engine's own switches pass through too: PAGEDSERVE_STEP_TIMING=1 (per-step timing in the log),
+# PAGEDSERVE_TORCH_PROFILER_DIR=$OUT/prof (per-kernel profile of steps 100-149 in the log and there).
 set -uo pipefail  # no -e: a failed run is logged and the next one still runs
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

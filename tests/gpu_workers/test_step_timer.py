@@ -1,6 +1,7 @@
 """The worker's step timer: off unless asked, counts Triton compilations without swallowing a hook
 someone else installed."""
 
+import pytest
 import torch
 
 from gpu_workers.step_timer import StepTimer
@@ -28,3 +29,29 @@ def test_counts_triton_compiles_and_keeps_the_previous_hook(monkeypatch):
     hook(repr="_rms_norm_kernel[num_warps=4]", key=None)
     assert timer.summary()["n_triton_compiles"] == 2
     assert seen == ["_prefill_kernel[num_warps=4]", "_rms_norm_kernel[num_warps=4]"]
+
+
+def test_step_profiler_writes_the_op_table_of_its_window(tiny_checkpoints, monkeypatch, tmp_path):
+    """PAGEDSERVE_TORCH_PROFILER_DIR through the real engine: the worker profiles steps 2-4 and
+    writes a table of where their time went (the model's matmuls among the ops)."""
+    from frontend import LLM, SamplingParams
+
+    monkeypatch.setenv("PAGEDSERVE_TORCH_PROFILER_DIR", str(tmp_path))
+    monkeypatch.setenv("PAGEDSERVE_TORCH_PROFILER_STEPS", "2,3")
+    with LLM(tiny_checkpoints["llama"], max_model_len=64) as llm:
+        llm.generate(["Hello, my name is"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    (report,) = tmp_path.glob("worker-0-*.txt")
+    text = report.read_text()
+    assert text.startswith("3 steps from step 2, rank 0")
+    assert "aten::mm" in text or "aten::addmm" in text or "aten::linear" in text
+
+
+def test_step_profiler_settings_are_checked(monkeypatch):
+    from ipc import envs
+
+    monkeypatch.setenv("PAGEDSERVE_TORCH_PROFILER_STEPS", "10")
+    with pytest.raises(ValueError, match="START,COUNT"):
+        envs.torch_profiler_steps()
+    monkeypatch.setenv("PAGEDSERVE_TORCH_PROFILER_STEPS", "5,0")
+    with pytest.raises(ValueError, match="COUNT >= 1"):
+        envs.torch_profiler_steps()
