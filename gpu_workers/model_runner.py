@@ -209,7 +209,7 @@ class ModelRunner:
         """A request of `step` samples with a penalty over its tokens, and one of them is in flight."""
         for data in step.cached_requests:
             req = self.requests.get(data.request_id)
-            if req is not None and req.num_pending and _needs_history(req.sampling_params):
+            if req is not None and req.num_pending and req.sampling_params.has_penalties:
                 return True
         return False
 
@@ -308,7 +308,7 @@ class ModelRunner:
     def _sampling_rows(self, req: CachedRequestState) -> list[RowInfo]:
         """One row per sample to draw; the token history is copied only when a penalty reads it."""
         params = req.sampling_params
-        history = _needs_history(params)
+        history = params.has_penalties
         prompt, output = (req.prompt_token_ids, req.output_token_ids) if history else ([], [])
         position = req.num_tokens - req.num_prompt_tokens
         blocked = self._blocked_tokens(req)
@@ -347,10 +347,6 @@ class InFlightStep(NamedTuple):
     ready: torch.cuda.Event | None  # None on CPU (nothing to wait for)
     logprobs: list[Logprobs | None]  # per row, already on the host
     prompt_logprobs: tuple[list, list, list]  # (request ids, values, starts), already on the host
-
-
-def _needs_history(params: SamplingParams) -> bool:
-    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
 
 
 def _plain_greedy(row: RowInfo) -> bool:

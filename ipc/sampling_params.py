@@ -81,6 +81,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def has_penalties(self) -> bool:
+        """A presence, frequency or repetition penalty: sampling reads the token history."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
 
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:

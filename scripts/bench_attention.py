@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import NamedTuple
 
 import torch
@@ -128,29 +127,6 @@ def sdpa_backend(x: Inputs, case: Case) -> str:
     return SDPBackend(choice).name.lower().removesuffix("_attention")
 
 
-def time_us(call, iters: int, device: torch.device) -> float:
-    """Mean time of call(0), ..., call(iters - 1); on CUDA one graph replay of all of them."""
-    call(0)  # compile / warm up
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for i in range(iters):
-            call(i)
-        return (time.perf_counter() - start) / iters * 1e6
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iters):
-            call(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
-
-
 def work(model: Model, case: Case, itemsize: int) -> tuple[float, str]:
     """(amount, unit) of one call, amount scaled so that amount / microseconds is in unit: bytes moved
     for a decode (memory-bound), flops otherwise."""
@@ -167,8 +143,8 @@ def bench_row(name: str, model: Model, case: Case, args: argparse.Namespace) -> 
     inputs = [make_inputs(model, case, args.block_size, args.dtype, args.device) for _ in range(copies)]
     scale = model.head_dim ** -0.5
     out = torch.empty_like(inputs[0].query)
-    ours_us = time_us(lambda i: run_ours(inputs[i % copies], case, scale, out), args.iters, args.device)
-    sdpa_us = time_us(lambda i: run_sdpa(inputs[i % copies], case, scale), args.iters, args.device)
+    ours_us = bc.time_us(lambda i: run_ours(inputs[i % copies], case, scale, out), args.iters, args.device)
+    sdpa_us = bc.time_us(lambda i: run_sdpa(inputs[i % copies], case, scale), args.iters, args.device)
     ours, ref = run_ours(inputs[0], case, scale, out).float(), run_sdpa(inputs[0], case, scale).float()
     amount, unit = work(model, case, args.dtype.itemsize)
     return dict(model=name, kind=case.kind, shape=case.label, num_seqs=case.num_seqs, query_len=case.query_len,

@@ -218,6 +218,35 @@ def hf_generation_kwargs(tokenizer_pad_id: int | None, num_tokens: int, temperat
     return kwargs
 
 
+def time_us(call, iters: int, device) -> float:
+    """Mean microseconds of call(0), ..., call(iters - 1), after one warm-up call (Triton compiles then).
+    On CUDA the calls are captured into one graph and replayed, so launch overhead counts as it does in
+    the engine's decode graphs; on CPU they simply run."""
+    import time
+
+    import torch
+
+    call(0)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for i in range(iters):
+            call(i)
+        return (time.perf_counter() - start) / iters * 1e6
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            call(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
 def cuda_sync() -> None:
     import torch
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -10,37 +10,15 @@ decode graph), and its bf16 output is compared with the torch path's (relative e
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+import bench_common as bc
 from gpu_workers.models import elementwise
 from gpu_workers.models.layers import RMSNorm, RotaryEmbedding
 
 # name: (hidden, num_heads, num_kv_heads, head_dim, intermediate, qk_norm)
 SHAPES = {"qwen3-0.6b": (1024, 16, 8, 128, 3072, True), "llama-3.1-8b": (4096, 32, 8, 128, 14336, False)}
-
-
-def time_us(fn, iters: int, device: torch.device) -> float:
-    fn()  # compile / warm up
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) / iters * 1e6
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
 
 
 def ops(shape, batch: int, dtype: torch.dtype, device: torch.device):
@@ -85,9 +63,9 @@ def main() -> None:
         for batch in args.batch_sizes:
             for name, fn in ops(shape, batch, dtype, device):
                 elementwise.MODE = "torch"
-                t_torch, ref = time_us(fn, args.iters, device), fn()
+                t_torch, ref = bc.time_us(lambda _: fn(), args.iters, device), fn()
                 elementwise.MODE = "triton"
-                t_triton, got = time_us(fn, args.iters, device), fn()
+                t_triton, got = bc.time_us(lambda _: fn(), args.iters, device), fn()
                 ref, got = (torch.cat([t.flatten() for t in (o if isinstance(o, tuple) else (o,))])
                             for o in (ref, got))
                 err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
