@@ -156,7 +156,11 @@ class HostStaging:
         self.copied: dict[torch.dtype, torch.cuda.Event] = {}
 
     def to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        sizes = [a.size for a in arrays]
+        """The arrays as device tensors of `dtype`, views of one copy. Each view starts 16-byte aligned:
+        Triton specializes kernels on pointer alignment, so an unaligned view (its offset depending on
+        the batch size) would compile another variant of a kernel, about a second, mid-run."""
+        align = max(16 // dtype.itemsize, 1)
+        sizes = [-(-a.size // align) * align for a in arrays]
         total = sum(sizes)
         buf = self.buffers.get(dtype)
         if buf is None or buf.numel() < total:
@@ -165,14 +169,17 @@ class HostStaging:
         elif dtype in self.copied:
             self.copied[dtype].synchronize()
         host = buf[:total]
-        np.concatenate([a.ravel() for a in arrays], out=host.numpy())
+        host_np, at = host.numpy(), 0
+        for a, size in zip(arrays, sizes):
+            host_np[at:at + a.size] = a.ravel()
+            at += size
         if self.device.type == "cuda":
             dev = host.to(self.device, non_blocking=True)
             self.copied[dtype] = torch.cuda.Event()
             self.copied[dtype].record()
         else:
             dev = host.clone()
-        return list(dev.split(sizes))
+        return [part[:a.size] for part, a in zip(dev.split(sizes), arrays)]
 
 
 def prepare_inputs(reqs: list[CachedRequestState], block_table: BlockTable, block_size: int, device: torch.device,
@@ -210,13 +217,17 @@ def prepare_inputs(reqs: list[CachedRequestState], block_table: BlockTable, bloc
     feed_src = np.fromiter((r.pending_row for r in compress(reqs, fed.tolist())), np.int64, len(feed_dst))
     ids_d, pos_d, slots_d, rows_d, dst_d, src_d = staging.to_device(
         [input_ids, pos, slots, sample_rows, feed_dst, feed_src], torch.int64)
-    qsl_d, seq_lens_d, table_d = staging.to_device(
-        [query_start.astype(np.int32), seq_lens.astype(np.int32), table], torch.int32)
+    int32 = [query_start.astype(np.int32), seq_lens.astype(np.int32), table]
+    mixed = max_q > 1 and q_lens.min() == 1
+    if mixed:  # decodes beside prefills: each kind goes to its own attention kernel
+        int32 += [np.flatnonzero(q_lens == 1).astype(np.int32), np.flatnonzero(q_lens > 1).astype(np.int32)]
+    qsl_d, seq_lens_d, table_d, *kinds_d = staging.to_device(int32, torch.int32)
     meta = AttentionMetadata(
         num_seqs=num_seqs, num_tokens=num_tokens, max_query_len=max_q, max_seq_len=int(seq_lens.max()),
         slot_mapping=slots_d, query_start_loc=qsl_d, seq_lens=seq_lens_d,
         block_tables=table_d.view(num_seqs, -1), query_start_loc_cpu=query_start.tolist(),
-        seq_lens_cpu=seq_lens.tolist(), is_decode_only=max_q == 1)
+        seq_lens_cpu=seq_lens.tolist(), is_decode_only=max_q == 1,
+        decode_seq_ids=kinds_d[0] if mixed else None, prefill_seq_ids=kinds_d[1] if mixed else None)
     return StepInputs(ids_d, pos_d, meta, rows_d, sampling, prompt_lp, (dst_d, src_d) if len(feed_dst) else None)
 
 

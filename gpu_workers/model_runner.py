@@ -126,7 +126,13 @@ class ModelRunner:
         first use, about a second, which would otherwise land in a user's first mixed steps."""
         if self.device.type != "cuda":
             return
-        for n in (16, 17, 128):  # query lengths <= 16, > 16, >= 128
+        if hasattr(self.attn_backend, "warm_up"):  # every attention variant, incl. mixed batches
+            cfg, tp = self.hf_config, get_tp_group()
+            _, kv_heads, head_dim = self._kv_shape
+            heads = split_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tp.rank, tp.world_size).num_heads
+            self.attn_backend.warm_up(heads, kv_heads, head_dim, self.dtype, self.device,
+                                      self.config.scheduler.max_num_seqs)
+        for n in (16, 17, 128):  # query lengths <= 16, > 16, >= 128: the rest of the model's kernels
             self._forward_prefills([min(n, self.config.model.max_model_len)])
         torch.cuda.synchronize()
 

@@ -6,7 +6,7 @@ from kernels.decode_attention import choose_num_splits, decode_attention
 from kernels.kv_cache import write_kv_cache
 from kernels.prefill_attention import prefill_attention
 from kernels.rms_norm import rms_norm
-from kernels.rotary import apply_rotary
+from kernels.rotary import apply_rotary, apply_rotary_and_write_kv
 
-__all__ = ["apply_rotary", "choose_num_splits", "decode_attention", "prefill_attention", "rms_norm",
+__all__ = ["apply_rotary", "apply_rotary_and_write_kv", "choose_num_splits", "decode_attention", "prefill_attention", "rms_norm",
            "silu_and_mul", "write_kv_cache"]

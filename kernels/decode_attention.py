@@ -5,13 +5,20 @@
     rows for tl.dot) attend to the tokens [p * partition_size, (p+1) * partition_size) of sequence s,
     so each K/V tile is loaded once per group, not once per query head.
 
-    context of seq s:  [ split 0 | split 1 | split 2 ]   each split: running (max, sum, acc), then
-                            │         │         │        a reduce kernel rescales and adds them:
-                            └─────────┴────┬────┘        out = Σ acc_p e^(m_p - M) / Σ l_p e^(m_p - M)
-                                        reduce
+    context of seq s:  [ split 0 | split 1 | split 2 ]   each split: running (max, sum, acc) to a
+                            │         │         │        float32 scratch row, then counts itself in
+                            └─────────┴────┬────┘        (an atomic per (seq, KV head)); the LAST to
+                              the last split to arrive   arrive rescales and adds them:
+                                                         out = Σ acc_p e^(m_p - M) / Σ l_p e^(m_p - M)
+                                                         and resets the counter for the next launch.
 
-With one split the first kernel normalises and writes the output itself (no reduce launch). Scores use
-exp2 with log2(e) folded into the scale; accumulation is float32 whatever the cache dtype.
+One launch whatever the split count (a separate reduce kernel cost ~3 us per layer at batch 1). With one
+split the kernel normalises and writes directly. Scores use exp2 with log2(e) folded into the scale;
+accumulation is float32 whatever the cache dtype.
+
+Mixed batches: with `seq_ids` (and `query_start_loc`), program s serves sequence seq_ids[s], whose query
+row is query_start_loc[seq_ids[s]], so the decodes of a batch that also holds prefills run here (K/V
+read once per KV head) while prefill_attention takes the rest.
 """
 
 from __future__ import annotations
@@ -31,24 +38,32 @@ _MIN_PARTITION = 128  # tokens: below this, splitting costs more (reduce traffic
 _MAX_SPLITS = 64
 
 
-@triton.jit
+# Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
+# for each "divisible by 16" / "equals 1" combination it meets, a second each, mid-run).
+@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ph", "num_splits", "partition_size"])
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    stride_qt, stride_qh,  # query [num_seqs, num_heads, head_dim]
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_ids_ptr, query_start_loc_ptr,
+    out_ptr, part_ptr, counter_ptr,
+    stride_qt, stride_qh,  # query [num_tokens, num_heads, head_dim]
     stride_cb, stride_co, stride_ch,  # caches [num_blocks, block_size, num_kv_heads, head_dim]
     stride_bt,  # block_tables [num_seqs, max_blocks]
-    stride_ot, stride_oh,  # out [num_seqs, num_heads, head_dim]
-    stride_as, stride_ah, stride_ap,  # part_acc [num_seqs, num_heads, num_splits, head_dim + 2]; part_m and
-    # part_l are its columns head_dim and head_dim + 1, so they share its strides
+    stride_ot, stride_oh,  # out [num_tokens, num_heads, head_dim]
+    stride_ps, stride_ph, stride_pp,  # part [num_programs, num_heads, num_splits, head_dim + 2]: the
+    # accumulator in [:head_dim], the running max at head_dim, the running sum at head_dim + 1
     qk_scale,  # softmax scale * log2(e)
-    head_dim, block_size, partition_size,
+    head_dim, block_size, partition_size, num_splits, num_kv_heads,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    prog = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if HAS_SEQ_IDS:  # a decode inside a mixed batch: its sequence, and its row among all the tokens
+        seq = tl.load(seq_ids_ptr + prog)
+        row = tl.load(query_start_loc_ptr + seq)
+    else:
+        seq = prog
+        row = prog
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * partition_size
     end = tl.minimum(start + partition_size, seq_len)
@@ -57,9 +72,10 @@ def _decode_split_kernel(
     d = tl.arange(0, BLOCK_D)
     g_mask = g < GROUP
     d_mask = d < head_dim
+    gd_mask = g_mask[:, None] & d_mask[None, :]
     heads = kv_head * GROUP + g  # [BLOCK_G] query heads of this KV head
-    q_off = seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    q_off = row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=gd_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
 
     m_i = tl.full([BLOCK_G], _NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -83,41 +99,45 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    o_off = row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]  # [BLOCK_G, BLOCK_D]
     if SINGLE_SPLIT:
-        out = acc / l_i[:, None]
-        o_off = seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
-        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
-        ml_off = seq.to(tl.int64) * stride_as + heads * stride_ah + split * stride_ap  # [BLOCK_G]
-        tl.store(part_m_ptr + ml_off, m_i, mask=g_mask)
-        tl.store(part_l_ptr + ml_off, l_i, mask=g_mask)
-        a_off = (seq.to(tl.int64) * stride_as + heads[:, None] * stride_ah + split * stride_ap + d[None, :])
-        tl.store(part_acc_ptr + a_off, acc, mask=g_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    stride_ot, stride_oh,
-    stride_as, stride_ah, stride_ap,  # as in _decode_split_kernel
-    num_splits, head_dim,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = sp < num_splits
-    d_mask = d < head_dim
-    ml_off = seq * stride_as + head * stride_ah + sp * stride_ap
-    m = tl.load(part_m_ptr + ml_off, mask=s_mask, other=_NEG_INIT)  # [BLOCK_S]
-    l = tl.load(part_l_ptr + ml_off, mask=s_mask, other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))  # empty splits: m = -1e30 -> weight 0
-    w = tl.where(s_mask, w, 0.0)
-    a_off = seq * stride_as + head * stride_ah + sp[:, None] * stride_ap + d[None, :]
-    acc = tl.load(part_acc_ptr + a_off, mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)  # [BLOCK_D]
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        base = part_ptr + prog.to(tl.int64) * stride_ps + heads * stride_ph  # [BLOCK_G]
+        tl.store(base[:, None] + split * stride_pp + d[None, :], acc, mask=gd_mask)
+        tl.store(base + split * stride_pp + head_dim, m_i, mask=g_mask)
+        tl.store(base + split * stride_pp + head_dim + 1, l_i, mask=g_mask)
+        # Count this split in; the last of the (seq, KV head)'s splits combines them. The barrier
+        # orders every thread's stores before the atomic, whose release makes them visible to the
+        # program that acquires after it (the pattern of Triton's stream-K tutorial).
+        tl.debug_barrier()
+        counter = counter_ptr + prog * num_kv_heads + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+            tl.store(counter, 0)  # ready for the next launch (the kernel boundary orders it)
+            sp = tl.arange(0, BLOCK_S)
+            for gi in tl.static_range(GROUP):
+                h_base = part_ptr + prog.to(tl.int64) * stride_ps + (kv_head * GROUP + gi) * stride_ph
+                m_run = tl.full([1], _NEG_INIT, tl.float32)
+                l_run = tl.zeros([1], tl.float32)
+                acc_run = tl.zeros([BLOCK_D], tl.float32)
+                for s0 in range(0, num_splits, BLOCK_S):
+                    s_idx = s0 + sp
+                    s_mask = s_idx < num_splits
+                    # .cg: read through L2, past this SM's L1 (other SMs wrote these rows)
+                    m = tl.load(h_base + s_idx * stride_pp + head_dim, mask=s_mask, other=_NEG_INIT,
+                                cache_modifier=".cg")
+                    l = tl.load(h_base + s_idx * stride_pp + head_dim + 1, mask=s_mask, other=0.0,
+                                cache_modifier=".cg")
+                    a = tl.load(h_base + s_idx[:, None] * stride_pp + d[None, :],
+                                mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, tl.max(m, 0))  # empty splits: m = -1e30 -> weight 0
+                    w = tl.where(s_mask, tl.exp2(m - m_new), 0.0)  # [BLOCK_S]
+                    scale_old = tl.exp2(m_run - m_new)
+                    l_run = l_run * scale_old + tl.sum(l * w, 0)
+                    acc_run = acc_run * scale_old + tl.sum(a * w[:, None], 0)
+                    m_run = m_new
+                o_ptr = out_ptr + row.to(tl.int64) * stride_ot + (kv_head * GROUP + gi) * stride_oh + d
+                tl.store(o_ptr, (acc_run / l_run).to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,22 +166,57 @@ def _launch_config(head_dim: int, few_programs: bool) -> tuple[int, int, int]:
     return (128 if few_programs else 64), 4, 2
 
 
+class _SplitCounters:
+    """Per-device int32 arrival counters, one per (program, KV head), all zero between launches (the
+    last split of each resets its own). Allocated once, outside any CUDA graph capture: `reserve`
+    sizes them at start-up; a launch needing more grows them, which is refused while capturing."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, torch.Tensor] = {}
+
+    def reserve(self, device: torch.device, n: int) -> torch.Tensor:
+        device = torch.device(device)
+        buf = self.buffers.get(device)
+        if buf is None or buf.numel() < n:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"decode attention needs {n} split counters but {0 if buf is None else buf.numel()}"
+                                   " were reserved before CUDA graph capture (call reserve_split_counters)")
+            buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+            self.buffers[device] = buf
+        return buf
+
+
+_COUNTERS = _SplitCounters()
+
+
+def reserve_split_counters(device: torch.device, max_num_seqs: int, num_kv_heads: int) -> None:
+    """Allocate the split counters for batches up to max_num_seqs (before CUDA graph capture)."""
+    _COUNTERS.reserve(device, max_num_seqs * num_kv_heads)
+
+
 def decode_attention(
-    query: torch.Tensor,  # [num_seqs, num_heads, head_dim], one token per sequence
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]; one token per sequence unless seq_ids
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the query token (>= 1)
     max_seq_len: int,  # host-side max of seq_lens (sizes the splits without a device sync)
     scale: float,
-    out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim], query's dtype
+    out: torch.Tensor | None = None,  # query's shape and dtype
     num_splits: int | None = None,  # None: chosen from batch size and context length
+    seq_ids: torch.Tensor | None = None,  # [num_decodes] int32: attend only for these sequences ...
+    query_start_loc: torch.Tensor | None = None,  # [num_seqs + 1] int32: ... whose query row is here
 ) -> torch.Tensor:
-    """Attention of each sequence's single query token over its whole paged context. Returns `out`."""
+    """Attention of each sequence's single query token over its whole paged context. Returns `out`.
+
+    Without seq_ids, query row i belongs to sequence i. With seq_ids (a mixed batch), only those
+    sequences are computed, each from its row query_start_loc[seq]; other rows of `out` are left as
+    they are."""
     check_kv_cache(k_cache, v_cache)
     check_last_dim_contiguous("query", query, 3)
     check_last_dim_contiguous("block_tables", block_tables, 2)
-    num_seqs, num_heads, head_dim = query.shape
+    num_rows, num_heads, head_dim = query.shape
+    num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     if query.dtype not in SUPPORTED_DTYPES or query.dtype != k_cache.dtype:
         raise ValueError(f"query dtype {query.dtype} must match the cache dtype {k_cache.dtype}")
@@ -170,24 +225,34 @@ def decode_attention(
                          f"{num_kv_heads} KV heads of size {cache_dim}")
     if head_dim > 256:
         raise ValueError(f"head_dim {head_dim} > 256 is not supported")
-    if seq_lens.shape != (num_seqs,) or block_tables.shape[0] != num_seqs:
+    if block_tables.shape[0] != num_seqs or (seq_ids is None and num_seqs != num_rows):
         raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and block_tables {tuple(block_tables.shape)} "
-                         f"must have {num_seqs} rows (one per query token)")
+                         f"must have one row per sequence ({num_rows} query rows)")
     check_int_dtype("block_tables", block_tables, (torch.int32, torch.int64))
     check_int_dtype("seq_lens", seq_lens, (torch.int32, torch.int64))
+    if (seq_ids is None) != (query_start_loc is None):
+        raise ValueError("seq_ids and query_start_loc come together (the decodes of a mixed batch)")
+    if seq_ids is not None:
+        if seq_ids.dim() != 1 or query_start_loc.shape != (num_seqs + 1,):
+            raise ValueError(f"need seq_ids [num_decodes] and query_start_loc [{num_seqs + 1}], got "
+                             f"{tuple(seq_ids.shape)} and {tuple(query_start_loc.shape)}")
+        check_int_dtype("seq_ids", seq_ids, (torch.int32, torch.int64))
+        check_int_dtype("query_start_loc", query_start_loc, (torch.int32, torch.int64))
+        check_same_device(k_cache.device, seq_ids=seq_ids, query_start_loc=query_start_loc)
     if out is None:
         out = torch.empty_like(query)
     check_last_dim_contiguous("out", out, 3)
     if out.shape != query.shape or out.dtype != query.dtype:
         raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
     check_same_device(k_cache.device, query=query, block_tables=block_tables, seq_lens=seq_lens, out=out)
-    if num_seqs == 0:
+    num_programs = num_seqs if seq_ids is None else seq_ids.shape[0]
+    if num_programs == 0:
         return out
     seq_lens = seq_lens.contiguous()
 
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
-    few_programs = num_seqs * num_kv_heads < _num_sms(query.device)
+        num_splits = choose_num_splits(num_programs, num_kv_heads, max_seq_len, query.device)
+    few_programs = num_programs * num_kv_heads < _num_sms(query.device)
     block_n, num_warps, num_stages = _launch_config(head_dim, few_programs)
     # Partitions are whole BLOCK_N tiles; recompute the count so no split starts past max_seq_len.
     partition_size = cdiv(cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
@@ -195,32 +260,25 @@ def decode_attention(
     group = num_heads // num_kv_heads
     block_d = max(16, next_pow2(head_dim))
     single = num_splits == 1
-    if single:  # the kernel writes `out` directly; the partial pointers are unused
-        part_m = part_l = part_acc = out
-    else:  # one allocation: [..., :head_dim] the accumulators, [..., head_dim] max, [..., head_dim + 1] sum
-        part = torch.empty((num_seqs, num_heads, num_splits, head_dim + 2), dtype=torch.float32,
+    if single:  # the kernel writes `out` directly; scratch and counters are unused
+        part = counters = out
+    else:
+        part = torch.empty((num_programs, num_heads, num_splits, head_dim + 2), dtype=torch.float32,
                            device=query.device)
-        part_acc, part_m, part_l = part, part[..., head_dim], part[..., head_dim + 1]
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        counters = _COUNTERS.reserve(query.device, num_programs * num_kv_heads)
+    _decode_split_kernel[(num_programs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
-        out, part_m, part_l, part_acc,
+        seq_lens if seq_ids is None else seq_ids, seq_lens if seq_ids is None else query_start_loc,
+        out, part, counters,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
-        scale * LOG2E, head_dim, block_size, partition_size,
+        part.stride(0), part.stride(1), part.stride(2),
+        scale * LOG2E, head_dim, block_size, partition_size, num_splits, num_kv_heads,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        BLOCK_S=16, HAS_SEQ_IDS=seq_ids is not None, SINGLE_SPLIT=single,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not single:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_m, part_l, part_acc,
-            out.stride(0), out.stride(1),
-            part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
-            num_splits, head_dim,
-            BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=block_d,
-            num_warps=4 if block_d >= 128 else 2,
-        )
     return out

@@ -60,21 +60,24 @@ def _attend_kv_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the table width varies per step: no variant per value
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, seq_ids_ptr,
     stride_qt, stride_qh,  # query [num_tokens, num_heads, head_dim]
     stride_ot, stride_oh,  # out, same shape
     stride_cb, stride_co, stride_ch,  # caches [num_blocks, block_size, num_kv_heads, head_dim]
     stride_bt,  # block_tables [num_seqs, max_blocks]
     qk_scale, head_dim, block_size,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_SEQ_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.program_id(2)
+    if HAS_SEQ_IDS:  # the prefills of a mixed batch (decode_attention takes its decodes)
+        seq = tl.load(seq_ids_ptr + tl.program_id(2))
+    else:
+        seq = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if tile * BLOCK_M >= q_len:  # this request has fewer query tiles than the longest one
@@ -135,11 +138,13 @@ def prefill_attention(
     max_query_len: int,  # host-side max of the q_lens (sizes the grid without a device sync)
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], query's dtype
+    seq_ids: torch.Tensor | None = None,  # [n] int32: only these requests (a mixed batch's prefills)
 ) -> torch.Tensor:
     """Causal attention of each request's queries (its last q_len positions) over its paged context.
 
     K/V of every context position, including this step's tokens, must already be in the cache.
-    Returns `out`.
+    With seq_ids, only those requests' rows of `out` are written (decode_attention takes the decodes
+    of a mixed batch). Returns `out`.
     """
     check_kv_cache(k_cache, v_cache)
     check_last_dim_contiguous("query", query, 3)
@@ -160,6 +165,11 @@ def prefill_attention(
                          f"{tuple(block_tables.shape)}")
     for name, t in (("block_tables", block_tables), ("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
         check_int_dtype(name, t, (torch.int32, torch.int64))
+    if seq_ids is not None:
+        if seq_ids.dim() != 1:
+            raise ValueError(f"seq_ids must be [n], got {tuple(seq_ids.shape)}")
+        check_int_dtype("seq_ids", seq_ids, (torch.int32, torch.int64))
+        check_same_device(k_cache.device, seq_ids=seq_ids)
     if out is None:
         out = torch.empty_like(query)
     check_last_dim_contiguous("out", out, 3)
@@ -167,21 +177,23 @@ def prefill_attention(
         raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
     check_same_device(k_cache.device, query=query, block_tables=block_tables, query_start_loc=query_start_loc,
                       seq_lens=seq_lens, out=out)
-    if num_seqs == 0 or num_tokens == 0 or max_query_len <= 0:
+    num_programs = num_seqs if seq_ids is None else seq_ids.shape[0]
+    if num_programs == 0 or num_tokens == 0 or max_query_len <= 0:
         return out
 
     block_m, block_n, num_warps, num_stages = _tile_config(max_query_len, head_dim, query.dtype)
-    grid = (cdiv(max_query_len, block_m), num_heads, num_seqs)
+    grid = (cdiv(max_query_len, block_m), num_heads, num_programs)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out,
         query_start_loc.contiguous(), seq_lens.contiguous(), block_tables,
+        seq_lens if seq_ids is None else seq_ids,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         scale * LOG2E, head_dim, block_size,
         GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, next_pow2(head_dim)),
+        BLOCK_D=max(16, next_pow2(head_dim)), HAS_SEQ_IDS=seq_ids is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -124,6 +124,11 @@ def build_metadata(
     max_blocks = max(len(b) for _, _, b in seqs)
     tables = [list(b) + [0] * (max_blocks - len(b)) for _, _, b in seqs]
     q_lens = [n for _, n, _ in seqs]
+    mixed = max(q_lens) > 1 and min(q_lens) == 1  # as prepare_inputs: each kind's indices
+
+    def ids(keep):
+        return torch.tensor([i for i, n in enumerate(q_lens) if keep(n)], dtype=torch.int32, device=device)
+
     return AttentionMetadata(
         num_seqs=len(seqs),
         num_tokens=query_start_loc[-1],
@@ -136,6 +141,8 @@ def build_metadata(
         query_start_loc_cpu=query_start_loc,
         seq_lens_cpu=seq_lens,
         is_decode_only=all(n == 1 for n in q_lens),
+        decode_seq_ids=ids(lambda n: n == 1) if mixed else None,
+        prefill_seq_ids=ids(lambda n: n > 1) if mixed else None,
     )
 
 

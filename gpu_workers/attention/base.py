@@ -33,6 +33,10 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # the same numbers as Python lists, for host-side loops
     seq_lens_cpu: list[int]
     is_decode_only: bool = False  # every request has q_len == 1
+    # A mixed batch (q_len 1 and q_len > 1 requests): the indices of each kind, int32 on device, so a
+    # backend can run its decode kernel on the first and its prefill kernel on the second; else None.
+    decode_seq_ids: torch.Tensor | None = None
+    prefill_seq_ids: torch.Tensor | None = None
 
 
 class AttentionBackend:
@@ -43,6 +47,8 @@ class AttentionBackend:
     """
 
     name: str = "base"
+    kv_write_fusable: bool = False
+    """True when `attend` exists: attention over caches that already hold the step's K/V."""
 
     def forward(
         self,

@@ -6,7 +6,12 @@
                              : prefill_attention                 (prefix, earlier chunks, this step)
                                from the cache alone.
 
-A mixed batch (prefills and decodes) goes through prefill_attention, which treats a decode as q_len 1.
+A mixed batch (prefills and decodes) runs both kernels: decode_attention on meta.decode_seq_ids (GQA-aware:
+each KV head read once per group, where the prefill kernel would read it once per query head) and
+prefill_attention on meta.prefill_seq_ids, each writing its own rows of one output.
+
+`kv_write_fusable`: the model's attention layer may write K/V in its rotary kernel instead
+(kernels.apply_rotary with `kv_cache=`) and call `attend`, one launch fewer per layer.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import torch
 
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from kernels import decode_attention, prefill_attention, write_kv_cache
+from kernels.decode_attention import _num_sms, reserve_split_counters
 
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    kv_write_fusable = True
 
     def forward(
         self,
@@ -30,10 +37,16 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        if query.dim() != 3 or query.shape[0] != meta.num_tokens or key.shape[0] != meta.num_tokens:
-            raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} must have "
-                             f"meta.num_tokens={meta.num_tokens} rows")
+        if key.shape[0] != meta.num_tokens:
+            raise ValueError(f"key {tuple(key.shape)} must have meta.num_tokens={meta.num_tokens} rows")
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(query, k_cache, v_cache, meta, scale)
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """Attention only: the step's K/V are already in the caches."""
+        if query.dim() != 3 or query.shape[0] != meta.num_tokens:
+            raise ValueError(f"query {tuple(query.shape)} must have meta.num_tokens={meta.num_tokens} rows")
         out = torch.empty_like(query)
         if meta.is_decode_only:
             if meta.num_tokens != meta.num_seqs:
@@ -41,5 +54,41 @@ class TritonAttentionBackend(AttentionBackend):
                                  f"tokens for {meta.num_seqs} sequences")
             return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                     meta.max_seq_len, scale, out=out)
+        if meta.decode_seq_ids is not None:  # mixed: decodes read each KV head once, in the decode kernel
+            decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+                             out=out, seq_ids=meta.decode_seq_ids, query_start_loc=meta.query_start_loc)
         return prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-                                 meta.seq_lens, meta.max_query_len, scale, out=out)
+                                 meta.seq_lens, meta.max_query_len, scale, out=out, seq_ids=meta.prefill_seq_ids)
+
+    def warm_up(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device, max_num_seqs: int) -> None:
+        """Reserve the decode kernel's split counters (before CUDA graph capture), and compile every
+        attention kernel variant a step can pick, on a throwaway cache: decode with and without splits,
+        with few or many programs, alone or beside prefills; prefill at each tile size, alone or beside
+        decodes. Triton compiles each variant on first use, about a second, which would otherwise land
+        in a user's first steps."""
+        reserve_split_counters(device, max_num_seqs, num_kv_heads)
+        block_size, context = 16, 256  # 256 tokens: two 128-token splits
+        cache = torch.zeros(2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        many = max(-(-_num_sms(device) // num_kv_heads), 2)  # enough (seq, KV head) programs to fill the SMs
+
+        def batch(q_lens: list[int]):
+            n = len(q_lens)
+            qsl = torch.tensor([0, *q_lens], device=device).cumsum(0).to(torch.int32)
+            seq_lens = torch.full((n,), context, dtype=torch.int32, device=device)
+            table = torch.zeros(n, context // block_size, dtype=torch.int32, device=device)  # all block 0
+            return torch.zeros(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device), qsl, seq_lens, table
+
+        for num_seqs in (1, many):
+            for splits in (1, 2):
+                q, qsl, seq_lens, table = batch([1] * num_seqs)
+                decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits)
+                q, qsl, seq_lens, table = batch([1] * num_seqs + [2])  # + a prefill: a mixed batch
+                decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,
+                                 seq_ids=torch.arange(num_seqs, dtype=torch.int32, device=device),
+                                 query_start_loc=qsl)
+        for q_len in (16, 17, 128):  # the three tile configurations (see kernels/prefill_attention.py)
+            q, qsl, seq_lens, table = batch([q_len, 1])
+            prefill_attention(q, cache, cache, table[:1], qsl[:2], seq_lens[:1], q_len, 1.0)
+            prefill_attention(q, cache, cache, table, qsl, seq_lens, q_len, 1.0,
+                              seq_ids=torch.zeros(1, dtype=torch.int32, device=device))

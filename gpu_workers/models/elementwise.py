@@ -3,6 +3,7 @@
     op (layers.py)                       Triton kernel (kernels/)          replaces, per layer
     RMSNorm(x, residual)                 rms_norm: add + norm, one launch  ~8 torch kernels, twice
     Attention: q/k norm + RotaryEmbedding apply_rotary (+ Qwen3 q/k norm)  ~20 (index, chunk, cat, casts)
+      (Triton attention backend)         apply_rotary_and_write_kv          + the KV-cache write launch
     SiluAndMulMLP activation             silu_and_mul                      3 (chunk views, silu, mul)
 
 Decode steps are launch-bound (~3 us per tiny kernel on an H200), so fewer launches is most of the gain.
@@ -54,6 +55,16 @@ def rotary(rotary_emb, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         return apply_rotary(q, k, positions, rotary_emb.cos_cache, rotary_emb.sin_cache)
     return apply_rotary(q, k, positions, rotary_emb.cos_cache, rotary_emb.sin_cache,
                         q_norm.weight, k_norm.weight, q_norm.eps)
+
+
+def rotary_and_write_kv(rotary_emb, positions, q, k, v, k_cache, v_cache, slot_mapping, q_norm=None, k_norm=None):
+    """kernels.apply_rotary_and_write_kv: like `rotary`, but k (rotated) and v go straight into the
+    paged caches at slot_mapping. Returns the rotated q."""
+    from kernels.rotary import apply_rotary_and_write_kv
+
+    norm = {} if q_norm is None else dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
+    return apply_rotary_and_write_kv(q, k, v, positions, rotary_emb.cos_cache, rotary_emb.sin_cache,
+                                     k_cache, v_cache, slot_mapping, **norm)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -177,12 +177,18 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        if elementwise.use_triton(q) and self.attn_backend.kv_write_fusable:
+            # one Triton kernel: q/k norm (Qwen3), RoPE, and the K/V cache write; then attention alone
+            q = elementwise.rotary_and_write_kv(self.rotary_emb, positions, q, k, v, k_cache, v_cache,
+                                                meta.slot_mapping, self.q_norm, self.k_norm)
+            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale)
+            return self.o_proj(out.reshape(-1, self.q_size))
         if elementwise.use_triton(q):  # one fused Triton kernel: q/k norm (Qwen3) + RoPE
             q, k = elementwise.rotary(self.rotary_emb, positions, q, k, self.q_norm, self.k_norm)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary_emb(positions, q, k)
-        k_cache, v_cache = kv_cache
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))  # [num_tokens, hidden_size]

@@ -239,8 +239,10 @@ def test_killing_a_worker_raises_in_the_caller_and_leaves_no_process(tiny_checkp
 def test_triton_backend_under_the_interpreter_matches_transformers(tiny_checkpoints, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the worker inherits it: Triton kernels run on the CPU
+    monkeypatch.setenv("PAGEDSERVE_TRITON_ELEMENTWISE", "1")  # and the fused elementwise kernels, as on CUDA
     path = tiny_checkpoints["qwen3"]
-    with LLM(path, max_model_len=128, attention_backend="triton") as llm:
+    # A 16-token budget chunks the longest prompt, so its chunks run beside the others' decodes (mixed steps).
+    with LLM(path, max_model_len=128, attention_backend="triton", max_num_batched_tokens=16) as llm:
         outs = llm.generate(PROMPTS[:2] + [PROMPTS[2] * 2], SamplingParams(temperature=0, max_tokens=6),
                             use_tqdm=False)
     assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], 6)

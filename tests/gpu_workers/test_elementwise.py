@@ -60,6 +60,22 @@ def test_triton_elementwise_forward_matches_torch_path(variant, tmp_path, monkey
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_triton_backend_gets_kv_written_by_the_rotary_kernel(tmp_path, monkeypatch):
+    """With the Triton attention backend, the fused path writes K/V in the rotary kernel and calls the
+    backend's attention alone (one launch fewer per layer): same logits as the torch path, which goes
+    through backend.forward and its separate cache write, on the same mixed step."""
+    path = make_tiny_checkpoint("qwen3", tmp_path / "q3")
+    model = load_model(path, torch.float32, DEVICE, get_attention_backend("triton", torch.device(DEVICE)))
+    calls = []
+    monkeypatch.setattr(elementwise, "rotary_and_write_kv",
+                        lambda *a, _fn=elementwise.rotary_and_write_kv: calls.append(1) or _fn(*a))
+    ref = forward_logits(model, "torch", monkeypatch)
+    assert calls == []
+    got = forward_logits(model, "triton", monkeypatch)
+    assert len(calls) == model.config.num_hidden_layers
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_path_choice(monkeypatch):
     cpu = torch.ones(1)
     monkeypatch.setattr(elementwise, "MODE", None)

@@ -85,6 +85,36 @@ def test_decode_default_splits_long_context():
     assert _rel_err(out, _reference_decode(query, dense, 0.25)) < 1e-4
 
 
+def test_decode_repeated_launches_with_changing_splits():
+    """The last split of each (sequence, KV head) combines the others and resets its arrival counter:
+    launches with 3, 2, 1 and 3 splits in a row (as consecutive layers and steps do) are all exact."""
+    seq_lens = [300, 5, 129]
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 2, 16, torch.float32)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    for num_splits in (3, 2, 1, 3):
+        query = torch.randn(len(seq_lens), 4, 16, device=DEVICE)
+        out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 300, 0.3, num_splits=num_splits)
+        assert _rel_err(out, _reference_decode(query, dense, 0.3)) < 1e-4, num_splits
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_of_selected_sequences_in_a_mixed_batch(num_splits):
+    """seq_ids: only sequences 0 and 2 (the decodes of a mixed batch) are computed, each from its row
+    query_start_loc[seq]; the prefill rows of `out` are left untouched."""
+    seq_lens = [300, 40, 77]  # request 1 is a 4-token prefill chunk: rows 1..4
+    q_lens = [1, 4, 1]
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 2, 16, torch.float32)
+    query = torch.randn(sum(q_lens), 8, 16, device=DEVICE)
+    qsl = torch.tensor([0, 1, 5, 6], dtype=torch.int32, device=DEVICE)
+    seq_ids = torch.tensor([0, 2], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(query, 7.0)
+    decode_attention(query, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+                     300, 0.25, out=out, num_splits=num_splits, seq_ids=seq_ids, query_start_loc=qsl)
+    ref = _reference_decode(query[[0, 5]], [dense[0], dense[2]], 0.25)
+    assert _rel_err(out[[0, 5]], ref) < 1e-4
+    assert torch.all(out[1:5] == 7.0)  # the prefill's rows: not written
+
+
 def test_decode_rejects_bad_inputs():
     k_cache, v_cache, block_tables, _ = paged_cache([5, 9], 4, 2, 16, torch.float32)
     seq_lens = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
@@ -102,6 +132,9 @@ def test_decode_rejects_bad_inputs():
         decode_attention(query, k_cache, v_cache[:, :, :1], block_tables, seq_lens, 9, 1.0)
     with pytest.raises(ValueError, match="seq_lens"):
         decode_attention(query, k_cache, v_cache, block_tables, seq_lens.float(), 9, 1.0)
+    with pytest.raises(ValueError, match="come together"):
+        decode_attention(query, k_cache, v_cache, block_tables, seq_lens, 9, 1.0,
+                         seq_ids=torch.tensor([1], dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.gpu

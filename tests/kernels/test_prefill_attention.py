@@ -72,6 +72,21 @@ def test_mixed_batch_with_decodes(head_dim):
     assert err < 1e-4
 
 
+def test_prefills_of_a_mixed_batch_only():
+    """seq_ids: only the listed requests' rows are computed (decode_attention takes the others)."""
+    q_lens, seq_lens = [1, 40, 1, 9], [130, 52, 7, 20]
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 2, 16, torch.float32)
+    query = torch.randn(sum(q_lens), 8, 16, device=DEVICE)
+    qsl = torch.tensor([0, 1, 41, 42, 51], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(query, 7.0)
+    prefill_attention(query, k_cache, v_cache, block_tables, qsl, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+                      40, 0.25, out=out, seq_ids=torch.tensor([1, 3], dtype=torch.int32, device=DEVICE))
+    ref = _reference(query, q_lens, dense, 0.25)
+    rows = list(range(1, 41)) + list(range(42, 51))
+    assert ((out[rows].double() - ref[rows]).norm() / ref[rows].norm()).item() < 1e-4
+    assert torch.all(out[[0, 41]] == 7.0)  # the decodes' rows: not written
+
+
 def test_decodes_only_short_queries():
     # max_query_len <= 16 takes the BLOCK_M 16 path; GQA group of 3 and head_dim 80 need masks.
     err, _ = _run([1, 3, 16], [50, 3, 33], 4, 6, 2, 80)

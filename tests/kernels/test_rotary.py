@@ -8,7 +8,7 @@ import torch
 
 from gpu_workers.models import elementwise  # noqa: E402
 from gpu_workers.models.layers import RMSNorm, RotaryEmbedding  # noqa: E402
-from kernels import apply_rotary  # noqa: E402
+from kernels import apply_rotary, apply_rotary_and_write_kv, write_kv_cache  # noqa: E402
 
 from tests.triton_env import DEVICE, INTERPRET  # noqa: E402
 # The interpreter casts float32 -> bf16 by truncation (the GPU rounds to nearest): looser there.
@@ -64,6 +64,33 @@ def test_rotary_matches_model(dtype, tol, head_dim, qk_norm):
     assert out_q.is_contiguous() and out_k.is_contiguous()
     assert rel_err(out_q, ref_q) < tol and rel_err(out_k, ref_k) < tol
     assert torch.equal(q, q_before) and torch.equal(k, k_before)  # out of place by default
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_and_kv_write_in_one_kernel(qk_norm):
+    """apply_rotary_and_write_kv == apply_rotary, then write_kv_cache of the rotated k and of v: same q,
+    same cache contents (a padding token, slot -1, writes nothing)."""
+    head_dim, num_heads, num_kv_heads, block_size, num_blocks = 64, 8, 2, 4, 6
+    rope = RotaryEmbedding(head_dim, MAX_POSITION, 10000.0, {"rope_type": "default"}).to(DEVICE)
+    q, k = qkv_views(5, num_heads, num_kv_heads, head_dim, torch.float32)
+    v = torch.randn(5, num_kv_heads, head_dim, device=DEVICE)
+    positions = torch.randint(0, MAX_POSITION, (5,), device=DEVICE)
+    slots = torch.tensor([13, 2, -1, 22, 7], device=DEVICE)
+    weights = [m.weight for m in norm_modules(head_dim, torch.float32)] if qk_norm else [None, None]
+    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    ref_q, ref_k = apply_rotary(q, k, positions, rope.cos_cache, rope.sin_cache, *weights)
+    write_kv_cache(ref_k, v, *ref_caches, slots)
+
+    got_q = apply_rotary_and_write_kv(q, k, v, positions, rope.cos_cache, rope.sin_cache, *caches, slots, *weights)
+
+    assert torch.allclose(got_q, ref_q, atol=1e-6)
+    assert torch.allclose(caches[0], ref_caches[0], atol=1e-6) and torch.equal(caches[1], ref_caches[1])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        apply_rotary_and_write_kv(q, k, v, positions, rope.cos_cache, rope.sin_cache, *caches, slots[:3])
+    with pytest.raises(ValueError, match="KV heads"):
+        apply_rotary_and_write_kv(q, k, v, positions, rope.cos_cache, rope.sin_cache,
+                                  *[c[:, :, :1] for c in caches], slots)
 
 
 def test_rotary_in_place_int32_positions_and_odd_half():

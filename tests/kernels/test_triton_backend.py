@@ -13,8 +13,10 @@ from tests.triton_env import DEVICE  # noqa: E402
 BLOCK_SIZE, NUM_BLOCKS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 96, 8, 2, 16
 
 
-def _meta(steps, block_tables):
-    """steps: per request (start, end) positions computed this step; a request with end == 0 is absent."""
+def _meta(steps, block_tables, split_mixed=True):
+    """steps: per request (start, end) positions computed this step; a request with end == 0 is absent.
+    split_mixed: a mixed batch lists its decodes and prefills (as prepare_inputs does), so the backend
+    runs each kind in its own kernel; False sends the whole batch through the prefill kernel."""
     rows = [(i, s, e) for i, (s, e) in enumerate(steps) if e > 0]
     slots = [block_tables[i][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for i, s, e in rows for p in range(s, e)]
     qsl = [0]
@@ -22,12 +24,20 @@ def _meta(steps, block_tables):
         qsl.append(qsl[-1] + e - s)
     seq_lens = [e for _, _, e in rows]
     table = torch.tensor([block_tables[i] for i, _, _ in rows], dtype=torch.int32, device=DEVICE)
+    q_lens = [e - s for _, s, e in rows]
+    mixed = split_mixed and max(q_lens) > 1 and min(q_lens) == 1
+
+    def ids(keep):
+        return torch.tensor([j for j, n in enumerate(q_lens) if keep(n)], dtype=torch.int32, device=DEVICE)
+
     return AttentionMetadata(
         num_seqs=len(rows), num_tokens=qsl[-1], max_query_len=max(e - s for _, s, e in rows),
         max_seq_len=max(seq_lens), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_tables=table,
-        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_decode_only=all(e - s == 1 for _, s, e in rows))
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_decode_only=all(e - s == 1 for _, s, e in rows),
+        decode_seq_ids=ids(lambda n: n == 1) if mixed else None,
+        prefill_seq_ids=ids(lambda n: n > 1) if mixed else None)
 
 
 def _dense_causal(q, k, v, scale):
@@ -40,27 +50,29 @@ def _dense_causal(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def test_backend_matches_dense_attention_over_steps():
-    lengths = [262, 11, 6]
+@pytest.mark.parametrize("split_mixed", [True, False], ids=["mixed-split", "mixed-in-prefill-kernel"])
+def test_backend_matches_dense_attention_over_steps(split_mixed):
+    lengths = [262, 11, 6, 40]
     q = [torch.randn(n, NUM_HEADS, HEAD_DIM, device=DEVICE) for n in lengths]
     k = [torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device=DEVICE) for n in lengths]
     v = [torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device=DEVICE) for n in lengths]
     ids = torch.randperm(NUM_BLOCKS).tolist()  # shuffled, non-contiguous blocks; tables padded with 0
-    block_tables = [ids[5:71] + [0] * 4, ids[0:3] + [0] * 67, ids[3:5] + [0] * 68]
+    block_tables = [ids[5:71] + [0] * 4, ids[0:3] + [0] * 67, ids[3:5] + [0] * 68, ids[71:81] + [0] * 60]
     k_cache = torch.randn(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)  # noise, not zeros
     v_cache = torch.randn_like(k_cache)
-    refs = [_dense_causal(q[i], k[i], v[i], HEAD_DIM ** -0.5) for i in range(3)]
+    refs = [_dense_causal(q[i], k[i], v[i], HEAD_DIM ** -0.5) for i in range(len(lengths))]
     backend = TritonAttentionBackend()
     assert backend.name == "triton"
 
     steps = [
-        [(0, 200), (0, 5), (0, 0)],  # prefills: a first chunk, a whole prompt
-        [(200, 261), (5, 6), (0, 6)],  # mixed: the rest of a chunk, a decode, a new prompt
-        [(261, 262), (6, 7), (0, 0)],  # decode only; 262 tokens of context: split-KV
-        [(0, 0), (7, 11), (0, 0)],  # one request alone, a chunk of 4 over 7 cached tokens
+        [(0, 200), (0, 5), (0, 0), (0, 39)],  # prefills: a first chunk, whole prompts
+        # mixed: the rest of a chunk, a decode, a new prompt, a decode (decodes at rows 1 and 3)
+        [(200, 261), (5, 6), (0, 6), (39, 40)],
+        [(261, 262), (6, 7), (0, 0), (0, 0)],  # decode only; 262 tokens of context: split-KV
+        [(0, 0), (7, 11), (0, 0), (0, 0)],  # one request alone, a chunk of 4 over 7 cached tokens
     ]
     for step in steps:
-        meta = _meta(step, block_tables)
+        meta = _meta(step, block_tables, split_mixed)
         live = [(i, s, e) for i, (s, e) in enumerate(step) if e > 0]
         out = backend.forward(
             torch.cat([q[i][s:e] for i, s, e in live]), torch.cat([k[i][s:e] for i, s, e in live]),
