@@ -7,6 +7,10 @@
 With tensor_parallel_size 1 no process group exists at all: `get_tp_group()` returns a group of
 size 1 whose collectives return their input.
 
+All-reduce on CUDA ranks of one node: messages up to 8 MiB (every decode step's) go over torch
+symmetric memory in one kernel (gpu_workers/symm_all_reduce.py; PAGEDSERVE_CUSTOM_ALL_REDUCE=0 turns
+it off), larger ones and every other case over NCCL (gloo on CPU).
+
 Rendezvous: on one node the store is a file in the engine's private 0700 directory (nothing listens
 on a network port for it), and gloo/NCCL traffic stays on the loopback interface unless the user
 names one. Across nodes it is torch.distributed's TCP store at master_addr:master_port, hosted by
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpu_workers.symm_all_reduce import SymmMemAllReduce, create_symm_all_reduce
 from ipc import envs
 from ipc.config import ParallelConfig
 
@@ -36,11 +41,18 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None
+    custom_all_reduce: SymmMemAllReduce | None = None
+    """All-reduce over symmetric memory (CUDA ranks on one node), for the messages it takes."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of `x` over the ranks (in place; returns x)."""
+        """Sum of `x` over the ranks. Callers must use the returned tensor: it is either x, reduced
+        in place (NCCL, gloo), or a new tensor (the symmetric-memory path, which leaves x as it was)."""
         if self.world_size == 1:
             return x
+        if self.custom_all_reduce is not None:
+            out = self.custom_all_reduce.all_reduce(x)  # None: not a message it takes
+            if out is not None:
+                return out
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -92,7 +104,8 @@ def init_method(parallel: ParallelConfig, ipc_root: str) -> str:
 
 def init_distributed(parallel: ParallelConfig, rank: int, device: str, ipc_root: str) -> TPGroup:
     """Join the tensor-parallel group as global `rank` (blocks until every rank joined). NCCL on
-    CUDA (the process's GPU is set first), gloo on CPU. A no-op for tensor_parallel_size 1."""
+    CUDA (the process's GPU is set first), plus the symmetric-memory all-reduce when the ranks share
+    one node; gloo on CPU. A no-op for tensor_parallel_size 1."""
     world_size = parallel.tensor_parallel_size
     if world_size == 1:
         set_tp_group(TPGroup())
@@ -116,11 +129,17 @@ def init_distributed(parallel: ParallelConfig, rank: int, device: str, ipc_root:
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=init_method(parallel, ipc_root),
                             rank=rank, world_size=world_size, **kwargs)
     logger.info("rank %d of %d joined the tensor-parallel group (%s)", rank, world_size, dist.get_backend())
-    set_tp_group(TPGroup(rank, world_size, dist.group.WORLD))
+    custom = None
+    # Collective: every rank must take this branch alike, as they do (same config, same inherited
+    # environment); set-up failures turn it off on every rank at once, never on some.
+    if envs.custom_all_reduce(device, parallel.nnodes):
+        custom = create_symm_all_reduce(dist.group.WORLD, rank, world_size, kwargs["device_id"],
+                                        peers=range(ranks_per_node(parallel)))
+    set_tp_group(TPGroup(rank, world_size, dist.group.WORLD, custom))
     return get_tp_group()
 
 
 def destroy_distributed() -> None:
+    set_tp_group(TPGroup())  # drops this module's reference to the symmetric buffer first
     if dist.is_initialized():
         dist.destroy_process_group()
-    set_tp_group(TPGroup())

@@ -66,6 +66,18 @@ def overlap_steps(device_type: str) -> bool:
     return device_type == "cuda" if value == "" else value == "1"
 
 
+def custom_all_reduce(device_type: str, nnodes: int) -> bool:
+    """$PAGEDSERVE_CUSTOM_ALL_REDUCE: whether tensor-parallel ranks all-reduce messages up to 8 MiB
+    over torch symmetric memory (one-shot / two-shot kernels over NVLink, gpu_workers/symm_all_reduce.py)
+    instead of NCCL. Unset or "1": on for CUDA ranks on one node (it needs peer access between the
+    GPUs; it falls back to NCCL by itself when set-up fails), never on CPU or across nodes.
+    "0": NCCL for every all-reduce (the A/B baseline)."""
+    value = os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_CUSTOM_ALL_REDUCE must be 0 or 1, not {value!r}")
+    return value != "0" and device_type == "cuda" and nnodes == 1
+
+
 def torch_profiler_dir() -> str | None:
     """$PAGEDSERVE_TORCH_PROFILER_DIR: profile a window of worker steps with torch.profiler and write
     the per-kernel table there (gpu_workers/step_profiler.py)."""

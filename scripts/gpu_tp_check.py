@@ -1,12 +1,26 @@
 """Tensor parallelism on a multi-GPU machine: TP=N greedy tokens against TP=1 on the same
-random-weight Llama-shaped checkpoint, then decode throughput of TP=1 and TP=N at several batch sizes.
+random-weight Llama-shaped checkpoint, then decode throughput of TP=1 and TP=N at several batch
+sizes, TP=N optionally both with NCCL and with the symmetric-memory all-reduce in the same run; and a
+microbenchmark of one all-reduce per message size and path.
 
     python scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --dtype float32 --out /tmp/tp_check.json
+    python scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-all-reduce --out /tmp/tp.json
+    python scripts/gpu_tp_check.py --size 70b --tp 4 --compare-all-reduce   # no greedy, no TP=1 (too big)
+    python scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput
     python scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput        # minutes, not tens
 
 --size small: a 8-layer, 1024-wide Llama built in-process (16 heads, 8 KV heads).
 --size 8b:    Llama-3.1-8B shapes from scripts/make_random_checkpoint.py (16 GB of bf16 on disk; use
               --num-layers to cut layers). Throughput runs use load_format="dummy" (only config.json).
+--size 70b:   Llama-3.1-70B shapes, throughput only (dummy weights; 35 GB a rank at TP=4): the greedy
+              check needs written weights (140 GB) and TP=1 does not fit one GPU, so both are skipped.
+
+--compare-all-reduce runs TP=N twice, PAGEDSERVE_CUSTOM_ALL_REDUCE=0 (NCCL) then =1 (symmetric memory),
+each engine's workers inheriting the variable; the JSON (written after every run) and the closing
+table hold both. Each engine run takes an estimated 1-2 minutes (70b the most: not yet measured);
+--budget-s skips the runs that would start after it, so the script ends at most one run past it.
+The correctness test of the symmetric all-reduce itself (eager and in CUDA graphs, 2 and 4 GPUs)
+is `python -m pytest -q tests/gpu_workers/test_symm_all_reduce.py`.
 
 NVLink multicast (NVLS) stays off in this process and every child it starts.
 """
@@ -14,13 +28,16 @@ NVLink multicast (NVLS) stays off in this process and every child it starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 # Before torch or any child: the children inherit os.environ (ipc/process.py: spawn).
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
@@ -31,10 +48,13 @@ sys.path.insert(0, str(REPO))
 from frontend import LLM, SamplingParams  # noqa: E402
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time, there was a model " * 8, "1 2 3 4"]
+ARCHS = {"8b": "llama-3.1-8b", "70b": "llama-3.1-70b"}
+SWITCH = "PAGEDSERVE_CUSTOM_ALL_REDUCE"
+START = time.monotonic()
 
 
 def make_checkpoint(size: str, out: Path, num_layers: int | None, weights: bool) -> str:
-    """A random-weight checkpoint directory (config only when `weights` is False and size is 8b)."""
+    """A random-weight checkpoint directory (config only when `weights` is False, for 8b and 70b)."""
     if (out / "config.json").exists() and (not weights or list(out.glob("*.safetensors"))):
         return str(out)  # made by an earlier run
     if size == "small":
@@ -43,7 +63,7 @@ def make_checkpoint(size: str, out: Path, num_layers: int | None, weights: bool)
                                     num_hidden_layers=num_layers or 8, num_attention_heads=16,
                                     num_key_value_heads=8, vocab_size=8192, max_position_embeddings=4096,
                                     initializer_range=0.05)
-    cmd = [sys.executable, str(REPO / "scripts/make_random_checkpoint.py"), "--arch", "llama-3.1-8b",
+    cmd = [sys.executable, str(REPO / "scripts/make_random_checkpoint.py"), "--arch", ARCHS[size],
            "--out", str(out)] + (["--num-layers", str(num_layers)] if num_layers else []) + \
         ([] if weights else ["--config-only"])
     subprocess.run(cmd, check=True)
@@ -67,7 +87,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def check_greedy(path: str, tp: int, dtype: str, max_tokens: int) -> dict:
     one, many = greedy_tokens(path, 1, dtype, max_tokens), greedy_tokens(path, tp, dtype, max_tokens)
     result = {"dtype": dtype, "identical_sequences": sum(a == b for a, b in zip(one, many)), "of": len(one),
-              "matching_prefix_lengths": [common_prefix(a, b) for a, b in zip(one, many)], "max_tokens": max_tokens}
+              "matching_prefix_lengths": [common_prefix(a, b) for a, b in zip(one, many)], "max_tokens": max_tokens,
+              SWITCH: os.environ.get(SWITCH, "unset (on)")}
     print(f"greedy TP={tp} vs TP=1:", result, flush=True)
     return result
 
@@ -80,6 +101,21 @@ def best_of(n: int, fn) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+@contextlib.contextmanager
+def environment(overrides: dict[str, str]):
+    """os.environ with `overrides` while the block runs (an engine's workers inherit it at start)."""
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int, output_len: int) -> dict:
@@ -105,43 +141,203 @@ def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int
     return results
 
 
-def main() -> None:
+class Run(NamedTuple):
+    label: str
+    tp: int
+    env: dict[str, str]
+
+
+def throughput_runs(tp: int, with_tp1: bool, compare: bool) -> list[Run]:
+    runs = [Run("tp1", 1, {})] if with_tp1 else []
+    if compare:
+        return runs + [Run(f"tp{tp}-nccl", tp, {SWITCH: "0"}), Run(f"tp{tp}-symm", tp, {SWITCH: "1"})]
+    return runs + [Run(f"tp{tp}", tp, {})]
+
+
+def run_throughput(path: str, runs: list[Run], args, out: dict, save) -> None:
+    """Each run in its own engine, its results into out[label] (saved after each); a run that would
+    start past --budget-s is skipped (and says so)."""
+    for run in runs:
+        if time.monotonic() - START > args.budget_s:
+            out[run.label] = {"tp": run.tp, "env": run.env, "skipped": f"--budget-s {args.budget_s} spent"}
+            print(f"{run.label}: skipped, --budget-s {args.budget_s} spent", flush=True)
+            continue
+        started = time.monotonic()
+        out[run.label] = {"tp": run.tp, "env": run.env}
+        try:
+            with environment(run.env):
+                out[run.label]["batches"] = decode_throughput(path, run.tp, args.batch_sizes, args.input_len,
+                                                              args.output_len)
+        except Exception as e:  # noqa: BLE001 - one failed engine must not cost the other runs' numbers
+            traceback.print_exc()
+            out[run.label]["error"] = f"{type(e).__name__}: {e}"
+        out[run.label]["seconds"] = round(time.monotonic() - started, 1)
+        print(f"{run.label}: {'failed' if 'error' in out[run.label] else 'done'} in "
+              f"{out[run.label]['seconds']} s", flush=True)
+        save()
+
+
+def print_summary(throughput: dict, batch_sizes: list[int]) -> None:
+    done = {label: r["batches"] for label, r in throughput.items() if "batches" in r}
+    if not done:
+        return
+    labels = list(done)
+    print("\ndecode, ms per step (output tok/s):")
+    print(f"{'batch':>6}" + "".join(f"{label:>22}" for label in labels))
+    for batch in batch_sizes:
+        cells = [f"{done[lb][batch]['ms_per_step']:.2f} ({done[lb][batch]['decode_tok_s']:,.0f})" for lb in labels]
+        print(f"{batch:>6}" + "".join(f"{c:>22}" for c in cells))
+    pairs = [("tp1", lb) for lb in labels if lb != "tp1" and "tp1" in done]
+    pairs += [(lb, lb[:-len("nccl")] + "symm") for lb in labels
+              if lb.endswith("-nccl") and lb[:-len("nccl")] + "symm" in done]
+    for base, other in pairs:
+        ratios = ", ".join(f"batch {b}: {done[other][b]['decode_tok_s'] / done[base][b]['decode_tok_s']:.2f}x"
+                           for b in batch_sizes)
+        print(f"{other} / {base} decode throughput: {ratios}")
+    print(flush=True)
+
+
+# ---------------------------------------------------------------- one all-reduce, timed per path
+
+
+def _time_in_graph(fn, x, calls: int = 20, replays: int = 5) -> float:
+    """Microseconds per call of fn(x): `calls` calls captured back to back in one CUDA graph."""
+    import torch
+
+    fn(x)  # warm-up outside the capture (NCCL's first call)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(x)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from gpu_workers.symm_all_reduce import create_symm_all_reduce, pick_algorithm
+    from ipc import envs
+
+    envs.pin_collectives_to_loopback()  # as the engine's ranks do
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            device_id=device)
+    comm = create_symm_all_reduce(dist.group.WORLD, rank, world_size, device, peers=range(world_size))
+    rows = []
+    for nbytes in sizes:
+        x = torch.randn(nbytes // 2, device=device).to(torch.bfloat16)
+        row = {"bytes": nbytes, "routed": pick_algorithm(nbytes, x.dtype, world_size).value,
+               "nccl_us": _time_in_graph(lambda t: dist.all_reduce(t), x)}
+        if comm is not None and nbytes <= comm.max_bytes:
+            row["one_shot_us"] = _time_in_graph(comm.one_shot, x)
+            row["two_shot_us"] = _time_in_graph(comm.two_shot, x)
+        rows.append(row)
+    if rank == 0:
+        results.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def all_reduce_bench(world_size: int, workdir: Path, timeout_s: float = 240) -> list[dict]:
+    """us per bf16 all-reduce over `world_size` GPUs, 8 KiB to 16 MiB: NCCL, one-shot, two-shot."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    sizes = [8 << 10, 32 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20]
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = os.path.join(tempfile.mkdtemp(dir=workdir), "store")
+    results = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.start_processes(_bench_rank, args=(world_size, store, sizes, results), nprocs=world_size,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):  # raises with a rank's traceback if one failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise TimeoutError(f"all-reduce benchmark still running after {timeout_s} s")
+    rows = results.get()
+    print(f"\nbf16 all-reduce over {world_size} GPUs, us per call (20 calls in one CUDA graph):")
+    print(f"{'bytes':>10}{'routed':>10}{'nccl':>10}{'one_shot':>10}{'two_shot':>10}")
+    for r in rows:
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("nccl_us", "one_shot_us", "two_shot_us")]
+        print(f"{r['bytes']:>10}{r['routed']:>10}" + "".join(f"{c:>10}" for c in cells))
+    print(flush=True)
+    return rows
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("small", "8b"), default="small", help="checkpoint shape")
+    p.add_argument("--size", choices=("small", "8b", "70b"), default="small", help="checkpoint shape")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size to compare with 1")
     p.add_argument("--num-layers", type=int, default=None,
                    help="fewer decoder layers in the greedy check's checkpoint (8b: faster to write); the "
                         "throughput runs always use the whole model")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the greedy comparison (float32: exact ties rarer)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--skip-greedy", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-tp1", action="store_true", help="no TP=1 throughput baseline (always so for 70b)")
+    p.add_argument("--compare-all-reduce", action="store_true",
+                   help="TP=N throughput with NCCL only and with the symmetric-memory all-reduce, side by side")
+    p.add_argument("--all-reduce-bench", action="store_true",
+                   help="time one bf16 all-reduce per message size: NCCL, one-shot, two-shot (on --tp GPUs)")
+    p.add_argument("--budget-s", type=float, default=480,
+                   help="no throughput run starts after this many seconds from the script's start")
     p.add_argument("--workdir", default="/tmp/gpu_tp_check", help="where checkpoints are written")
-    p.add_argument("--out", default=None, help="write the results here as JSON")
-    args = p.parse_args()
+    p.add_argument("--out", default=None, help="write the results here as JSON (after every run)")
+    return p.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     # nvidia-smi, not torch.cuda: this process keeps no CUDA context on GPU 0.
     gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                           text=True).stdout.split("\n") if shutil.which("nvidia-smi") else []
     results: dict = {"size": args.size, "tp": args.tp, "gpus": [g for g in gpus if g]}
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+
     work = Path(args.workdir)
-    if not args.skip_greedy:
+    if args.all_reduce_bench:
+        try:
+            results["all_reduce_bench"] = all_reduce_bench(args.tp, work)
+        except Exception as e:  # noqa: BLE001 - the engine runs below still run
+            traceback.print_exc()
+            results["all_reduce_bench"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+    if args.size == "70b" and not (args.skip_greedy and args.skip_throughput):
+        print("70b: greedy check and TP=1 skipped (no written weights; one GPU cannot hold it)", flush=True)
+    if not args.skip_greedy and args.size != "70b":
         path = make_checkpoint(args.size, work / f"{args.size}-weights", args.num_layers, weights=True)
         results["greedy"] = check_greedy(path, args.tp, args.dtype, args.max_tokens)
+        save()
     if not args.skip_throughput:
-        small = args.size == "small"  # its weights are cheap; 8b gets a config-only directory
+        small = args.size == "small"  # its weights are cheap; 8b and 70b get a config-only directory
         path = make_checkpoint(args.size, work / f"{args.size}-{'weights' if small else 'config'}",
                                args.num_layers if small else None, weights=small)
-        results["throughput"] = {tp: decode_throughput(path, tp, args.batch_sizes, args.input_len, args.output_len)
-                                 for tp in (1, args.tp)}
-        for batch in args.batch_sizes:
-            one, many = (results["throughput"][tp][batch]["decode_tok_s"] for tp in (1, args.tp))
-            print(f"batch {batch}: TP={args.tp} / TP=1 decode throughput = {many / one:.2f}x", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        runs = throughput_runs(args.tp, with_tp1=not args.skip_tp1 and args.size != "70b",
+                               compare=args.compare_all_reduce)
+        results["throughput"] = {}
+        run_throughput(path, runs, args, results["throughput"], save)
+        print_summary(results["throughput"], args.batch_sizes)
+    results["seconds"] = round(time.monotonic() - START, 1)
+    save()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,237 @@
+"""All-reduce over torch's symmetric memory, for tensor-parallel ranks on one node (NVLink): the
+small and medium messages of decode steps ([batch, hidden] after every row-parallel layer) in one
+kernel launch, where NCCL pays a fixed latency that dominates them. Larger messages go to NCCL.
+
+Each rank allocates one buffer of `max_bytes` with `symm_mem.empty` and exchanges it with its peers
+once (`symm_mem.rendezvous`, CUDA IPC): from then on every rank can load and store every peer's
+buffer directly. The kernels are torch's own (torch.ops.symm_mem, CUDASymmetricMemoryOps.cu):
+
+    one-shot  (copy x into my buffer | barrier | out = buf_0 + buf_1 + ... read from every peer | barrier)
+              one launch (the copy is fused); each rank reads the whole message from every peer.
+    two-shot  (copy x into my buffer) then one launch of
+              (barrier | rank r sums slice r of every buffer into its own | barrier | gather slices | barrier)
+              each rank reads about twice the message in all, whatever the number of ranks: for
+              large messages on 4 or 8 ranks.
+
+Invariants:
+- Every rank must pick the same path for the same call, or ranks wait in different collectives
+  forever. `pick_algorithm` therefore looks only at dtype, byte size and world size, which are the
+  same on every rank (the model runs the same shapes everywhere); never at addresses or timing.
+- Consecutive calls reuse the one buffer safely: each kernel ends with a cross-rank barrier, so
+  once a rank's kernel has finished, no peer still reads its buffer and the next copy may land.
+- Capturable in a CUDA graph: the buffer (and the peers' mappings) never move, the ops only
+  launch kernels on the current stream (outputs come from the graph's pool), and the barriers'
+  signal flags return to zero after every use, so a graph can be replayed any number of times.
+- Sums are taken in rank order on every rank: all ranks get bitwise identical results, as the
+  tensor-parallel design requires (every rank samples from the same logits).
+
+Set-up (`create_symm_all_reduce`) either succeeds on every rank or is off on every rank: each step's
+outcome is agreed over NCCL before the next, and any failure (import, P2P access, rendezvous, a
+wrong sum in the self-test) logs why and leaves NCCL in charge. NVLink multicast (multimem ops) is
+not used: it is off on our machines (TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+KiB, MiB = 1 << 10, 1 << 20
+MAX_BYTES = 8 * MiB
+"""Largest message sent over symmetric memory (the buffer's size); NCCL takes larger ones."""
+ONE_SHOT_BELOW: dict[int, int | None] = {2: None, 4: 512 * KiB, 8: 256 * KiB}
+"""Per world size: messages below this many bytes go one-shot, the rest two-shot (None: always
+one-shot). With 2 ranks one-shot reads no more than two-shot and needs one barrier less; with more
+ranks each one-shot reads every peer's whole message, which costs more than it saves past these
+sizes (the thresholds of vLLM's custom all-reduce, csrc/custom_all_reduce.cuh)."""
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what torch's kernels dispatch on
+ALIGNMENT = 16  # bytes: messages of whole 16-byte vectors take the kernels' widest loads
+
+
+class Algorithm(enum.Enum):
+    NCCL = "nccl"
+    ONE_SHOT = "one_shot"
+    TWO_SHOT = "two_shot"
+
+
+def pick_algorithm(nbytes: int, dtype: torch.dtype, world_size: int, max_bytes: int = MAX_BYTES) -> Algorithm:
+    """How a CUDA tensor of `nbytes` bytes of `dtype` is all-reduced over `world_size` ranks.
+
+    Depends only on values every rank shares (never on addresses or strides): all ranks must make
+    the same choice for the same call."""
+    if (dtype not in SUPPORTED_DTYPES or world_size not in ONE_SHOT_BELOW or nbytes == 0
+            or nbytes > max_bytes or nbytes % ALIGNMENT):
+        return Algorithm.NCCL
+    below = ONE_SHOT_BELOW[world_size]
+    return Algorithm.ONE_SHOT if below is None or nbytes < below else Algorithm.TWO_SHOT
+
+
+def choose_algorithm(x: torch.Tensor, world_size: int, max_bytes: int = MAX_BYTES) -> Algorithm:
+    """`pick_algorithm` for tensor `x`; NCCL (or gloo) for anything not on a GPU."""
+    if not x.is_cuda:
+        return Algorithm.NCCL
+    return pick_algorithm(x.numel() * x.element_size(), x.dtype, world_size, max_bytes)
+
+
+class SymmMemAllReduce:
+    """One symmetric buffer of `max_bytes`, rendezvoused over `group`; `all_reduce` sums a tensor
+    through it, or returns None where NCCL should (see `pick_algorithm`)."""
+
+    def __init__(self, buffer: torch.Tensor, group: dist.ProcessGroup, rank: int, world_size: int) -> None:
+        self.buffer = buffer  # [max_bytes] uint8, symmetric: every peer maps it
+        self.group_name = group.group_name
+        self.rank = rank
+        self.world_size = world_size
+        self.max_bytes = buffer.numel()
+        # Flat views of the buffer, one per dtype: slices of them start at the buffer's first byte.
+        self._flat = {dtype: buffer.view(dtype) for dtype in SUPPORTED_DTYPES}
+
+    @classmethod
+    def allocate(cls, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device,
+                 max_bytes: int = MAX_BYTES) -> SymmMemAllReduce:
+        """Allocate the buffer and exchange it with every rank of `group` (collective; raises on failure)."""
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch.torch_version import TorchVersion
+
+        # Nothing here uses NVLink multicast: keep the rendezvous from creating a multicast object
+        # (which can take a shared host's GPUs down), unless the user asked for one explicitly.
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        if TorchVersion(torch.__version__) < (2, 11):
+            # Older torch finds the group's store only through this (deprecated, a no-op need, in 2.11).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                symm_mem.enable_symm_mem_for_group(group.group_name)
+        handle = symm_mem.rendezvous(buffer, group.group_name)
+        if handle.world_size != world_size or handle.rank != rank:
+            raise RuntimeError(f"rendezvous gave rank {handle.rank} of {handle.world_size}, "
+                               f"expected {rank} of {world_size}")
+        return cls(buffer, group, rank, world_size)
+
+    def route(self, x: torch.Tensor) -> Algorithm:
+        return choose_algorithm(x, self.world_size, self.max_bytes)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The sum of `x` over the ranks as a new tensor (x is left as it was), or None when the
+        message is not for this path (NCCL's then)."""
+        algorithm = self.route(x)
+        if algorithm is Algorithm.ONE_SHOT:
+            return self.one_shot(x)
+        if algorithm is Algorithm.TWO_SHOT:
+            return self.two_shot(x)
+        return None
+
+    def _staged(self, x: torch.Tensor) -> torch.Tensor:
+        return self._flat[x.dtype][:x.numel()].view(x.shape)  # this rank's buffer, shaped like x
+
+    def one_shot(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the ranks in one kernel (eligible x only: see `pick_algorithm`)."""
+        staged = self._staged(x)
+        aligned = x.data_ptr() % ALIGNMENT == 0 and x.storage_offset() * x.element_size() % ALIGNMENT == 0
+        if x.is_contiguous() and aligned:
+            # The kernel copies x into this rank's buffer itself. (The other branch launches the same
+            # reduction kernel, so ranks that branch differently still meet in the same barriers.)
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(staged, x, "sum", self.group_name)
+        staged.copy_(x)
+        return torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group_name)
+
+    def two_shot(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the ranks: reduce-scatter then all-gather through the buffers."""
+        staged = self._staged(x)
+        staged.copy_(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, out)
+
+    def self_test(self) -> None:
+        """The kernels `pick_algorithm` can choose for this world size, on small integers (exact in
+        bfloat16), compared element by element with the known sum; raises on the first wrong one.
+        Collective."""
+        device = self.buffer.device
+        cases = [(2048, self.one_shot), (1 << 18, self.one_shot)]
+        if ONE_SHOT_BELOW[self.world_size] is not None:
+            cases.append((1 << 18, self.two_shot))
+        for dtype in SUPPORTED_DTYPES:
+            for numel, reduce in cases:
+                base = torch.arange(numel, device=device) % 17
+                x = (base + self.rank).to(dtype)
+                expected = (base * self.world_size + self.world_size * (self.world_size - 1) // 2).to(dtype)
+                if not torch.equal(reduce(x), expected):
+                    raise RuntimeError(f"{reduce.__name__} of {numel} {dtype} elements gave wrong sums")
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- set-up, on every rank or none
+
+
+def why_unsupported(world_size: int, device: torch.device, peers: Sequence[int]) -> str | None:
+    """Why this rank cannot use symmetric memory with these peer devices, or None if it can."""
+    if world_size not in ONE_SHOT_BELOW:
+        return f"world size {world_size} is not one of {sorted(ONE_SHOT_BELOW)}"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as e:
+        return f"torch.distributed._symmetric_memory does not import ({e})"
+    ops = ("one_shot_all_reduce", "one_shot_all_reduce_copy", "two_shot_all_reduce_out")
+    missing = [op for op in ops if not hasattr(torch.ops.symm_mem, op)]
+    if missing:
+        return f"torch {torch.__version__} lacks torch.ops.symm_mem.{', '.join(missing)}"
+    backend = os.environ.get("TORCH_SYMMMEM", "CUDA")
+    if backend != "CUDA":
+        return f"TORCH_SYMMMEM={backend}: the one-/two-shot kernels are used with the CUDA backend only"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"compute capability {torch.cuda.get_device_capability(device)} < 8.0"
+    blocked = [p for p in peers if p != device.index and not torch.cuda.can_device_access_peer(device.index, p)]
+    if blocked:
+        return f"cuda:{device.index} has no peer access to cuda:{blocked}"
+    return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes // MiB} MiB" if nbytes % MiB == 0 else f"{nbytes // KiB} KiB"
+
+
+def _attempt(what: str, fn: Callable[[], object]) -> tuple[object, str | None]:
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - any failure means NCCL, with the reason logged
+        return None, f"{what} failed: {type(e).__name__}: {e}"
+
+
+def _all_ranks_ok(failure: str | None, group: dist.ProcessGroup, device: torch.device) -> bool:
+    """True when no rank of `group` failed (an NCCL all-reduce of the flags; every rank calls this
+    the same number of times, so none waits alone)."""
+    flag = torch.tensor([0 if failure else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def create_symm_all_reduce(group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device,
+                           peers: Sequence[int], max_bytes: int = MAX_BYTES) -> SymmMemAllReduce | None:
+    """The symmetric-memory all-reduce of this rank, or None on every rank (with a warning saying why)
+    if any rank cannot use it. Collective over `group` (NCCL, already initialized); `peers` are the
+    device indices of the group's ranks on this node."""
+    reason, failure = _attempt("checks", lambda: why_unsupported(world_size, device, peers))
+    failure = failure or reason
+    if _all_ranks_ok(failure, group, device):
+        comm, failure = _attempt("allocation and rendezvous",
+                                 lambda: SymmMemAllReduce.allocate(group, rank, world_size, device, max_bytes))
+        if _all_ranks_ok(failure, group, device):
+            _, failure = _attempt("self-test", comm.self_test)
+            if _all_ranks_ok(failure, group, device):
+                if rank == 0:
+                    below = ONE_SHOT_BELOW[world_size]
+                    logger.warning("all-reduce over symmetric memory for messages up to %s (one-shot%s), "
+                                   "NCCL above", _size(max_bytes),
+                                   "" if below is None else f" below {_size(below)}, two-shot from there")
+                return comm
+    logger.warning("rank %d: all-reduce over symmetric memory is off, NCCL takes every message: %s", rank,
+                   failure or "another rank could not set it up")
+    return None

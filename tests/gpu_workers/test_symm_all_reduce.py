@@ -1,0 +1,279 @@
+"""The symmetric-memory all-reduce (gpu_workers/symm_all_reduce.py). On CPU: which messages take
+which path (every rank must choose alike), the switch, TPGroup's fallback to NCCL/gloo, and a set-up
+that ends alike on every rank whichever step fails on one (gloo ranks, faked steps). On a machine
+with 2+ GPUs: real ranks (one process per GPU) against the sum of every rank's input, eagerly, back
+to back, and inside a captured CUDA graph replayed with new inputs.
+
+    python -m pytest -q tests/gpu_workers/test_symm_all_reduce.py      # GPU part: needs >= 2 GPUs
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gpu_workers import distributed
+from gpu_workers.distributed import TPGroup
+from gpu_workers.symm_all_reduce import (Algorithm, SymmMemAllReduce, choose_algorithm, create_symm_all_reduce,
+                                         pick_algorithm)
+from ipc import envs
+
+BF16, F32 = torch.bfloat16, torch.float32
+HIDDEN = 4096  # Llama-3.1-8B: one decode all-reduce is [batch, 4096]
+
+
+@pytest.mark.parametrize("batch, dtype, world_size, expected", [
+    (1, BF16, 2, Algorithm.ONE_SHOT),       # 8 KiB
+    (64, BF16, 2, Algorithm.ONE_SHOT),      # 512 KiB: two ranks always one-shot
+    (1024, BF16, 2, Algorithm.ONE_SHOT),    # 8 MiB: the largest message taken
+    (1025, BF16, 2, Algorithm.NCCL),        # above 8 MiB
+    (63, BF16, 4, Algorithm.ONE_SHOT),      # 504 KiB
+    (64, BF16, 4, Algorithm.TWO_SHOT),      # 512 KiB
+    (256, BF16, 4, Algorithm.TWO_SHOT),     # 2 MiB
+    (31, BF16, 8, Algorithm.ONE_SHOT),      # 248 KiB
+    (32, BF16, 8, Algorithm.TWO_SHOT),      # 256 KiB
+    (16, F32, 2, Algorithm.ONE_SHOT),
+    (16, torch.float16, 2, Algorithm.NCCL),  # torch's kernels take bfloat16 and float32 only
+    (16, BF16, 3, Algorithm.NCCL),          # no kernels specialized for 3 ranks
+    (0, BF16, 2, Algorithm.NCCL),
+])
+def test_each_message_size_takes_the_path_of_its_world_size(batch, dtype, world_size, expected):
+    nbytes = batch * HIDDEN * dtype.itemsize
+    assert pick_algorithm(nbytes, dtype, world_size) is expected
+
+
+def test_sizes_that_are_not_whole_16_byte_vectors_go_to_nccl():
+    assert pick_algorithm(6, BF16, 2) is Algorithm.NCCL            # 3 elements
+    assert pick_algorithm(1004 * 2, BF16, 2) is Algorithm.NCCL     # 1004 elements: 2008 bytes
+    assert pick_algorithm(1024 * 2, BF16, 2) is Algorithm.ONE_SHOT
+
+
+def test_cpu_tensors_never_take_the_symmetric_path():
+    x = torch.zeros(64, HIDDEN, dtype=BF16)
+    assert pick_algorithm(x.numel() * x.element_size(), x.dtype, 2) is Algorithm.ONE_SHOT  # on a GPU it would
+    assert choose_algorithm(x, 2) is Algorithm.NCCL
+
+
+@pytest.mark.parametrize("value, device, nnodes, on", [
+    ("", "cuda", 1, True), ("1", "cuda", 1, True), ("0", "cuda", 1, False),
+    ("", "cpu", 1, False), ("1", "cpu", 1, False), ("", "cuda", 2, False),
+])
+def test_the_switch_is_on_by_default_for_cuda_ranks_of_one_node_only(monkeypatch, value, device, nnodes, on):
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE", value)
+    assert envs.custom_all_reduce(device, nnodes) is on
+
+
+def test_the_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE", "yes")
+    with pytest.raises(ValueError, match="PAGEDSERVE_CUSTOM_ALL_REDUCE must be 0 or 1"):
+        envs.custom_all_reduce("cuda", 1)
+
+
+class _FakeCustom:
+    def __init__(self, result):
+        self.result, self.calls = result, 0
+
+    def all_reduce(self, x):
+        self.calls += 1
+        return self.result
+
+
+def test_tp_group_uses_the_custom_result_or_falls_back_to_the_collective(monkeypatch):
+    reduced_in_place = []
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda x, group=None: reduced_in_place.append(x))
+    x, summed = torch.ones(2, 8), torch.full((2, 8), 2.0)
+    taken = _FakeCustom(summed)
+    assert TPGroup(0, 2, None, taken).all_reduce(x) is summed and not reduced_in_place
+    declined = _FakeCustom(None)
+    assert TPGroup(0, 2, None, declined).all_reduce(x) is x and reduced_in_place == [x]
+    assert taken.calls == declined.calls == 1
+    assert TPGroup(0, 2).all_reduce(x) is x and len(reduced_in_place) == 2  # no custom path: NCCL / gloo
+
+
+class _FakeComm:
+    def __init__(self, fails: bool):
+        self.fails = fails
+
+    def self_test(self):
+        if self.fails:
+            raise RuntimeError("one_shot of 2048 elements gave wrong sums")
+
+
+def _agreement_rank(rank: int, world_size: int, store: str, results) -> None:
+    """Set-up on gloo with its steps faked per rank: whatever one rank hits, all end alike."""
+    from gpu_workers import symm_all_reduce as sar
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    cpu = torch.device("cpu")
+    outcome = []
+    for failing_step in ("checks", "allocate", "self-test", None):  # on rank 1 only
+        fails = rank == 1
+        allocated = []
+        sar.why_unsupported = lambda *a: "no peer access" if fails and failing_step == "checks" else None
+
+        def allocate(*args, **kwargs):
+            allocated.append(True)
+            if fails and failing_step == "allocate":
+                raise RuntimeError("rendezvous failed")
+            return _FakeComm(fails and failing_step == "self-test")
+
+        sar.SymmMemAllReduce.allocate = allocate
+        comm = sar.create_symm_all_reduce(dist.group.WORLD, rank, world_size, cpu, peers=range(world_size))
+        outcome.append((failing_step, comm is not None, bool(allocated)))
+    results.put((rank, outcome))
+    dist.destroy_process_group()
+
+
+def test_set_up_ends_alike_on_every_rank_whichever_step_fails_on_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    _spawn(_agreement_rank, 2, str(tmp_path / "store"), extra=(results,), timeout_s=120)
+    outcomes = dict(results.get() for _ in range(2))
+    expected_on = {"checks": False, "allocate": False, "self-test": False, None: True}
+    for rank in (0, 1):
+        assert [(step, on) for step, on, _ in outcomes[rank]] == list(expected_on.items())
+    # Rank 0's checks passed, yet it allocated nothing once rank 1's checks had failed.
+    assert outcomes[0][0] == ("checks", False, False)
+
+
+# ---------------------------------------------------------------- GPU: real ranks
+
+SHAPES = [(1, HIDDEN), (3, HIDDEN), (64, HIDDEN), (256, HIDDEN), (1024, HIDDEN), (2048, HIDDEN), (5, 8), (3, 5)]
+GRAPH_SHAPES = [(1, HIDDEN), (64, HIDDEN), (256, HIDDEN), (2048, HIDDEN)]  # 2048: 16 MiB, NCCL inside the graph
+
+
+def _inputs(shape, dtype, step: int, world_size: int, device) -> list[torch.Tensor]:
+    """Every rank's input of one step: each rank can compute all of them (and so the exact sum)."""
+    gens = [torch.Generator(device=device).manual_seed(1000 * step + r) for r in range(world_size)]
+    return [torch.randn(shape, generator=g, device=device).to(dtype) for g in gens]
+
+
+def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
+    acc = xs[0].clone()
+    for x in xs[1:]:  # rank order, as the kernels add
+        acc = acc + x
+    return acc
+
+
+def _check(out: torch.Tensor, xs: list[torch.Tensor], what: str, same_order: bool = True) -> None:
+    """`out` is the sum of `xs` and identical on every rank. The symmetric kernels add in rank order,
+    as `_sum` does (equal but for rare double roundings of bfloat16); NCCL adds in its ring's order,
+    compared with a float32 sum at a bfloat16 rounding per addend."""
+    if same_order:
+        tol = dict(rtol=2e-2, atol=2e-2) if out.dtype == BF16 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, _sum(xs), **tol, msg=lambda m: f"{what}: {m}")
+    else:
+        ref = _sum([x.float() for x in xs])
+        atol = len(xs) * 0.07 if out.dtype == BF16 else 1e-4
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=atol, msg=lambda m: f"{what}: {m}")
+    gathered = torch.empty((dist.get_world_size(), *out.shape), dtype=out.dtype, device=out.device)
+    dist.all_gather_into_tensor(gathered, out.contiguous())
+    assert all(torch.equal(g, gathered[0]) for g in gathered), f"{what}: ranks got different sums"
+
+
+def _tp_all_reduce(comm: SymmMemAllReduce, x: torch.Tensor) -> torch.Tensor:
+    out = comm.all_reduce(x)  # what TPGroup.all_reduce does
+    if out is None:
+        dist.all_reduce(x)
+        out = x
+    return out
+
+
+def _eager_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
+    """Every shape and dtype through the routed path and both kernels forced; a non-contiguous input;
+    then calls back to back without waiting, reusing the buffer behind queued kernels."""
+    for d, dtype in enumerate((BF16, F32)):
+        for i, shape in enumerate(SHAPES):
+            xs = _inputs(shape, dtype, 100 * d + i, world_size, device)
+            x = xs[rank].clone()
+            route = comm.route(x)
+            _check(_tp_all_reduce(comm, x.clone()), xs, f"{route.value} {shape} {dtype}",
+                   same_order=route is not Algorithm.NCCL)
+            if route is not Algorithm.NCCL:
+                _check(comm.one_shot(x), xs, f"one-shot {shape} {dtype}")
+                _check(comm.two_shot(x), xs, f"two-shot {shape} {dtype}")
+                assert torch.equal(x, xs[rank]), "the input was modified"
+    xs = [t.t() for t in _inputs((HIDDEN, 8), BF16, 300, world_size, device)]
+    _check(comm.one_shot(xs[rank]), xs, "one-shot of a transposed input")
+    outs, expected = [], []
+    for i in range(60):
+        xs = _inputs([(1, HIDDEN), (64, HIDDEN), (8, HIDDEN)][i % 3], BF16, 400 + i, world_size, device)
+        outs.append((comm.one_shot if i % 2 else comm.two_shot)(xs[rank]))
+        expected.append(xs)
+    for i, (out, xs) in enumerate(zip(outs, expected)):
+        _check(out, xs, f"back-to-back call {i}")
+
+
+def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
+    """One CUDA graph of several all-reduces (symmetric and NCCL), replayed with new inputs, with
+    eager calls in between that reuse the same buffer."""
+    static = [torch.zeros(shape, dtype=BF16, device=device) for shape in GRAPH_SHAPES]
+
+    def forward():
+        return [_tp_all_reduce(comm, x.clone()) for x in static] + [comm.two_shot(static[1])]
+
+    forward()  # warm-up: NCCL's first call outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_outs = forward()
+    for replay in range(5):
+        inputs = [_inputs(shape, BF16, 1000 + 10 * replay + j, world_size, device)
+                  for j, shape in enumerate(GRAPH_SHAPES)]
+        for x, xs in zip(static, inputs):
+            x.copy_(xs[rank])
+        graph.replay()
+        for out, xs in zip(graph_outs, inputs + [inputs[1]]):
+            _check(out, xs, f"graph replay {replay} {tuple(out.shape)}",
+                   same_order=comm.route(xs[0]) is not Algorithm.NCCL)
+        eager = _inputs((64, HIDDEN), BF16, 2000 + replay, world_size, device)
+        _check(comm.one_shot(eager[rank]), eager, f"eager call after replay {replay}")
+    torch.cuda.synchronize()
+
+
+def _rank_main(rank: int, world_size: int, store: str) -> None:
+    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    envs.pin_collectives_to_loopback()  # as the engine's ranks do
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            device_id=device)
+    comm = create_symm_all_reduce(dist.group.WORLD, rank, world_size, device, peers=range(world_size))
+    assert comm is not None, "set-up failed (the warning above says why)"
+    _eager_checks(comm, rank, world_size, device)
+    _graph_checks(comm, rank, world_size, device)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world_size: int, store: str, extra: tuple = (), timeout_s: float = 300) -> None:
+    """Run fn(rank, world_size, store, *extra) on world_size processes; fails (and kills them) if they
+    have not ended in time."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(world_size, store, *extra), nprocs=world_size, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):  # raises with the rank's traceback if one failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"ranks still running after {timeout_s:.0f} s: a hang in a collective")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_symmetric_all_reduce_sums_like_every_rank_expects_eagerly_and_in_cuda_graphs(
+        tmp_path, monkeypatch, world_size):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, has {torch.cuda.device_count()}")
+    # Children inherit these: NVLink multicast stays off (it can take a shared host's GPUs down).
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        monkeypatch.setenv(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    _spawn(_rank_main, world_size, str(tmp_path / "store"))
