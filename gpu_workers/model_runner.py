@@ -9,13 +9,12 @@ import torch
 
 from gpu_workers.attention import get_attention_backend
 from gpu_workers.distributed import get_tp_group, local_rank  # tensor parallel
-from gpu_workers.cuda_graph import CUDAGraphRunner, batch_size_buckets
+from gpu_workers.cuda_graph import CUDAGraphRunner
 from gpu_workers.step_profiler import StepProfiler
 from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import (BlockTable, CachedRequestState, HostStaging, StepInputs,
                                      greedy_without_processors, prepare_inputs)
 from gpu_workers.loader import load_hf_config, load_model
-from gpu_workers.models import elementwise
 from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
 from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
 from ipc import envs
@@ -136,9 +135,6 @@ class ModelRunner:
         for n in (16, 17, 128):  # query lengths <= 16, > 16, >= 128: the rest of the model's kernels
             self._forward_prefills([min(n, self.config.model.max_model_len)])
         torch.cuda.synchronize()
-        table = elementwise.tune_small_gemv(self.model, batch_size_buckets(self.config.scheduler.max_num_seqs))
-        if table:
-            logger.warning("rank %d: small-batch GEMV instead of cuBLAS for (N, K, rows) %s", self.rank, sorted(table))
 
     def init_kv_cache(self, num_blocks: int) -> None:
         layers, kv_heads, head_dim = self._kv_shape

@@ -56,15 +56,6 @@ def triton_elementwise() -> str | None:
     return {"": None, "0": "torch", "1": "triton"}[value]
 
 
-def small_gemv() -> bool:
-    """$PAGEDSERVE_SMALL_GEMV: "1" runs the linear layers of steps with at most 16 token rows (decode at
-    small batch) through kernels/gemv.py on CUDA bf16/fp16 weights instead of cuBLAS; unset or "0": cuBLAS."""
-    value = os.environ.get("PAGEDSERVE_SMALL_GEMV", "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"PAGEDSERVE_SMALL_GEMV must be 0 or 1, not {value!r}")
-    return value == "1"
-
-
 def overlap_steps(device_type: str) -> bool:
     """$PAGEDSERVE_OVERLAP_STEPS: whether a worker launches step n+1 before step n's tokens reach the
     host (feeding them on the device). Unset: on CUDA only (the CPU computes synchronously, so nothing

@@ -39,42 +39,6 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (_ENV_MODE == "triton" and envs.triton_interpret())
 
 
-_GEMV_DTYPES = (torch.bfloat16, torch.float16)
-GEMV_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
-"""(N, K, rows) -> kernels.gemv configuration, where start-up tuning found it faster than cuBLAS
-($PAGEDSERVE_SMALL_GEMV=1, see `tune_small_gemv`); empty: cuBLAS everywhere."""
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or kernels.gemv for the (shape, rows) pairs GEMV_TABLE lists (few-row decode)."""
-    if GEMV_TABLE and x.shape[0] <= 16:
-        config = GEMV_TABLE.get((weight.shape[0], weight.shape[1], x.shape[0]))
-        if config is not None:
-            from kernels.gemv import gemv
-
-            return gemv(x, weight, bias, config)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def tune_small_gemv(model: torch.nn.Module, rows: list[int]) -> dict:
-    """With $PAGEDSERVE_SMALL_GEMV=1, on a CUDA half-precision model: time kernels.gemv against cuBLAS
-    on the model's own linear weights for each row count, and route the winners through the kernel
-    (fills GEMV_TABLE; before CUDA graph capture). Returns the table."""
-    GEMV_TABLE.clear()
-    params = [p for p in model.parameters()]
-    if not envs.small_gemv() or not params or not params[0].is_cuda or params[0].dtype not in _GEMV_DTYPES:
-        return GEMV_TABLE
-    from kernels.gemv import MAX_ROWS, tune
-
-    layers: dict[tuple[int, int], list] = {}
-    for module in model.modules():
-        if getattr(module, "uses_linear", False):
-            w = module.weight
-            layers.setdefault((w.shape[0], w.shape[1]), []).append((w, getattr(module, "bias", None)))
-    GEMV_TABLE.update(tune(layers, [m for m in rows if m <= MAX_ROWS]))
-    return GEMV_TABLE
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """kernels.rms_norm: out, or (out, x + residual)."""
     from kernels.rms_norm import rms_norm as kernel

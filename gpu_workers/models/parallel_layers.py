@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_workers.distributed import get_tp_group
-from gpu_workers.models import elementwise
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]
 
@@ -85,8 +84,6 @@ class Linear(nn.Module):
     """y = x W^T (+ b), W [output_size, input_size], replicated on every rank. The parallel variants
     below keep only this rank's slice of W."""
 
-    uses_linear = True  # its matmul goes through elementwise.linear (small-batch GEMV tuning)
-
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
         self.tp = get_tp_group()
@@ -103,7 +100,7 @@ class Linear(nn.Module):
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return elementwise.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnShard(NamedTuple):
@@ -193,8 +190,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return elementwise.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(elementwise.linear(x, self.weight))  # [num_tokens, output_size]
+            return F.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(F.linear(x, self.weight))  # [num_tokens, output_size]
         return out if self.bias is None else out + self.bias
 
 
@@ -237,10 +234,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection with the embedding's vocabulary split (so a tied head is the same table);
     every rank gathers the full logits, so all ranks sample the same tokens."""
 
-    uses_linear = True
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = elementwise.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
+        logits = F.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
         if self.tp.world_size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[:, :self.vocab_size]  # [num_tokens, vocab_size]
