@@ -194,30 +194,14 @@ def reserve_split_counters(device: torch.device, max_num_seqs: int, num_kv_heads
     _COUNTERS.reserve(device, max_num_seqs * num_kv_heads)
 
 
-def decode_attention(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]; one token per sequence unless seq_ids
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the query token (>= 1)
-    max_seq_len: int,  # host-side max of seq_lens (sizes the splits without a device sync)
-    scale: float,
-    out: torch.Tensor | None = None,  # query's shape and dtype
-    num_splits: int | None = None,  # None: chosen from batch size and context length
-    seq_ids: torch.Tensor | None = None,  # [num_decodes] int32: attend only for these sequences ...
-    query_start_loc: torch.Tensor | None = None,  # [num_seqs + 1] int32: ... whose query row is here
-) -> torch.Tensor:
-    """Attention of each sequence's single query token over its whole paged context. Returns `out`.
-
-    Without seq_ids, query row i belongs to sequence i. With seq_ids (a mixed batch), only those
-    sequences are computed, each from its row query_start_loc[seq]; other rows of `out` are left as
-    they are."""
+def _check_inputs(query, k_cache, v_cache, block_tables, seq_lens, seq_ids, query_start_loc) -> None:
+    """decode_attention's argument checks (shapes, dtypes, strides, devices), before any launch."""
     check_kv_cache(k_cache, v_cache)
     check_last_dim_contiguous("query", query, 3)
     check_last_dim_contiguous("block_tables", block_tables, 2)
     num_rows, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    _, _, num_kv_heads, cache_dim = k_cache.shape
     if query.dtype not in SUPPORTED_DTYPES or query.dtype != k_cache.dtype:
         raise ValueError(f"query dtype {query.dtype} must match the cache dtype {k_cache.dtype}")
     if head_dim != cache_dim or num_heads % num_kv_heads != 0:
@@ -239,12 +223,36 @@ def decode_attention(
         check_int_dtype("seq_ids", seq_ids, (torch.int32, torch.int64))
         check_int_dtype("query_start_loc", query_start_loc, (torch.int32, torch.int64))
         check_same_device(k_cache.device, seq_ids=seq_ids, query_start_loc=query_start_loc)
+    check_same_device(k_cache.device, query=query, block_tables=block_tables, seq_lens=seq_lens)
+
+
+def decode_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]; one token per sequence unless seq_ids
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the query token (>= 1)
+    max_seq_len: int,  # host-side max of seq_lens (sizes the splits without a device sync)
+    scale: float,
+    out: torch.Tensor | None = None,  # query's shape and dtype
+    num_splits: int | None = None,  # None: chosen from batch size and context length
+    seq_ids: torch.Tensor | None = None,  # [num_decodes] int32: attend only for these sequences ...
+    query_start_loc: torch.Tensor | None = None,  # [num_seqs + 1] int32: ... whose query row is here
+) -> torch.Tensor:
+    """Attention of each sequence's single query token over its whole paged context. Returns `out`.
+
+    Without seq_ids, query row i belongs to sequence i. With seq_ids (a mixed batch), only those
+    sequences are computed, each from its row query_start_loc[seq]; other rows of `out` are left as
+    they are."""
+    _check_inputs(query, k_cache, v_cache, block_tables, seq_lens, seq_ids, query_start_loc)
     if out is None:
         out = torch.empty_like(query)
     check_last_dim_contiguous("out", out, 3)
     if out.shape != query.shape or out.dtype != query.dtype:
         raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
-    check_same_device(k_cache.device, query=query, block_tables=block_tables, seq_lens=seq_lens, out=out)
+    check_same_device(k_cache.device, out=out)
+    num_seqs, (_, num_heads, head_dim) = seq_lens.shape[0], query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     num_programs = num_seqs if seq_ids is None else seq_ids.shape[0]
     if num_programs == 0:
         return out
