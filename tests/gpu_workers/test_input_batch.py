@@ -106,6 +106,26 @@ def test_step_inputs_mark_sampled_and_fed_rows(runner):
     assert inputs.meta.slot_mapping.tolist() == [4, 5, 6, 7, 17]
 
 
+@pytest.mark.parametrize("num_decodes", [1, 2, 3])
+def test_mixed_step_lists_its_decodes_and_prefills_in_aligned_device_arrays(runner, num_decodes):
+    """A mixed step names its decodes and its prefills (the Triton backend runs each kind in its own
+    kernel), and every staged array starts 16-byte aligned whatever the batch size: Triton compiles
+    a kernel variant per pointer alignment, which would otherwise cost ~1 s in a running step."""
+    decodes = [new(f"d{i}", 5, [2 * i, 2 * i + 1]) for i in range(num_decodes)]
+    reqs = runner._update_states(ExecuteStep(0, [*decodes, new("p", 12, [8, 9, 10])], []))
+    for r in reqs[:num_decodes]:
+        r.num_computed_tokens, r.num_scheduled_tokens = 4, 1  # the last prompt token: a q_len-1 row
+    inputs = prepare_inputs(reqs, runner.block_table, BLOCK_SIZE, runner.device, runner.staging)
+    meta = inputs.meta
+    assert meta.decode_seq_ids.tolist() == list(range(num_decodes))
+    assert meta.prefill_seq_ids.tolist() == [num_decodes]
+    staged = [inputs.input_ids, inputs.positions, inputs.sample_rows, meta.slot_mapping, meta.query_start_loc,
+              meta.seq_lens, meta.block_tables, meta.decode_seq_ids, meta.prefill_seq_ids]
+    assert all(t.data_ptr() % 16 == 0 for t in staged)
+    decode_only = prepare_inputs(reqs[:num_decodes], runner.block_table, BLOCK_SIZE, runner.device, runner.staging)
+    assert decode_only.meta.is_decode_only and decode_only.meta.decode_seq_ids is None
+
+
 @pytest.mark.parametrize("params, expected", [
     (GREEDY, True), (SamplingParams(temperature=0, n=2, ignore_eos=True), True),
     (SamplingParams(temperature=0, min_tokens=3), False),  # EOS blocked for the first 3 outputs
