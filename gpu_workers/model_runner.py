@@ -121,9 +121,10 @@ class ModelRunner:
             self.model.compute_logits(hidden[inputs.sample_rows])
 
     def warm_up_kernels(self) -> None:
-        """Compile at start-up the kernel variants that steps pick by query length (the prefill
-        attention's tile configurations, see kernels/prefill_attention.py): Triton compiles each on
-        first use, about a second, which would otherwise land in a user's first mixed steps."""
+        """Compile at start-up the kernel variants steps can pick: every attention variant (the
+        backend's `warm_up`: decode with or without splits, alone or in a mixed batch; prefill at each
+        tile size), then the rest of the model's kernels through eager prefills. Triton compiles each
+        variant on first use, about a second, which would otherwise land in a user's first steps."""
         if self.device.type != "cuda":
             return
         if hasattr(self.attn_backend, "warm_up"):  # every attention variant, incl. mixed batches
