@@ -31,6 +31,10 @@
 #   throughput-qwen3       256 x (uniform 100-1024 in and out) and 1000 x (1024, 128), pagedserve; hf on 64
 #   serve                  bench_serve sweep over concurrency 1,4,16,64 (Llama-3.1-8B, 512 in, 128 out):
 #                          pagedserve at every level, hf (one request at a time) at 1 and 4; CSV + PNG
+#   tp                     a multi-GPU kind only: the symmetric-memory all-reduce GPU test, TP=2 greedy vs
+#                          TP=1 (small Llama, float32), 8B decode TP=1 / TP=2 NCCL / TP=2 symmetric memory
+#                          at batch 1, 64, 256 (tp2_8b.json), and with 4+ GPUs the Llama-3.1-70B shape at
+#                          TP=4 through bench_throughput, 256 x (128, 512) (~5 min in all on 4 x H200)
 # Environment: OUT (results; default /tmp/gpu_bench_out), PYTHON (default python3), HF=0 skips the hf runs,
 # PS=0 skips the pagedserve runs (to put the hf baselines after all pagedserve runs of a call),
 # BUDGET_S (seconds all runs must end within, default 560: later runs are cut short or skipped),
@@ -227,6 +231,19 @@ stage_serve() {
     --server-log "$RUNS/serve_server.log" --output-json "$RUNS/serve_sweep.json" \
     --sweep-csv "$OUT/serve_sweep.csv" --sweep-png "$OUT/serve_sweep.png"
   collect serve_sweep
+}
+
+stage_tp() {
+  run 110 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py
+  run 90 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  run 230 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-all-reduce --output-len 256 \
+    --budget-s 190 --out "$OUT/tp2_8b.json"
+  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    model llama-3.1-70b /tmp/pb_llama-3.1-70b
+    tp tput_llama70b_tp4_256x128x512_pagedserve pagedserve --model /tmp/pb_llama-3.1-70b --tensor-parallel-size 4 \
+      --num-prompts 256 --input-len 128 --output-len 512
+  fi
 }
 
 stages=("$@")
