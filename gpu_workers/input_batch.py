@@ -105,14 +105,16 @@ class BlockTable:
         self.num_blocks[slot] = end
 
     def replace(self, slot: int, block_ids: list[int]) -> None:
-        self.table[slot, :self.num_blocks[slot]] = 0
-        self.num_blocks[slot] = 0
+        self._clear(slot)
         self.append(slot, block_ids)
 
     def free(self, slot: int) -> None:
+        self._clear(slot)
+        self.free_slots.append(slot)
+
+    def _clear(self, slot: int) -> None:
         self.table[slot, :self.num_blocks[slot]] = 0
         self.num_blocks[slot] = 0
-        self.free_slots.append(slot)
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
         """[len(slots), most blocks among them] int32: the slots' block ids, padded with 0."""

@@ -200,30 +200,11 @@ def print_summary(throughput: dict, batch_sizes: list[int]) -> None:
 # ---------------------------------------------------------------- one all-reduce, timed per path
 
 
-def _time_in_graph(fn, x, calls: int = 20, replays: int = 5) -> float:
-    """Microseconds per call of fn(x): `calls` calls captured back to back in one CUDA graph."""
-    import torch
-
-    fn(x)  # warm-up outside the capture (NCCL's first call)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn(x)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (calls * replays)
-
-
 def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], results) -> None:
     import torch
     import torch.distributed as dist
 
+    from bench_common import time_us  # one CUDA graph of back-to-back calls, us per call
     from gpu_workers.symm_all_reduce import create_symm_all_reduce, pick_algorithm
     from ipc import envs
 
@@ -237,10 +218,10 @@ def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], result
     for nbytes in sizes:
         x = torch.randn(nbytes // 2, device=device).to(torch.bfloat16)
         row = {"bytes": nbytes, "routed": pick_algorithm(nbytes, x.dtype, world_size).value,
-               "nccl_us": _time_in_graph(lambda t: dist.all_reduce(t), x)}
+               "nccl_us": time_us(lambda _: dist.all_reduce(x), 100, device)}
         if comm is not None and nbytes <= comm.max_bytes:
-            row["one_shot_us"] = _time_in_graph(comm.one_shot, x)
-            row["two_shot_us"] = _time_in_graph(comm.two_shot, x)
+            row["one_shot_us"] = time_us(lambda _: comm.one_shot(x), 100, device)
+            row["two_shot_us"] = time_us(lambda _: comm.two_shot(x), 100, device)
         rows.append(row)
     if rank == 0:
         results.put(rows)
