@@ -54,7 +54,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner: CUDAGraphRunner | None = None
         self.staging = HostStaging(self.device)
-        self.timer = StepTimer(self.device)
+        self.timer = StepTimer(self.device, rank)
         self.profiler = StepProfiler(self.device, rank)
         self.in_flight: InFlightStep | None = None
         self.overlap = envs.overlap_steps(self.device.type)

@@ -12,7 +12,8 @@ costs about a second), and the caching allocator's device mallocs / frees and al
 first step (`n_cuda_malloc`, `n_cuda_free`, `n_alloc_retries`: a retry frees cached blocks, which
 synchronizes the device and stalls the overlap).
 The summary is logged every `every` steps and written to $PAGEDSERVE_STEP_TIMING (a path) at exit if
-it names a file.
+it names a file: by rank 0 to that path, by rank r > 0 to `<path>.rank<r>` (ranks exit together, and one
+file per rank keeps their writes apart).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ _ENGINE_IDLE_S = 0.05
 
 
 class StepTimer:
-    def __init__(self, device: torch.device, every: int = 200) -> None:
+    def __init__(self, device: torch.device, rank: int = 0, every: int = 200) -> None:
+        self.rank = rank
         self.enabled = bool(os.environ.get("PAGEDSERVE_STEP_TIMING"))
         self.cuda = device.type == "cuda"
         self.every = every
@@ -126,5 +128,5 @@ class StepTimer:
     def dump(self) -> None:
         path = os.environ.get("PAGEDSERVE_STEP_TIMING", "")
         if self.enabled and path not in ("", "1"):
-            with open(path, "w") as f:
+            with open(path if self.rank == 0 else f"{path}.rank{self.rank}", "w") as f:
                 json.dump(self.summary(), f)

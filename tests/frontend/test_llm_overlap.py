@@ -44,6 +44,8 @@ def test_overlapped_tensor_parallel_ranks_stay_in_step(tiny_checkpoints, monkeyp
                        tmp_path, True, tensor_parallel_size=2, block_size=4, num_gpu_blocks_override=32,
                        max_num_batched_tokens=16, enable_prefix_caching=False)
     assert timing["n_overlapped"] > 10
+    rank1 = json.loads((tmp_path / "timing-1.json.rank1").read_text())  # each rank writes its own file
+    assert rank1["n_launch"] == timing["n_launch"]  # both ranks ran every step
     assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], 16)
 
 
