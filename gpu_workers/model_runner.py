@@ -124,7 +124,8 @@ class ModelRunner:
         """Compile at start-up the kernel variants steps can pick: every attention variant (the
         backend's `warm_up`: decode with or without splits, alone or in a mixed batch; prefill at each
         tile size), then the rest of the model's kernels through eager prefills. Triton compiles each
-        variant on first use, about a second, which would otherwise land in a user's first steps."""
+        variant on first use, about a second, which would otherwise land in a user's first steps.
+        Then the sampling kernel, for the model's logit dtype and float32."""
         if self.device.type != "cuda":
             return
         if hasattr(self.attn_backend, "warm_up"):  # every attention variant, incl. mixed batches
@@ -135,6 +136,7 @@ class ModelRunner:
                                       self.config.scheduler.max_num_seqs)
         for n in (16, 17, 128):  # query lengths <= 16, > 16, >= 128: the rest of the model's kernels
             self._forward_prefills([min(n, self.config.model.max_model_len)])
+        self.sampler.warm_up(self.hf_config.vocab_size, self.dtype)
         torch.cuda.synchronize()
 
     def init_kv_cache(self, num_blocks: int) -> None:

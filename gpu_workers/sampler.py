@@ -16,22 +16,41 @@ a seeded row draws its q from a generator seeded with mix(seed, output_index, po
 request gives the same tokens whatever else is in the batch, in any row order, and after preemption
 recomputes it; outputs of an n > 1 request differ through output_index.
 
+On CUDA the random rows' stages (temperature to the draw) run as one Triton kernel instead
+(kernels/sampling.py: thresholds by pivot search, no vocabulary sort, a Gumbel race on Philox noise
+keyed by the same mix(seed, output_index, position), or by a fresh engine-generator draw when
+unseeded). The same seed gives the same tokens within a path, not across the two. The torch code here
+is the CPU path and the kernel's reference; `use_triton_sampling` says which runs.
+
 Everything stays on the device until the final `.tolist()`: only ids and small metadata leave the worker.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from gpu_workers.logit_edits import apply_logit_bias_and_blocks, apply_penalties
+from ipc import envs
 from ipc.messages import Logprobs
 from ipc.sampling_params import SamplingParams
 
 _GREEDY_EPS = 1e-5
 """Rows with temperature below this are greedy (the same threshold as SamplingParams.greedy)."""
 _MASK64 = (1 << 64) - 1
+logger = logging.getLogger(__name__)
+
+
+def use_triton_sampling(device: torch.device) -> bool:
+    """$PAGEDSERVE_TRITON_SAMPLING (see ipc/envs.py): the Triton kernel on CUDA by default, on CPU only
+    when forced under the interpreter."""
+    mode = envs.triton_sampling()
+    if mode == "torch":
+        return False
+    return device.type == "cuda" or (mode == "triton" and envs.triton_interpret())
 
 
 class RowInfo(NamedTuple):
@@ -147,11 +166,32 @@ class Sampler:
     the next step before they reach the host).
     """
 
-    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu", use_triton: bool | None = None) -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._row_generator = torch.Generator(device=self.device)  # re-seeded for each seeded row
+        self.use_triton = use_triton_sampling(self.device) if use_triton is None else use_triton
+        """Random rows go through kernels/sampling.py (else the torch stages below)."""
+
+    def warm_up(self, vocab_size: int, logits_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Compile the sampling kernel for both logit dtypes it sees (the model's, and float32 once
+        penalties or a logit bias apply), so no compile lands in a user's step. Should the kernel not
+        build on this device, warn and keep the torch path."""
+        if not self.use_triton:
+            return
+        from kernels.sampling import sample
+
+        try:
+            for dtype in {logits_dtype, torch.float32}:
+                logits = torch.randn(2, vocab_size, device=self.device).to(dtype)
+                ones = torch.ones(2, device=self.device)
+                sample(logits, ones, torch.full((2,), 5, dtype=torch.int32, device=self.device), ones * 0.9,
+                       ones * 0.01, torch.zeros(2, dtype=torch.int64, device=self.device))
+        except Exception:  # noqa: BLE001 - any build failure: the torch path still samples correctly
+            logger.exception("the Triton sampling kernel failed to build; sampling through torch ops "
+                             "(set PAGEDSERVE_TRITON_SAMPLING=0 to skip this check)")
+            self.use_triton = False
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         token_ids, logprobs = self.sample(logits, batch)
@@ -159,9 +199,11 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[Logprobs | None]]:
         """Token ids [S] int64 on the device, and per row its logprobs (on the host) or None."""
-        logits = logits.float()  # [S, V]
         wants_logprobs = any(k is not None for k in batch.num_logprobs)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None  # [S, V]
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None  # [S, V]
+        edits_logits = any(batch.logit_bias) or any(batch.blocked_token_ids) or not batch.no_penalties
+        if edits_logits or not self.use_triton:  # the kernel reads bf16 logits itself
+            logits = logits.float()  # [S, V]
         logits = apply_logit_bias_and_blocks(logits, batch.logit_bias, batch.blocked_token_ids)
         if not batch.no_penalties:
             logits = apply_penalties(logits, batch)
@@ -178,9 +220,14 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Greedy rows take the argmax of the penalized logits; random rows race. Returns [S] int64."""
-        greedy = None if batch.all_random else logits.argmax(dim=-1)  # [S]
         if batch.all_greedy:
-            return greedy
+            return logits.argmax(dim=-1)  # [S]
+        if self.use_triton:  # one launch: greedy rows take the first argmax there too
+            from kernels.sampling import sample
+
+            return sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p,
+                          self._row_seeds(batch), _GREEDY_EPS).token_ids
+        greedy = None if batch.all_random else logits.argmax(dim=-1)  # [S]
         is_greedy = batch.temperature < _GREEDY_EPS  # [S]
         temperature = torch.where(is_greedy, 1.0, batch.temperature)  # [S]; avoids dividing by 0
         logits = logits / temperature[:, None]  # [S, V]
@@ -208,6 +255,16 @@ class Sampler:
                 generator=self._row_generator)  # [V], drawn alone so its values never depend on S
         return q.clamp_min_(1e-20)  # an exact 0 would turn a filtered token's 0 / q into NaN
 
+    def _row_seeds(self, batch: SamplingBatch) -> torch.Tensor:
+        """[S] int64 Philox seeds for the kernel: a fresh engine-generator draw per unseeded row, and
+        row_seed(seed, output_index, position) per seeded row (so its tokens depend on it alone)."""
+        seeds = torch.randint(0, 1 << 62, (batch.num_rows,), generator=self.generator, device=self.device)
+        rows = [i for i, seed in enumerate(batch.seeds) if seed is not None]
+        if rows:
+            values = [row_seed(batch.seeds[i], batch.output_indices[i], batch.positions[i]) for i in rows]
+            seeds[torch.tensor(rows).to(self.device)] = torch.tensor(values).to(self.device)
+        return seeds  # [S]
+
 
 def row_seed(seed: int, output_index: int, position: int) -> int:
     """A 63-bit generator seed for one draw: splitmix64 chained over (seed, output_index, position)."""
@@ -222,68 +279,6 @@ def _splitmix64(x: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
-
-
-def apply_logit_bias_and_blocks(logits: torch.Tensor, logit_bias: list[dict[int, float] | None],
-                                blocked_token_ids: list[list[int]]) -> torch.Tensor:
-    """Adds each row's logit_bias, then sets its blocked tokens to -inf (out of place).
-
-    Token ids outside [0, V) are ignored: a bad request must not take the worker down.
-    """
-    vocab_size = logits.shape[1]
-    if any(logit_bias):
-        entries = [(row, int(token_id), float(value))
-                   for row, bias in enumerate(logit_bias) if bias
-                   for token_id, value in bias.items() if 0 <= int(token_id) < vocab_size]
-        logits = _put(logits, entries, accumulate=True)
-    if any(blocked_token_ids):
-        entries = [(row, token_id, float("-inf"))
-                   for row, blocked in enumerate(blocked_token_ids)
-                   for token_id in blocked if 0 <= token_id < vocab_size]
-        logits = _put(logits, entries, accumulate=False)
-    return logits
-
-
-def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate: bool) -> torch.Tensor:
-    """Writes (row, token_id, value) entries into a copy of logits [S, V] in one index_put."""
-    if not entries:
-        return logits
-    rows, cols, values = zip(*entries)
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-    values_t = torch.tensor(values, dtype=logits.dtype, device=logits.device)  # [num_entries]
-    return logits.index_put(index, values_t, accumulate=accumulate)  # [S, V]
-
-
-def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """vLLM's penalties, out of place. For each token t of row r:
-    repetition: if t is in the prompt or the output, logit / rp when positive, logit * rp otherwise;
-    then logit -= frequency_penalty * count_out(t) + presence_penalty * (count_out(t) > 0).
-    """
-    num_rows, vocab_size = logits.shape
-    output_counts = token_counts(batch.output_token_ids, vocab_size, logits.device)  # [S, V]
-    output_seen = output_counts > 0  # [S, V]
-    if not batch.no_repetition_penalty:
-        prompt_seen = token_counts(batch.prompt_token_ids, vocab_size, logits.device) > 0  # [S, V]
-        penalty = batch.repetition_penalty[:, None]  # [S, 1]
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)  # [S, V]
-        logits = torch.where(prompt_seen | output_seen, penalized, logits)  # [S, V]
-    logits = logits - batch.frequency_penalty[:, None] * output_counts  # [S, V]
-    return logits - batch.presence_penalty[:, None] * output_seen  # [S, V]
-
-
-def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """How many times each token id occurs in each row's list, [S, V] float32, by one scatter_add
-    over a padded [S, max_len] id tensor (padding and ids outside [0, V) count 0)."""
-    counts = torch.zeros(len(token_ids), vocab_size, device=device)  # [S, V]
-    max_len = max(map(len, token_ids), default=0)
-    if max_len == 0:
-        return counts
-    padded = torch.tensor([ids + [0] * (max_len - len(ids)) for ids in token_ids],
-                          dtype=torch.int64).to(device)  # [S, max_len]
-    lengths = torch.tensor([len(ids) for ids in token_ids]).to(device)  # [S]
-    valid = torch.arange(max_len, device=device)[None, :] < lengths[:, None]  # [S, max_len]
-    valid &= (padded >= 0) & (padded < vocab_size)
-    return counts.scatter_add_(1, padded.clamp(0, vocab_size - 1), valid.float())  # [S, V]
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

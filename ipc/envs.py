@@ -96,5 +96,15 @@ def torch_profiler_steps() -> tuple[int, int]:
     return start, count
 
 
+def triton_sampling() -> str | None:
+    """$PAGEDSERVE_TRITON_SAMPLING: where random rows are filtered and drawn (kernels/sampling.py).
+    Unset: the Triton kernel on CUDA, torch ops on CPU. "1": also on CPU under $TRITON_INTERPRET=1
+    (tests). "0": torch ops everywhere (the reference path)."""
+    value = os.environ.get("PAGEDSERVE_TRITON_SAMPLING", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_TRITON_SAMPLING must be 0 or 1, not {value!r}")
+    return {"": None, "0": "torch", "1": "triton"}[value]
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -16,8 +16,9 @@
 #   smoke                  scripts/gpu_smoke.py --quick: float32 greedy tokens equal transformers' (small random
 #                          Llama, Qwen3), CUDA graphs and eager, overlapped steps on; smoke.json (~1.5 min)
 #   attention              scripts/bench_attention.py: our attention kernels vs torch SDPA; attention.json
-#   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path; pytest from the
-#                          carried .whl/) and scripts/bench_elementwise.py; kernels.txt
+#   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path, the sampler on
+#                          its kernel; pytest from the carried .whl/), scripts/bench_elementwise.py and
+#                          scripts/bench_sampling.py; kernels.txt
 #   checkpoints            write full random safetensors checkpoints (Llama-3.1-8B, Qwen3-0.6B shapes, bf16);
 #                          later stages of the same call then load them from disk. Without this stage both
 #                          backends use random weights from config.json alone (--load-format dummy): speed
@@ -130,9 +131,11 @@ stage_attention() {
 }
 
 stage_kernels() {
-  run 240 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/gpu_workers/test_elementwise.py 2>&1 \
+  run 240 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/gpu_workers/test_elementwise.py \
+    tests/gpu_workers/test_sampler_triton.py 2>&1 \
     | tail -25 | tee -a "$OUT/kernels.txt"
   run 120 "$PY" scripts/bench_elementwise.py 2>&1 | tee -a "$OUT/kernels.txt"
+  run 120 "$PY" scripts/bench_sampling.py 2>&1 | tee -a "$OUT/kernels.txt"
 }
 
 stage_checkpoints() {

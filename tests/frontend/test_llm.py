@@ -248,6 +248,24 @@ def test_triton_backend_under_the_interpreter_matches_transformers(tiny_checkpoi
     assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], 6)
 
 
+def test_triton_sampling_under_the_interpreter_keeps_seeds_and_top_k(tiny_checkpoints, monkeypatch):
+    """The CUDA sampling path (kernels/sampling.py) through the real engine: top_k=1 is transformers'
+    greedy, a seeded request samples the same alone and in a batch, and n > 1 outputs differ."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PAGEDSERVE_TRITON_SAMPLING", "1")
+    path = tiny_checkpoints["llama"]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=8, ignore_eos=True)
+    top1 = SamplingParams(temperature=1.0, top_k=1, max_tokens=8, ignore_eos=True)
+    forked = SamplingParams(n=3, temperature=1.0, min_p=0.01, seed=5, max_tokens=8, ignore_eos=True)
+    with LLM(path, max_model_len=128) as llm:
+        alone = llm.generate(PROMPTS[1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+        batch = llm.generate(PROMPTS[:3], [top1, seeded, forked], use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+    assert token_ids(batch[:1]) == hf_greedy(path, [batch[0].prompt_token_ids], 8)
+    assert len({tuple(o.token_ids) for o in batch[2].outputs}) > 1
+
+
 def test_killing_the_scheduler_raises_in_the_caller_and_leaves_no_process(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["llama"], max_model_len=256)
     procs = _engine_processes(llm)

@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 
-from gpu_workers.sampler import (
-    RowInfo,
-    Sampler,
-    SamplingBatch,
-    apply_logit_bias_and_blocks,
-    apply_penalties,
-    compute_prompt_logprobs,
-    row_seed,
-)
+from gpu_workers.logit_edits import apply_logit_bias_and_blocks, apply_penalties
+from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs, row_seed
 from ipc.sampling_params import SamplingParams
 
 

@@ -128,6 +128,17 @@ def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
         assert row["ours_us"] > 0 and row["sdpa_us"] > 0 and row["ours_rate"] > 0, row
 
 
+def test_bench_sampling_times_both_paths_for_every_setting():
+    """The CPU smoke mode of the sampling benchmark prints, per filter setting, both paths' times."""
+    run = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_sampling.py"), "--device", "cpu",
+                          "--vocab", "300", "--batch-sizes", "1", "--iters", "1"], check=True, timeout=120,
+                         capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    assert len(rows) == 5
+    for row in rows:
+        assert row[:2] == ["300", "1"] and float(row[-3]) > 0 and float(row[-2]) > 0, row
+
+
 def test_bench_scheduler_schedules_every_running_request_each_step(tmp_path):
     """The scheduler benchmark drives the real Scheduler: in steady decode every running request gets
     one token per step (continuous batching), and each phase's time is reported."""

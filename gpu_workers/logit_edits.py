@@ -1,0 +1,74 @@
+"""Edits to a step's logits before sampling, in vLLM's order: logit_bias, blocked tokens (min_tokens
+not reached), then the repetition / frequency / presence penalties. All out of place: the caller's
+logits (and the raw logprobs taken from them) stay as the model produced them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from gpu_workers.sampler import SamplingBatch
+
+
+def apply_logit_bias_and_blocks(logits: torch.Tensor, logit_bias: list[dict[int, float] | None],
+                                blocked_token_ids: list[list[int]]) -> torch.Tensor:
+    """Adds each row's logit_bias, then sets its blocked tokens to -inf (out of place).
+
+    Token ids outside [0, V) are ignored: a bad request must not take the worker down.
+    """
+    vocab_size = logits.shape[1]
+    if any(logit_bias):
+        entries = [(row, int(token_id), float(value))
+                   for row, bias in enumerate(logit_bias) if bias
+                   for token_id, value in bias.items() if 0 <= int(token_id) < vocab_size]
+        logits = _put(logits, entries, accumulate=True)
+    if any(blocked_token_ids):
+        entries = [(row, token_id, float("-inf"))
+                   for row, blocked in enumerate(blocked_token_ids)
+                   for token_id in blocked if 0 <= token_id < vocab_size]
+        logits = _put(logits, entries, accumulate=False)
+    return logits
+
+
+def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate: bool) -> torch.Tensor:
+    """Writes (row, token_id, value) entries into a copy of logits [S, V] in one index_put."""
+    if not entries:
+        return logits
+    rows, cols, values = zip(*entries)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    values_t = torch.tensor(values, dtype=logits.dtype, device=logits.device)  # [num_entries]
+    return logits.index_put(index, values_t, accumulate=accumulate)  # [S, V]
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """vLLM's penalties, out of place. For each token t of row r:
+    repetition: if t is in the prompt or the output, logit / rp when positive, logit * rp otherwise;
+    then logit -= frequency_penalty * count_out(t) + presence_penalty * (count_out(t) > 0).
+    """
+    num_rows, vocab_size = logits.shape
+    output_counts = token_counts(batch.output_token_ids, vocab_size, logits.device)  # [S, V]
+    output_seen = output_counts > 0  # [S, V]
+    if not batch.no_repetition_penalty:
+        prompt_seen = token_counts(batch.prompt_token_ids, vocab_size, logits.device) > 0  # [S, V]
+        penalty = batch.repetition_penalty[:, None]  # [S, 1]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)  # [S, V]
+        logits = torch.where(prompt_seen | output_seen, penalized, logits)  # [S, V]
+    logits = logits - batch.frequency_penalty[:, None] * output_counts  # [S, V]
+    return logits - batch.presence_penalty[:, None] * output_seen  # [S, V]
+
+
+def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """How many times each token id occurs in each row's list, [S, V] float32, by one scatter_add
+    over a padded [S, max_len] id tensor (padding and ids outside [0, V) count 0)."""
+    counts = torch.zeros(len(token_ids), vocab_size, device=device)  # [S, V]
+    max_len = max(map(len, token_ids), default=0)
+    if max_len == 0:
+        return counts
+    padded = torch.tensor([ids + [0] * (max_len - len(ids)) for ids in token_ids],
+                          dtype=torch.int64).to(device)  # [S, max_len]
+    lengths = torch.tensor([len(ids) for ids in token_ids]).to(device)  # [S]
+    valid = torch.arange(max_len, device=device)[None, :] < lengths[:, None]  # [S, max_len]
+    valid &= (padded >= 0) & (padded < vocab_size)
+    return counts.scatter_add_(1, padded.clamp(0, vocab_size - 1), valid.float())  # [S, V]

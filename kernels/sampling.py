@@ -1,0 +1,218 @@
+"""Sampling without a vocabulary sort: temperature, min-p, top-k, top-p and the draw, one launch, one
+program per row.
+
+Every filter keeps the tokens at or above one threshold of the scaled logits y = logit / temperature
+(ties with it survive), so a row needs thresholds, never a sorted vocabulary:
+
+    min_p:  y >= max(y) + log(min_p)
+    top_k:  the k-th largest y                        (largest t with count(y >= t) >= k)
+    top_p:  the largest t with mass(y >= t) >= top_p * mass of the tokens kept so far
+
+The row's kept set is the strictest of them, in vLLM's order (min-p, then top-k, then top-p on the
+renormalized survivors). Each "largest t with F(t) >= target" is a pivot search over the row: one
+pass evaluates F at 16 pivots in (lo, hi] (8 even in value, 8 even in the float's bit order, so both
+ordinary logits and extreme ranges narrow fast), and [lo, hi] moves to the data values around the
+crossing, until lo == hi, the threshold itself:
+
+    pass 1        pivots  lo ·····|·····|·····|··x··|·····|····· hi     F(pivot) >= target? y y y n n
+    pass 2        [lo, hi] = [smallest y >= last "y" pivot, largest y < first "n" pivot] ...
+                  converges in ~4-8 passes over the row for a 150k vocabulary (at most ~11: the
+                  bit-order pivots shrink the range 9x a pass).
+
+The draw is the Gumbel race: argmax over kept tokens of y_i - log(-log(u_i)), u_i uniform, picks
+token i with probability softmax(y)_i over the kept set, with no cumsum and no normalizing. u comes
+from Philox (tl.randint) keyed by the row's 64-bit seed and the token id, so a row's draw depends on
+its seed alone, never on the batch. Greedy rows (temperature < greedy_eps) take the first argmax.
+
+Passes over a random row: 1 (max) + ~5 per active top-k / top-p search (+1 for the top-p mass) + 1
+(draw). gpu_workers/sampler.py keeps the torch reference (apply_min_p, apply_top_k_top_p).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.kv_cache import check_same_device, next_pow2
+
+PIVOTS = 16
+"""Pivots per search pass (half by value, half by float bit order)."""
+MAX_SEARCH_PASSES = 40
+"""A safety bound only: the bit-order pivots alone finish a 32-bit range in 11 passes."""
+SUPPORTED_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class SampleOutput(NamedTuple):
+    token_ids: torch.Tensor
+    """[S] int64: the sampled (or, for greedy rows, argmax) token of each row."""
+    thresholds: torch.Tensor
+    """[S] float32: the smallest kept scaled logit y = logit / temperature of each random row (-inf
+    when nothing is filtered); the row's max logit for greedy rows. For tests and diagnosis."""
+
+
+@triton.jit
+def _key(y):
+    """Order-preserving int32 key of a float32: a < b iff key(a) < key(b)."""
+    bits = y.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _from_key(key):
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_scaled(row_ptr, cols, vocab, temperature):
+    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    return tl.div_rn(x, temperature)  # IEEE-rounded, as torch divides: both paths see equal values
+
+
+@triton.jit
+def _search(row_ptr, vocab, temperature, y_max, lo, hi, target,
+            BY_MASS: tl.constexpr, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """The largest data value t of the scaled row with F(t) >= target, F(t) = count (or, BY_MASS, the
+    sum of exp(y - y_max)) of the y >= t. Needs F(lo) >= target and hi >= the answer.
+
+    Invariant: lo <= answer <= hi. A pass evaluates F at the pivots; every pivot with F >= target
+    raises lo to the smallest y at or above it (same F), every other one lowers hi to the largest y
+    below it (the answer is below that pivot). hi drops or lo reaches hi each pass, so it ends."""
+    half: tl.constexpr = NUM_PIVOTS // 2
+    j = tl.arange(0, NUM_PIVOTS)
+    step = (j % half + 1).to(tl.float32) / half  # (0, 1]
+    n = 0
+    while (lo < hi) & (n < MAX_PASSES):
+        by_value = tl.where(j % half == half - 1, hi, lo + (hi - lo) * step)  # the last pivot is hi itself
+        key_lo = _key(lo).to(tl.int64)
+        key_hi = _key(hi).to(tl.int64)
+        by_bits = _from_key((key_lo + (key_hi - key_lo) * (j % half + 1) // half).to(tl.int32))
+        pivots = tl.where(j < half, by_value, by_bits)  # [P]
+        f = tl.zeros([NUM_PIVOTS], tl.float32)
+        min_ge = tl.full([NUM_PIVOTS], float("inf"), tl.float32)
+        max_lt = tl.full([NUM_PIVOTS], float("-inf"), tl.float32)
+        for start in range(0, vocab, BLOCK):
+            y = _load_scaled(row_ptr, start + tl.arange(0, BLOCK), vocab, temperature)  # [BLOCK]
+            ge = y[:, None] >= pivots[None, :]  # [BLOCK, P]
+            if BY_MASS:
+                f += tl.sum(tl.where(ge, tl.exp(y - y_max)[:, None], 0.0), axis=0)
+            else:
+                f += tl.sum(ge.to(tl.float32), axis=0)  # exact: counts stay below 2**24
+            min_ge = tl.minimum(min_ge, tl.min(tl.where(ge, y[:, None], float("inf")), axis=0))
+            max_lt = tl.maximum(max_lt, tl.max(tl.where(ge, float("-inf"), y[:, None]), axis=0))
+        reached = f >= target  # [P]
+        lo = tl.maximum(lo, tl.max(tl.where(reached, min_ge, float("-inf")), axis=0))
+        hi = tl.minimum(hi, tl.min(tl.where(reached, float("inf"), max_lt), axis=0))
+        n += 1
+    return lo
+
+
+@triton.jit(do_not_specialize=["stride_row", "vocab", "greedy_eps"],
+            do_not_specialize_on_alignment=["logits_ptr", "temperature_ptr", "top_k_ptr", "top_p_ptr",
+                                            "min_p_ptr", "seed_ptr"])
+def _sample_kernel(
+    logits_ptr, stride_row, vocab,
+    temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,  # [S] each
+    token_ptr, threshold_ptr,  # outputs, [S]
+    greedy_eps,
+    BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, MAX_PASSES: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    # Pass 1, raw logits: the max and its first index (greedy), the smallest finite logit and how many
+    # are finite (the searches' starting bounds).
+    x_max = tl.full([], float("-inf"), tl.float32)
+    x_min = tl.full([], float("inf"), tl.float32)
+    arg = tl.zeros([], tl.int32)
+    num_finite = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)  # [BLOCK]
+        block_max = tl.max(x, axis=0)
+        block_arg = tl.min(tl.where(x == block_max, cols, vocab), axis=0)
+        arg = tl.where(block_max > x_max, block_arg, arg)
+        x_max = tl.maximum(x_max, block_max)
+        finite = x > float("-inf")
+        x_min = tl.minimum(x_min, tl.min(tl.where(finite, x, float("inf")), axis=0))
+        num_finite += tl.sum(finite.to(tl.int32), axis=0)
+
+    temperature = tl.load(temperature_ptr + row)
+    token = arg
+    threshold = x_max
+    if (temperature >= greedy_eps) & (num_finite > 0):
+        y_max = tl.div_rn(x_max, temperature)
+        y_min = tl.div_rn(x_min, temperature)
+        threshold = tl.full([], float("-inf"), tl.float32)
+        min_p = tl.load(min_p_ptr + row)
+        if min_p > 0:
+            threshold = y_max + tl.log(min_p)
+        k = tl.load(top_k_ptr + row)
+        if (k > 0) & (k < num_finite):
+            kth = _search(row_ptr, vocab, temperature, y_max, y_min, y_max, k.to(tl.float32),
+                          False, SEARCH_BLOCK, NUM_PIVOTS, MAX_PASSES)
+            threshold = tl.maximum(threshold, kth)
+        top_p = tl.load(top_p_ptr + row)
+        if top_p < 1.0:
+            mass = tl.zeros([], tl.float32)  # of the tokens kept so far
+            for start in range(0, vocab, BLOCK):
+                y = _load_scaled(row_ptr, start + tl.arange(0, BLOCK), vocab, temperature)
+                mass += tl.sum(tl.where(y >= threshold, tl.exp(y - y_max), 0.0), axis=0)
+            threshold = _search(row_ptr, vocab, temperature, y_max, tl.maximum(threshold, y_min), y_max,
+                                top_p * mass, True, SEARCH_BLOCK, NUM_PIVOTS, MAX_PASSES)
+        # The draw: the Gumbel race over the kept tokens, 24-bit uniforms strictly inside (0, 1).
+        seed = tl.load(seed_ptr + row)
+        best = tl.full([], float("-inf"), tl.float32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            y = _load_scaled(row_ptr, cols, vocab, temperature)
+            u = ((tl.randint(seed, cols) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            score = tl.where(y >= threshold, y - tl.log(-tl.log(u)), float("-inf"))  # [BLOCK]
+            block_best = tl.max(score, axis=0)
+            block_token = tl.min(tl.where(score == block_best, cols, vocab), axis=0)
+            token = tl.where(block_best > best, block_token, token)
+            best = tl.maximum(best, block_best)
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(threshold_ptr + row, threshold)
+
+
+def _check_inputs(logits, temperature, top_k, top_p, min_p, seeds) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be [num_rows, vocab] with contiguous rows, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    if logits.dtype not in SUPPORTED_LOGIT_DTYPES:
+        raise ValueError(f"logits dtype {logits.dtype} is not supported ({SUPPORTED_LOGIT_DTYPES})")
+    expected = {"temperature": (temperature, torch.float32), "top_k": (top_k, torch.int32),
+                "top_p": (top_p, torch.float32), "min_p": (min_p, torch.float32), "seeds": (seeds, torch.int64)}
+    for name, (t, dtype) in expected.items():
+        if t.shape != (logits.shape[0],) or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{logits.shape[0]}] {dtype} tensor, got "
+                             f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    check_same_device(logits.device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
+
+
+def sample(
+    logits: torch.Tensor,  # [S, V] float32 / bf16 / fp16, rows contiguous
+    temperature: torch.Tensor,  # [S] float32; < greedy_eps: greedy
+    top_k: torch.Tensor,  # [S] int32; <= 0 disables
+    top_p: torch.Tensor,  # [S] float32; >= 1 disables
+    min_p: torch.Tensor,  # [S] float32; 0 disables
+    seeds: torch.Tensor,  # [S] int64: each row's Philox seed
+    greedy_eps: float = 1e-5,
+) -> SampleOutput:
+    """One token per row (see the module docstring). The logits are only read."""
+    _check_inputs(logits, temperature, top_k, top_p, min_p, seeds)
+    num_rows, vocab = logits.shape
+    token_ids = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    thresholds = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    if num_rows == 0:
+        return SampleOutput(token_ids, thresholds)
+    block = min(1024, max(16, next_pow2(vocab)))  # a model's vocabulary: one size per engine
+    _sample_kernel[(num_rows,)](
+        logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, seeds, token_ids, thresholds,
+        greedy_eps, BLOCK=block, SEARCH_BLOCK=min(block, 256), NUM_PIVOTS=PIVOTS, MAX_PASSES=MAX_SEARCH_PASSES,
+        num_warps=8,
+    )
+    return SampleOutput(token_ids, thresholds)

@@ -1,0 +1,66 @@
+"""The sampler's random rows: the Triton kernel (kernels/sampling.py, the CUDA default) vs the torch
+stages (the CPU path), at real vocabularies, batch sizes and filter settings.
+
+    python scripts/bench_sampling.py                       # CUDA, bf16 logits
+    TRITON_INTERPRET=1 python scripts/bench_sampling.py --device cpu --vocab 2000 --batch-sizes 2 --iters 1
+
+Times `Sampler.sample` as the engine calls it (eager: the batch's tensors are built once, outside the
+timing, as the engine builds them on the host while the GPU runs): mean microseconds per call over
+`--iters` back-to-back calls, synchronized at the end, so it is max(CPU launch time, GPU time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch
+from ipc.sampling_params import SamplingParams
+
+SETTINGS = {
+    "temperature": SamplingParams(temperature=0.8),
+    "top_p 0.9": SamplingParams(temperature=0.8, top_p=0.9),
+    "top_k 50 + top_p 0.95": SamplingParams(temperature=0.8, top_k=50, top_p=0.95),
+    "min_p 0.05": SamplingParams(temperature=0.8, min_p=0.05),
+    "seeded top_p 0.9": SamplingParams(temperature=0.8, top_p=0.9, seed=7),
+}
+
+
+def time_call(fn, iters: int, device: torch.device) -> float:
+    fn()  # warm-up (Triton compiles)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[128_256, 151_936])  # Llama-3, Qwen3
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    samplers = {"torch": Sampler(device=device, use_triton=False), "triton": Sampler(device=device, use_triton=True)}
+    print(f"{'vocab':>7} {'batch':>5} {'setting':24} {'torch us':>9} {'triton us':>9} {'speed-up':>8}")
+    for vocab in args.vocab:
+        for batch_size in args.batch_sizes:
+            logits = (torch.randn(batch_size, vocab, device=device) * 3).to(torch.bfloat16)
+            for name, params in SETTINGS.items():
+                rows = [RowInfo(params, [1], [], 0, [], position=i) for i in range(batch_size)]
+                batch = SamplingBatch.build(rows, device)
+                us = {path: time_call(lambda s=s: s.sample(logits, batch), args.iters, device)
+                      for path, s in samplers.items()}
+                print(f"{vocab:7} {batch_size:5} {name:24} {us['torch']:9.1f} {us['triton']:9.1f} "
+                      f"{us['torch'] / us['triton']:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
