@@ -125,3 +125,43 @@ def test_bad_inputs_raise_before_launch():
         sample(logits.t(), *good, seeds)
     with pytest.raises(ValueError, match="seeds"):
         sample(logits, *good, seeds[:1])
+
+
+BUILD_FOR_HOPPER = """
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import sampling
+signature = {"logits_ptr": sys.argv[1], "stride_row": "i64", "vocab": "i32", "temperature_ptr": "*fp32",
+             "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
+             "token_ptr": "*i64", "threshold_ptr": "*fp32", "greedy_eps": "fp32"}
+constants = {"BLOCK": 1024, "SEARCH_BLOCK": 256, "NUM_PIVOTS": sampling.PIVOTS, "MAX_PASSES": sampling.MAX_SEARCH_PASSES}
+source = ASTSource(sampling._sample_kernel, signature | {k: "constexpr" for k in constants}, constants)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+ptx = tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False)
+ptx.write(compiled.asm["ptx"]); ptx.close()
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+print(subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
+                     capture_output=True, text=True, check=True).stderr)
+"""
+
+
+@pytest.mark.parametrize("logits_type", ["*bf16", "*fp32"])
+def test_kernel_builds_for_hopper_without_spills(logits_type):
+    """The interpreter does not type-check the way the compiler does: build the kernel for sm_90
+    (H100/H200) ahead of time with triton's own ptxas, no GPU needed, in a process without
+    TRITON_INTERPRET, and read the register report."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton build has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", BUILD_FOR_HOPPER, logits_type], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Used" in run.stdout and "spill" not in run.stdout.replace("0 bytes spill", ""), run.stdout
