@@ -106,5 +106,14 @@ def triton_sampling() -> str | None:
     return {"": None, "0": "torch", "1": "triton"}[value]
 
 
+def pdl() -> bool:
+    """$PAGEDSERVE_PDL=1: launch the decode path's Triton kernels with programmatic dependent launch
+    (kernels/pdl.py; CUDA sm_90+). Off by default until measured."""
+    value = os.environ.get("PAGEDSERVE_PDL", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"PAGEDSERVE_PDL must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_last_dim_contiguous, check_same_device, next_pow2
+from kernels.pdl import pdl_prologue, use_pdl
 
 MAX_BLOCK = 1024  # columns per program
 
@@ -22,8 +23,9 @@ MAX_BLOCK = 1024  # columns per program
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_o, d,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -55,8 +57,9 @@ def silu_and_mul(
     if num_tokens == 0 or d == 0:
         return out
     block = min(next_pow2(d), MAX_BLOCK)
+    pdl = use_pdl(x.device)
     _silu_and_mul_kernel[(num_tokens, cdiv(d, block))](
         x, out, x.stride(0), out.stride(0), d,
-        BLOCK=block, num_warps=4 if block >= 512 else 1,
+        BLOCK=block, num_warps=4 if block >= 512 else 1, USE_PDL=pdl, launch_pdl=pdl,
     )
     return out

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
                               check_last_dim_contiguous, check_same_device, next_pow2)
+from kernels.pdl import pdl_prologue, use_pdl
 
 LOG2E = 1.4426950408889634
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity": an empty split never produces inf - inf = nan
@@ -54,7 +55,9 @@ def _decode_split_kernel(
     head_dim, block_size, partition_size, num_splits, num_kv_heads,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     prog = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -268,6 +271,7 @@ def decode_attention(
     group = num_heads // num_kv_heads
     block_d = max(16, next_pow2(head_dim))
     single = num_splits == 1
+    pdl = use_pdl(query.device)
     if single:  # the kernel writes `out` directly; scratch and counters are unused
         part = counters = out
     else:
@@ -287,6 +291,6 @@ def decode_attention(
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_S=16, HAS_SEQ_IDS=seq_ids is not None, SINGLE_SPLIT=single,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import SUPPORTED_DTYPES, check_last_dim_contiguous, check_same_device, next_pow2
+from kernels.pdl import pdl_prologue, use_pdl
 
 MAX_HIDDEN = 65536  # one row per program: the whole row lives in registers
 
@@ -25,8 +26,9 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,  # row strides (last dims contiguous)
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -84,6 +86,7 @@ def rms_norm(
     new_residual = torch.empty_like(out) if residual is not None else None
     if num_tokens > 0:
         block = next_pow2(hidden)
+        pdl = use_pdl(x.device)
         res_in = residual if residual is not None else x  # unused when HAS_RESIDUAL is off
         res_out = new_residual if new_residual is not None else out
         _rms_norm_kernel[(num_tokens,)](
@@ -91,5 +94,6 @@ def rms_norm(
             x.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
             hidden, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+            USE_PDL=pdl, launch_pdl=pdl,
         )
     return out if new_residual is None else (out, new_residual)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from kernels.kv_cache import (SUPPORTED_DTYPES, check_int_dtype, check_kv_cache, check_last_dim_contiguous,
                               check_same_device, next_pow2)
+from kernels.pdl import pdl_prologue, use_pdl
 
 
 @triton.jit
@@ -61,8 +62,9 @@ def _rotary_kernel(
     stride_cos, stride_sin,  # caches: position
     num_heads, num_kv_heads, half, eps,
     HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -190,6 +192,7 @@ def _launch(q, k, q_out, k_out, positions, cos_cache, sin_cache, q_norm_weight, 
     block_hq, block_hk, block_half = next_pow2(num_heads), next_pow2(num_kv_heads), next_pow2(half)
     num_warps = min(max(block_hq * block_half // 256, 1), 8)
     v, v_out, slots = kv if kv is not None else (k, k_out, positions)  # unused without kv
+    pdl = use_pdl(q.device)
     _rotary_kernel[(num_tokens,)](
         q, k, q_out, k_out, positions, cos_cache, sin_cache,
         q_norm_weight if has_norm else cos_cache, k_norm_weight if has_norm else cos_cache,  # unused without norm
@@ -201,5 +204,5 @@ def _launch(q, k, q_out, k_out, positions, cos_cache, sin_cache, q_norm_weight, 
         num_heads, num_kv_heads, half, float(eps),
         HAS_NORM=has_norm, WRITE_KV=kv is not None,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-        num_warps=num_warps,
+        USE_PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )

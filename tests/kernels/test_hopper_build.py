@@ -1,0 +1,150 @@
+"""Every Triton kernel builds for sm_90 (H100/H200), with programmatic dependent launch on, without a GPU.
+
+The interpreter runs kernels as numpy and type-checks nothing the way the compiler does, and kernels/pdl.py's
+branch never runs there at all. So each wrapper is called here once under the interpreter with small inputs
+while its launch is recorded; the recorded arguments give the kernel's signature, and a process without
+TRITON_INTERPRET compiles it ahead of time for sm_90 (triton's own ptxas, no device needed) with
+USE_PDL=True, and reports registers and spills."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels.activation import silu_and_mul
+from kernels.kv_cache import write_kv_cache
+from kernels.rms_norm import rms_norm
+from kernels.rotary import apply_rotary, apply_rotary_and_write_kv
+from tests.triton_env import INTERPRET, paged_cache
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="records launches under the interpreter (CPU runs)")
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+          torch.int64: "i64"}
+
+NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
+         "decode_attention", "decode_attention+splits", "prefill_attention", "sampling"]
+
+_COMPILE = r"""
+import importlib, json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+results = []
+for job in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+    source = ASTSource(fn, job["signature"], {k: v for k, v in job["constants"].items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=job["options"])
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    results.append({"name": job["name"], "report": report, "pdl": "griddepcontrol.wait" in compiled.asm["ptx"]})
+print(json.dumps(results))
+"""
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value)}")
+
+
+def record(monkeypatch, module, kernel_name: str, jobs: list, name: str):
+    """Replace module.kernel_name so its next launches are recorded as compile jobs (and still run)."""
+    kernel = getattr(module, kernel_name)
+    kernel = getattr(kernel, "kernel", kernel)  # recorded before: the original
+    params = list(inspect.signature(kernel.fn).parameters.values())
+
+    class Recorder:
+        kernel = None
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                values = dict(zip([p.name for p in params], args)) | kwargs
+                signature, constants = {}, {}
+                for p in params:
+                    if "constexpr" in str(p.annotation):
+                        signature[p.name], constants[p.name] = "constexpr", values[p.name]
+                    else:
+                        signature[p.name] = _type(values[p.name])
+                if "USE_PDL" in constants:
+                    constants["USE_PDL"] = True
+                options = {k: values[k] for k in ("num_warps", "num_stages") if k in values}
+                options["launch_pdl"] = "USE_PDL" in constants
+                jobs.append({"name": name, "module": module.__name__, "kernel": kernel_name,
+                             "signature": signature, "constants": constants, "options": options})
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    recorder = Recorder()
+    recorder.kernel = kernel
+    monkeypatch.setattr(module, kernel_name, recorder)
+
+
+def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
+    act_mod, kv_mod, rms_mod, rot_mod = (importlib.import_module(f"kernels.{name}")  # the package's
+                                         for name in ("activation", "kv_cache", "rms_norm", "rotary"))  # names are functions
+    decode_mod, prefill_mod, sampling_mod = (importlib.import_module(f"kernels.{name}")
+                                             for name in ("decode_attention", "prefill_attention", "sampling"))
+    jobs: list[dict] = []
+    dt = torch.bfloat16
+    x = torch.randn(3, 64, dtype=dt)
+    record(monkeypatch, rms_mod, "_rms_norm_kernel", jobs, "rms_norm+residual")
+    rms_norm(x, torch.ones(64, dtype=dt), 1e-6, torch.randn_like(x))
+    record(monkeypatch, act_mod, "_silu_and_mul_kernel", jobs, "silu_and_mul")
+    silu_and_mul(torch.randn(3, 128, dtype=dt))
+
+    q, k, v = torch.randn(3, 4, 32, dtype=dt), torch.randn(3, 2, 32, dtype=dt), torch.randn(3, 2, 32, dtype=dt)
+    cos, sin = torch.randn(64, 16), torch.randn(64, 16)
+    positions = torch.tensor([0, 5, 9])
+    k_cache, v_cache, block_tables, _ = paged_cache([40, 150, 9], 16, 2, 32, dt)
+    record(monkeypatch, rot_mod, "_rotary_kernel", jobs, "rotary+qk_norm")
+    apply_rotary(q, k, positions, cos, sin, torch.ones(32, dtype=dt), torch.ones(32, dtype=dt), 1e-6)
+    record(monkeypatch, rot_mod, "_rotary_kernel", jobs, "rotary+kv_write")
+    apply_rotary_and_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, torch.tensor([3, 17, -1]))
+    record(monkeypatch, kv_mod, "_write_kv_cache_kernel", jobs, "write_kv_cache")
+    write_kv_cache(k, v, k_cache, v_cache, torch.tensor([3, 17, -1]))
+
+    seq_lens = torch.tensor([40, 150, 9], dtype=torch.int32)
+    for name, splits in (("decode_attention", 1), ("decode_attention+splits", 2)):
+        record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, name)
+        decode_mod.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 150, 0.2, num_splits=splits)
+    record(monkeypatch, prefill_mod, "_prefill_kernel", jobs, "prefill_attention")
+    query_start_loc = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    prefill_mod.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 1, 0.2)
+
+    record(monkeypatch, sampling_mod, "_sample_kernel", jobs, "sampling")
+    ones = torch.ones(2)
+    sampling_mod.sample(torch.randn(2, 300, dtype=dt), ones, torch.full((2,), 5, dtype=torch.int32), ones * 0.9,
+                        ones * 0.01, torch.zeros(2, dtype=torch.int64))
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton build has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs), capture_output=True, text=True,
+                         env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(kernels.__file__)))
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = {r["name"]: r for r in json.loads(run.stdout)}
+    assert sorted(results) == sorted(NAMES), sorted(results)
+    with_pdl = {name for name, r in results.items() if r["pdl"]}
+    assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
+    for name, report in ((name, r["report"]) for name, r in results.items()):
+        assert "Used" in report, (name, report)
+        assert "spill" not in report.replace(" 0 bytes spill", ""), (name, report)
