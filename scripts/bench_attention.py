@@ -1,6 +1,7 @@
 """Our Triton attention kernels (paged decode, paged varlen prefill) vs torch SDPA, at real model shapes.
 
     python scripts/bench_attention.py --output-json /tmp/attention.json   # CUDA: bf16, Llama-3.1-8B + Qwen3-0.6B
+    python scripts/bench_attention.py --decode-sweep     # decode time per split count, incl. an 8B TP=2 rank
     TRITON_INTERPRET=1 python scripts/bench_attention.py --device cpu --iters 1   # smoke test: float32, tiny shapes
 
 Ours reads a paged cache (block ids shuffled, as after a long-running server frees and reuses blocks). SDPA
@@ -33,7 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_common as bc  # noqa: E402
-from kernels import decode_attention, prefill_attention  # noqa: E402
+from kernels import choose_num_splits, decode_attention, prefill_attention  # noqa: E402
 
 _ROTATE_BYTES = 256 << 20  # K/V read per cycle of input copies: several times an H100/H200's 50 MB L2
 
@@ -65,6 +66,12 @@ class Case(NamedTuple):
 MODELS = {"llama-3.1-8b": Model(32, 8, 128, 32), "qwen3-0.6b": Model(16, 8, 128, 28)}
 CASES = [Case(1, 1, 512), Case(1, 1, 4096), Case(64, 1, 1024), Case(256, 1, 512),
          Case(1, 1024, 1024), Case(8, 1024, 1024), Case(4, 512, 1536)]
+# --decode-sweep: decode at each split count, also for one rank of Llama-3.1-8B at TP=2 (the short-context,
+# moderate-batch case that costs a TP=2 batch-64 step ~0.75 ms)
+SWEEP_MODELS = {"llama-3.1-8b": MODELS["llama-3.1-8b"], "llama-8b/tp2": Model(16, 4, 128, 32)}
+SWEEP_CASES = [Case(1, 1, 512), Case(16, 1, 256), Case(64, 1, 256), Case(64, 1, 512), Case(64, 1, 1024),
+               Case(256, 1, 256)]
+SWEEP_SPLITS = [None, 1, 2, 4, 8, 16]  # None: the kernel's own choice (choose_num_splits)
 # --small: a split decode (3 x 150 makes 2 splits under the interpreter), several query tiles (70 > 64)
 SMALL_MODELS = {"tiny-gqa": Model(4, 2, 32, 2)}
 SMALL_CASES = [Case(1, 1, 40), Case(3, 1, 150), Case(1, 70, 70), Case(2, 20, 20), Case(2, 8, 40)]
@@ -103,10 +110,10 @@ def make_inputs(model: Model, case: Case, block_size: int, dtype: torch.dtype, d
                   dense(k_cache), dense(v_cache))
 
 
-def run_ours(x: Inputs, case: Case, scale: float, out: torch.Tensor) -> torch.Tensor:
+def run_ours(x: Inputs, case: Case, scale: float, out: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
     if case.kind == "decode":
         return decode_attention(x.query, x.k_cache, x.v_cache, x.block_tables, x.seq_lens, case.context_len,
-                                scale, out=out)
+                                scale, out=out, num_splits=num_splits)
     return prefill_attention(x.query, x.k_cache, x.v_cache, x.block_tables, x.query_start_loc, x.seq_lens,
                              case.query_len, scale, out=out)
 
@@ -138,9 +145,8 @@ def work(model: Model, case: Case, itemsize: int) -> tuple[float, str]:
 
 
 def bench_row(name: str, model: Model, case: Case, args: argparse.Namespace) -> dict:
-    kv_bytes = 2 * case.num_seqs * case.context_len * model.num_kv_heads * model.head_dim * args.dtype.itemsize
-    copies = max(1, min(model.num_layers, -(-_ROTATE_BYTES // kv_bytes))) if args.device.type == "cuda" else 1
-    inputs = [make_inputs(model, case, args.block_size, args.dtype, args.device) for _ in range(copies)]
+    inputs = inputs_for(model, case, args)
+    copies = len(inputs)
     scale = model.head_dim ** -0.5
     out = torch.empty_like(inputs[0].query)
     ours_us = bc.time_us(lambda i: run_ours(inputs[i % copies], case, scale, out), args.iters, args.device)
@@ -153,6 +159,31 @@ def bench_row(name: str, model: Model, case: Case, args: argparse.Namespace) -> 
                 sdpa_rate=amount / sdpa_us, sdpa_backend=sdpa_backend(inputs[0], case), copies=copies)
 
 
+def inputs_for(model: Model, case: Case, args: argparse.Namespace) -> list[Inputs]:
+    """Copies of the inputs to cycle through (see the module docstring)."""
+    kv_bytes = 2 * case.num_seqs * case.context_len * model.num_kv_heads * model.head_dim * args.dtype.itemsize
+    copies = max(1, min(model.num_layers, -(-_ROTATE_BYTES // kv_bytes))) if args.device.type == "cuda" else 1
+    return [make_inputs(model, case, args.block_size, args.dtype, args.device) for _ in range(copies)]
+
+
+def decode_sweep(args: argparse.Namespace) -> list[dict]:
+    """Decode microseconds at each split count; the kernel's own choice first."""
+    print(f"{'model':13} {'shape':10} {'chosen':>6} " + " ".join(f"{'auto' if n is None else n:>7}" for n in SWEEP_SPLITS))
+    rows = []
+    models, cases = (SMALL_MODELS, [Case(3, 1, 150)]) if args.small else (SWEEP_MODELS, SWEEP_CASES)
+    for name, model in models.items():
+        for case in cases:
+            inputs = inputs_for(model, case, args)
+            out, scale = torch.empty_like(inputs[0].query), model.head_dim ** -0.5
+            times = [bc.time_us(lambda i: run_ours(inputs[i % len(inputs)], case, scale, out, n), args.iters,
+                                args.device) for n in SWEEP_SPLITS]
+            chosen = choose_num_splits(case.num_seqs, model.num_kv_heads, case.context_len, args.device)
+            rows.append(dict(model=name, shape=case.label, chosen_splits=chosen,
+                             us_by_splits={str(n or "auto"): t for n, t in zip(SWEEP_SPLITS, times)}))
+            print(f"{name:13} {case.label:10} {chosen:6} " + " ".join(f"{t:7.1f}" for t in times), flush=True)
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
                         help="tiny shapes for the interpreter (default: on for --device cpu)")
+    parser.add_argument("--decode-sweep", action="store_true", help="decode time per split count instead")
     parser.add_argument("--output-json", help="write the rows, card, date and command here")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -176,6 +208,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.decode_sweep:
+        summary = dict(benchmark="attention_decode_sweep", dtype=str(args.dtype).removeprefix("torch."),
+                       block_size=args.block_size, iters=args.iters, rows=decode_sweep(args))
+        return bc.finish(summary, args.output_json, __file__, argv)
     models, cases = (SMALL_MODELS, SMALL_CASES) if args.small else (MODELS, CASES)
     card = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
     print(f"{card}, {args.dtype}, block_size {args.block_size}, {args.iters} calls per timing")

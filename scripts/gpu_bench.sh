@@ -15,7 +15,8 @@
 # Stages:
 #   smoke                  scripts/gpu_smoke.py --quick: float32 greedy tokens equal transformers' (small random
 #                          Llama, Qwen3), CUDA graphs and eager, overlapped steps on; smoke.json (~1.5 min)
-#   attention              scripts/bench_attention.py: our attention kernels vs torch SDPA; attention.json
+#   attention              scripts/bench_attention.py: our attention kernels vs torch SDPA; attention.json; then
+#                          decode time per split count (--decode-sweep, incl. an 8B TP=2 rank) to results.jsonl
 #   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path, the sampler on
 #                          its kernel; pytest from the carried .whl/), scripts/bench_elementwise.py and
 #                          scripts/bench_sampling.py; kernels.txt
@@ -130,6 +131,8 @@ stage_smoke() {
 
 stage_attention() {
   run 150 "$PY" scripts/bench_attention.py --output-json "$OUT/attention.json"
+  run 150 "$PY" scripts/bench_attention.py --decode-sweep --output-json "$RUNS/attention_sweep.json"
+  collect attention_sweep
 }
 
 stage_kernels() {

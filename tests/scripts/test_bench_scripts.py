@@ -126,6 +126,12 @@ def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
     for row in rows:
         assert row["rel_err"] < 1e-5, row
         assert row["ours_us"] > 0 and row["sdpa_us"] > 0 and row["ours_rate"] > 0, row
+    sweep = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_attention.py"), "--device", "cpu", "--iters", "1",
+                    "--decode-sweep", "--output-json", str(sweep)], check=True, timeout=120,
+                   env={**os.environ, "TRITON_INTERPRET": "1"})
+    (row,) = json.load(open(sweep))["rows"]
+    assert set(row["us_by_splits"]) == {"auto", "1", "2", "4", "8", "16"} and min(row["us_by_splits"].values()) > 0
 
 
 def test_bench_sampling_times_both_paths_for_every_setting():
