@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpu_workers.sampler import apply_min_p, apply_top_k_top_p
+from kernels import sampling
 from kernels.sampling import sample
 from tests.gpu_workers.test_sampler import assert_follows, reference_filtered_probs
 from ipc.sampling_params import SamplingParams
@@ -44,10 +45,16 @@ def top_p_is_ambiguous(logits, temperature, top_k, top_p, min_p, row) -> bool:
     return bool(((mass_before - top_p[row].double()).abs() < 1e-5).any())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kept_set_matches_the_torch_filters(dtype):
+@pytest.mark.parametrize("dtype,scale,max_candidates", [
+    (torch.float32, 2.5, None), (torch.bfloat16, 2.5, None),
+    (torch.float32, 12.0, None),  # logits spread past the 32-nat histogram: its open bucket in play
+    (torch.float32, 2.5, 8),  # brackets overflow the scratch: every search runs over the whole row
+])
+def test_kept_set_matches_the_torch_filters(dtype, scale, max_candidates, monkeypatch):
+    if max_candidates is not None:
+        monkeypatch.setattr(sampling, "MAX_CANDIDATES", max_candidates)
     vocab = 300 if INTERPRET else 151_936
-    logits = (torch.randn(len(ROW_PARAMS), vocab, device=DEVICE) * 2.5).to(dtype)
+    logits = (torch.randn(len(ROW_PARAMS), vocab, device=DEVICE) * scale).to(dtype)
     logits[1, :40] = float("-inf")  # blocked tokens (min_tokens, a -100 bias)
     logits[4, 10:30] = logits[4].max()  # ties at the top
     logits[9, vocab // 2:] = float("-inf")  # fewer finite logits than top_k
