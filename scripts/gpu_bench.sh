@@ -35,6 +35,8 @@
 #   throughput-qwen3       256 x (uniform 100-1024 in and out) and 1000 x (1024, 128), pagedserve; hf on 64
 #   serve                  bench_serve sweep over concurrency 1,4,16,64 (Llama-3.1-8B, 512 in, 128 out):
 #                          pagedserve at every level, hf (one request at a time) at 1 and 4; CSV + PNG
+#   tp-vs-vllm             2+ GPUs: GPU.md's vLLM TP=2 workloads (8B 256 x (128, 1024), 1000 x (1024, 128),
+#                          batch 1; 70B 256 x (128, 512), batch 1 x 256 out) via bench_throughput / bench_latency
 #   tp                     a multi-GPU kind only: the symmetric-memory all-reduce GPU test, TP=2 greedy vs
 #                          TP=1 (small Llama, float32), 8B decode TP=1 / TP=2 NCCL / TP=2 symmetric memory
 #                          at batch 1, 64, 256 (tp2_8b.json), and with 4+ GPUs the Llama-3.1-70B shape at
@@ -249,6 +251,20 @@ stage_serve() {
     --server-log "$RUNS/serve_server.log" --output-json "$RUNS/serve_sweep.json" \
     --sweep-csv "$OUT/serve_sweep.csv" --sweep-png "$OUT/serve_sweep.png"
   collect serve_sweep
+}
+
+stage_tp-vs-vllm() {  # 2+ GPUs: the workloads of GPU.md's vLLM tensor-parallel table, at TP=2 (~6 min)
+  model llama-3.1-8b "$LLAMA"
+  model llama-3.1-70b /tmp/pb_llama-3.1-70b
+  tp tput_llama8b_tp2_256x128x1024_pagedserve pagedserve --model "$LLAMA" --tensor-parallel-size 2 \
+    --num-prompts 256 --input-len 128 --output-len 1024
+  tp tput_llama8b_tp2_1000x1024x128_pagedserve pagedserve --model "$LLAMA" --tensor-parallel-size 2 \
+    --num-prompts 1000 --input-len 1024 --output-len 128
+  lat latency_llama8b_tp2_pagedserve pagedserve "$LLAMA" --num-iters 3 --tensor-parallel-size 2
+  tp tput_llama70b_tp2_256x128x512_pagedserve pagedserve --model /tmp/pb_llama-3.1-70b --tensor-parallel-size 2 \
+    --num-prompts 256 --input-len 128 --output-len 512
+  lat latency_llama70b_tp2_pagedserve pagedserve /tmp/pb_llama-3.1-70b --num-iters 2 --output-len 256 \
+    --tensor-parallel-size 2
 }
 
 stage_tp() {
