@@ -241,6 +241,7 @@ def decode_attention(
     num_splits: int | None = None,  # None: chosen from batch size and context length
     seq_ids: torch.Tensor | None = None,  # [num_decodes] int32: attend only for these sequences ...
     query_start_loc: torch.Tensor | None = None,  # [num_seqs + 1] int32: ... whose query row is here
+    launch_config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages): tuning sweeps only
 ) -> torch.Tensor:
     """Attention of each sequence's single query token over its whole paged context. Returns `out`.
 
@@ -264,7 +265,7 @@ def decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(num_programs, num_kv_heads, max_seq_len, query.device)
     few_programs = num_programs * num_kv_heads < _num_sms(query.device)
-    block_n, num_warps, num_stages = _launch_config(head_dim, few_programs)
+    block_n, num_warps, num_stages = launch_config or _launch_config(head_dim, few_programs)
     # Partitions are whole BLOCK_N tiles; recompute the count so no split starts past max_seq_len.
     partition_size = cdiv(cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     num_splits = cdiv(max(max_seq_len, 1), partition_size)

@@ -1,7 +1,7 @@
 """Our Triton attention kernels (paged decode, paged varlen prefill) vs torch SDPA, at real model shapes.
 
     python scripts/bench_attention.py --output-json /tmp/attention.json   # CUDA: bf16, Llama-3.1-8B + Qwen3-0.6B
-    python scripts/bench_attention.py --decode-sweep     # decode time per split count, incl. an 8B TP=2 rank
+    python scripts/bench_attention.py --decode-sweep     # decode time per split count and tile config
     TRITON_INTERPRET=1 python scripts/bench_attention.py --device cpu --iters 1   # smoke test: float32, tiny shapes
 
 Ours reads a paged cache (block ids shuffled, as after a long-running server frees and reuses blocks). SDPA
@@ -72,6 +72,8 @@ SWEEP_MODELS = {"llama-3.1-8b": MODELS["llama-3.1-8b"], "llama-8b/tp2": Model(16
 SWEEP_CASES = [Case(1, 1, 512), Case(16, 1, 256), Case(64, 1, 256), Case(64, 1, 512), Case(64, 1, 1024),
                Case(256, 1, 256)]
 SWEEP_SPLITS = [None, 1, 2, 4, 8, 16]  # None: the kernel's own choice (choose_num_splits)
+SWEEP_CONFIGS = [None, (32, 4, 2), (64, 2, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]
+"""(BLOCK_N, num_warps, num_stages) tried at each split count; None: the kernel's own (_launch_config)."""
 # --small: a split decode (3 x 150 makes 2 splits under the interpreter), several query tiles (70 > 64)
 SMALL_MODELS = {"tiny-gqa": Model(4, 2, 32, 2)}
 SMALL_CASES = [Case(1, 1, 40), Case(3, 1, 150), Case(1, 70, 70), Case(2, 20, 20), Case(2, 8, 40)]
@@ -110,10 +112,10 @@ def make_inputs(model: Model, case: Case, block_size: int, dtype: torch.dtype, d
                   dense(k_cache), dense(v_cache))
 
 
-def run_ours(x: Inputs, case: Case, scale: float, out: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
+def run_ours(x: Inputs, case: Case, scale: float, out: torch.Tensor) -> torch.Tensor:
     if case.kind == "decode":
         return decode_attention(x.query, x.k_cache, x.v_cache, x.block_tables, x.seq_lens, case.context_len,
-                                scale, out=out, num_splits=num_splits)
+                                scale, out=out)
     return prefill_attention(x.query, x.k_cache, x.v_cache, x.block_tables, x.query_start_loc, x.seq_lens,
                              case.query_len, scale, out=out)
 
@@ -167,20 +169,35 @@ def inputs_for(model: Model, case: Case, args: argparse.Namespace) -> list[Input
 
 
 def decode_sweep(args: argparse.Namespace) -> list[dict]:
-    """Decode microseconds at each split count; the kernel's own choice first."""
-    print(f"{'model':13} {'shape':10} {'chosen':>6} " + " ".join(f"{'auto' if n is None else n:>7}" for n in SWEEP_SPLITS))
+    """Decode microseconds at each split count with the kernel's own tile config, then the best of every
+    (split count, tile config) pair: what choose_num_splits / _launch_config should pick."""
+    print(f"{'model':13} {'shape':10} {'chosen':>6} " + " ".join(f"{'auto' if n is None else n:>7}" for n in SWEEP_SPLITS)
+          + "   best (splits, BLOCK_N, warps, stages)")
     rows = []
     models, cases = (SMALL_MODELS, [Case(3, 1, 150)]) if args.small else (SWEEP_MODELS, SWEEP_CASES)
+    configs = SWEEP_CONFIGS[:2] if args.small else SWEEP_CONFIGS
     for name, model in models.items():
         for case in cases:
             inputs = inputs_for(model, case, args)
             out, scale = torch.empty_like(inputs[0].query), model.head_dim ** -0.5
-            times = [bc.time_us(lambda i: run_ours(inputs[i % len(inputs)], case, scale, out, n), args.iters,
-                                args.device) for n in SWEEP_SPLITS]
+
+            def call(i, splits, config):
+                x = inputs[i % len(inputs)]
+                return decode_attention(x.query, x.k_cache, x.v_cache, x.block_tables, x.seq_lens, case.context_len,
+                                        scale, out=out, num_splits=splits, launch_config=config)
+
+            def time_us(splits, config):
+                return bc.time_us(lambda i: call(i, splits, config), args.iters, args.device)
+
+            grid = {(n, c): time_us(n, c) for n in SWEEP_SPLITS for c in configs}
+            (best_n, best_c), best_us = min(grid.items(), key=lambda kv: kv[1])
             chosen = choose_num_splits(case.num_seqs, model.num_kv_heads, case.context_len, args.device)
             rows.append(dict(model=name, shape=case.label, chosen_splits=chosen,
-                             us_by_splits={str(n or "auto"): t for n, t in zip(SWEEP_SPLITS, times)}))
-            print(f"{name:13} {case.label:10} {chosen:6} " + " ".join(f"{t:7.1f}" for t in times), flush=True)
+                             us_by_splits={str(n or "auto"): grid[(n, None)] for n in SWEEP_SPLITS},
+                             best=dict(splits=best_n or "auto", config=best_c or "auto", us=best_us),
+                             grid=[dict(splits=n or "auto", config=c or "auto", us=t) for (n, c), t in grid.items()]))
+            print(f"{name:13} {case.label:10} {chosen:6} " + " ".join(f"{grid[(n, None)]:7.1f}" for n in SWEEP_SPLITS)
+                  + f"   {best_us:.1f} us at ({best_n or 'auto'}, {best_c or 'auto'})", flush=True)
     return rows
 
 

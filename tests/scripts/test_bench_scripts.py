@@ -132,6 +132,7 @@ def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
                    env={**os.environ, "TRITON_INTERPRET": "1"})
     (row,) = json.load(open(sweep))["rows"]
     assert set(row["us_by_splits"]) == {"auto", "1", "2", "4", "8", "16"} and min(row["us_by_splits"].values()) > 0
+    assert row["best"]["us"] == min(cell["us"] for cell in row["grid"])  # the best of every (splits, tile) pair
 
 
 def test_bench_sampling_times_both_paths_for_every_setting():
