@@ -26,13 +26,11 @@ from ipc import envs
 
 
 @functools.lru_cache(maxsize=None)
-def _capable(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def use_pdl(device: torch.device) -> bool:
-    """Launch with PDL on this device: asked for ($PAGEDSERVE_PDL=1), CUDA sm_90+, not interpreted."""
-    return device.type == "cuda" and envs.pdl() and not envs.triton_interpret() and _capable(device)
+    """Launch with PDL on this device: asked for ($PAGEDSERVE_PDL=1), CUDA sm_90+, not interpreted.
+    Decided once per device (eager steps call the wrappers ~5 times a layer)."""
+    return (device.type == "cuda" and envs.pdl() and not envs.triton_interpret()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @triton.jit
