@@ -185,13 +185,13 @@ def _threshold(row_ptr, vocab, temperature, y_max, y_min, floor, target_scale, s
                 in_bracket = kept & (bucket >= a) & (bucket <= b)
                 above += tl.sum(tl.where(kept & (bucket < a), _weight(y, y_max, BY_MASS), 0.0), axis=0)
                 slot = used + tl.cumsum(in_bracket.to(tl.int32), 0) - 1
-                tl.store(scratch_ptr + slot, y, mask=in_bracket)
+                tl.store(scratch_ptr + slot, y, mask=in_bracket & (slot < MAX_CANDIDATES))  # fits: counted above
                 used += tl.sum(in_bracket.to(tl.int32), axis=0)
                 lo = tl.minimum(lo, tl.min(tl.where(in_bracket, y, float("inf")), axis=0))
                 hi = tl.maximum(hi, tl.max(tl.where(in_bracket, y, float("-inf")), axis=0))
             tl.debug_barrier()  # the scratch writes of every thread, before any thread reads them
             # 3. search the candidates (already scaled: temperature 1)
-            result = _search(scratch_ptr, used, 1.0, y_max, lo, hi, target, above,
+            result = _search(scratch_ptr, tl.minimum(used, MAX_CANDIDATES), 1.0, y_max, lo, hi, target, above,
                              BY_MASS, SEARCH_BLOCK, NUM_PIVOTS, MAX_PASSES)
         else:  # a near-flat row: search the whole row
             result = _search(row_ptr, vocab, temperature, y_max, tl.maximum(floor, y_min), y_max, target, 0.0,
