@@ -74,3 +74,18 @@ def test_warm_up_builds_the_kernel_and_keeps_it():
     sampler = Sampler(device=DEVICE, use_triton=True)
     sampler.warm_up(vocab_size=64)
     assert sampler.use_triton
+
+
+def test_a_kernel_that_does_not_build_leaves_the_torch_path_in_charge(monkeypatch, caplog):
+    import kernels.sampling
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such PTX feature")
+
+    monkeypatch.setattr(kernels.sampling, "sample", broken)
+    sampler = Sampler(device=DEVICE, use_triton=True)
+    sampler.warm_up(vocab_size=64)
+    assert not sampler.use_triton and "PAGEDSERVE_TRITON_SAMPLING" in caplog.text
+    logits = torch.randn(2, 64)
+    out = run(sampler, logits, [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0)])
+    assert out.token_ids == logits.argmax(-1).tolist()  # sampled through torch
