@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from gpu_workers.sampler import apply_min_p, apply_top_k_top_p
+from ipc.sampling_params import SamplingParams
 from kernels import sampling
 from kernels.sampling import sample
 from tests.gpu_workers.test_sampler import assert_follows, reference_filtered_probs
-from ipc.sampling_params import SamplingParams
 from tests.triton_env import DEVICE, INTERPRET
 
 # (temperature, top_k, top_p, min_p): each filter alone, together, none, and greedy
 ROW_PARAMS = [
     (1.0, 5, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 0, 1.0, 0.05), (0.8, 20, 0.8, 0.0),
     (0.5, 12, 0.95, 0.02), (1.0, 0, 0.5, 0.01), (1.0, 0, 1.0, 0.0), (0.0, 3, 0.5, 0.1),
-    (2.0, 1, 1.0, 0.0), (1.0, 400, 0.99, 0.0),  # top_k above the number of finite logits
+    (2.0, 1, 1.0, 0.0), (1.0, 400, 0.99, 0.0),  # half blocked: on the CPU, top_k > the finite logits
 ]
 
 
