@@ -275,7 +275,8 @@ stage_tp() {
   run 110 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py
   run 90 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
     --out "$OUT/tp2_small_greedy.json"
-  run 230 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-all-reduce --output-len 256 \
+  # step timing on: its log line shows whether the GPU waits on the host between TP=2 steps (gpu_gap)
+  PAGEDSERVE_STEP_TIMING=1 run 230 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-all-reduce --output-len 256 \
     --budget-s 190 --out "$OUT/tp2_8b.json"
   if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
     model llama-3.1-70b /tmp/pb_llama-3.1-70b
