@@ -115,5 +115,15 @@ def pdl() -> bool:
     return value == "1"
 
 
+def small_gemv() -> bool:
+    """$PAGEDSERVE_SMALL_GEMV=1: the linear layers of steps with at most 16 token rows (decode at small
+    batch) run through kernels/gemv.py on CUDA bf16/fp16 weights instead of cuBLAS (an experiment,
+    meant with $PAGEDSERVE_PDL=1); unset or "0": cuBLAS."""
+    value = os.environ.get("PAGEDSERVE_SMALL_GEMV", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_SMALL_GEMV must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -28,9 +28,9 @@
 #                          float32 (must be identical) and bfloat16 (where they part, our token must be in
 #                          transformers' top 5: a near-tie); correctness.json
 #   latency                batch 1, 128 in, 512 out: Llama-3.1-8B and Qwen3-0.6B, pagedserve and hf
-#   pdl                    PAGEDSERVE_PDL=1 smoke (float32 greedy == transformers), then batch-1 latency of
-#                          Llama-8B with PDL off / on / off + TORCH_BLAS_PREFER_CUBLASLT=1 (M=1 matmuls through
-#                          cuBLASLt's kernels), twice, and Qwen3 with PDL off / on (~8 min; HF is not run)
+#   pdl                    smoke with PAGEDSERVE_PDL=1 (float32 greedy == transformers; the GEMV takes only bf16 /
+#                          fp16, so its check is tests/kernels/test_gemv.py in `kernels`), then batch-1 latency, HF not run: Llama-8B with PDL off / on / on + few-row GEMV /
+#                          TORCH_BLAS_PREFER_CUBLASLT=1, Qwen3 off / on / on + GEMV, Llama off / on again (~9 min)
 #   throughput-8b-prefill  1000 x (1024 in, 128 out), pagedserve; hf on 64 of them in one static batch
 #   throughput-8b-decode   256 x (128 in, 1024 out), pagedserve; hf on 64 of them in one static batch
 #   throughput-qwen3       256 x (uniform 100-1024 in and out) and 1000 x (1024, 128), pagedserve; hf on 64
@@ -211,17 +211,19 @@ stage_latency() {
   lat latency_qwen3_hf hf "$QWEN" --num-iters 1 --warmup-output-len 8
 }
 
-stage_pdl() {  # batch-1 knobs: programmatic dependent launch (kernels/pdl.py) and torch's cuBLASLt path
+stage_pdl() {  # batch-1 knobs: programmatic dependent launch, the few-row GEMV, torch's cuBLASLt path
   model llama-3.1-8b "$LLAMA"
   model qwen3-0.6b "$QWEN"
   PAGEDSERVE_PDL=1 run 240 "$PY" scripts/gpu_smoke.py "$OUT" --quick
-  for round in 1 2; do
-    PAGEDSERVE_PDL=0 lat "latency_llama8b_pdl0" pagedserve "$LLAMA" --num-iters 3
-    PAGEDSERVE_PDL=1 lat "latency_llama8b_pdl1" pagedserve "$LLAMA" --num-iters 3
-    PAGEDSERVE_PDL=0 TORCH_BLAS_PREFER_CUBLASLT=1 lat "latency_llama8b_cublaslt" pagedserve "$LLAMA" --num-iters 3
-  done
-  PAGEDSERVE_PDL=0 lat "latency_qwen3_pdl0" pagedserve "$QWEN" --num-iters 3
-  PAGEDSERVE_PDL=1 lat "latency_qwen3_pdl1" pagedserve "$QWEN" --num-iters 3
+  PAGEDSERVE_PDL=0 lat latency_llama8b_pdl0 pagedserve "$LLAMA" --num-iters 3
+  PAGEDSERVE_PDL=1 lat latency_llama8b_pdl1 pagedserve "$LLAMA" --num-iters 3
+  PAGEDSERVE_PDL=1 PAGEDSERVE_SMALL_GEMV=1 lat latency_llama8b_pdl1_gemv pagedserve "$LLAMA" --num-iters 3
+  TORCH_BLAS_PREFER_CUBLASLT=1 lat latency_llama8b_cublaslt pagedserve "$LLAMA" --num-iters 3
+  PAGEDSERVE_PDL=0 lat latency_qwen3_pdl0 pagedserve "$QWEN" --num-iters 3
+  PAGEDSERVE_PDL=1 lat latency_qwen3_pdl1 pagedserve "$QWEN" --num-iters 3
+  PAGEDSERVE_PDL=1 PAGEDSERVE_SMALL_GEMV=1 lat latency_qwen3_pdl1_gemv pagedserve "$QWEN" --num-iters 3
+  PAGEDSERVE_PDL=0 lat latency_llama8b_pdl0 pagedserve "$LLAMA" --num-iters 3  # a second round, budget allowing
+  PAGEDSERVE_PDL=1 lat latency_llama8b_pdl1 pagedserve "$LLAMA" --num-iters 3
 }
 
 stage_throughput-8b-prefill() {

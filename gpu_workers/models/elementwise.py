@@ -39,6 +39,20 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (_ENV_MODE == "triton" and envs.triton_interpret())
 
 
+_SMALL_GEMV = envs.small_gemv()
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; with $PAGEDSERVE_SMALL_GEMV=1, kernels.gemv for CUDA half-precision steps of at most 16
+    token rows (an experiment: see kernels/gemv.py)."""
+    if _SMALL_GEMV and x.shape[0] <= 16 and x.is_cuda and x.dtype in _GEMV_DTYPES:
+        from kernels.gemv import gemv
+
+        return gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """kernels.rms_norm: out, or (out, x + residual)."""
     from kernels.rms_norm import rms_norm as kernel

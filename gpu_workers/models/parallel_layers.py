@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_workers.distributed import get_tp_group
+from gpu_workers.models import elementwise
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]
 
@@ -100,7 +101,7 @@ class Linear(nn.Module):
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return elementwise.linear(x, self.weight, self.bias)
 
 
 class ColumnShard(NamedTuple):
@@ -190,8 +191,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))  # [num_tokens, output_size]
+            return elementwise.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(elementwise.linear(x, self.weight))  # [num_tokens, output_size]
         return out if self.bias is None else out + self.bias
 
 
@@ -235,7 +236,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     every rank gathers the full logits, so all ranks sample the same tokens."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
+        logits = elementwise.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
         if self.tp.world_size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[:, :self.vocab_size]  # [num_tokens, vocab_size]

@@ -31,7 +31,7 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int64: "i64"}
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
-         "decode_attention", "decode_attention+splits", "prefill_attention", "sampling"]
+         "decode_attention", "decode_attention+splits", "prefill_attention", "sampling", "gemv", "gemv+bias"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -48,7 +48,9 @@ for job in json.load(sys.stdin):
         f.write(compiled.asm["ptx"])
     report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr
-    results.append({"name": job["name"], "report": report, "pdl": "griddepcontrol.wait" in compiled.asm["ptx"]})
+    ptx = compiled.asm["ptx"]
+    results.append({"name": job["name"], "report": report, "pdl": "griddepcontrol.wait" in ptx,
+                    "ptx_head": ptx[:ptx.find("griddepcontrol.wait")]})
 print(json.dumps(results))
 """
 
@@ -100,8 +102,8 @@ def record(monkeypatch, module, kernel_name: str, jobs: list, name: str):
 def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     act_mod, kv_mod, rms_mod, rot_mod = (importlib.import_module(f"kernels.{name}")  # the package's
                                          for name in ("activation", "kv_cache", "rms_norm", "rotary"))  # names are functions
-    decode_mod, prefill_mod, sampling_mod = (importlib.import_module(f"kernels.{name}")
-                                             for name in ("decode_attention", "prefill_attention", "sampling"))
+    decode_mod, prefill_mod, sampling_mod, gemv_mod = (
+        importlib.import_module(f"kernels.{name}") for name in ("decode_attention", "prefill_attention", "sampling", "gemv"))
     jobs: list[dict] = []
     dt = torch.bfloat16
     x = torch.randn(3, 64, dtype=dt)
@@ -134,6 +136,10 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     sampling_mod.sample(torch.randn(2, 300, dtype=dt), ones, torch.full((2,), 5, dtype=torch.int32), ones * 0.9,
                         ones * 0.01, torch.zeros(2, dtype=torch.int64))
 
+    for name, bias in (("gemv", None), ("gemv+bias", torch.randn(4096, dtype=dt))):  # Llama-8B's o_proj shape
+        record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
+        gemv_mod.gemv(torch.randn(1, 64, dtype=dt), torch.randn(4096, 64, dtype=dt), bias)
+
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton build has no ptxas")
@@ -145,6 +151,8 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     assert sorted(results) == sorted(NAMES), sorted(results)
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
+    for name in ("gemv", "gemv+bias"):  # the weight prefetch before the wait
+        assert "prefetch.global.L2" in results[name]["ptx_head"], name
     for name, report in ((name, r["report"]) for name, r in results.items()):
         assert "Used" in report, (name, report)
         assert "spill" not in report.replace(" 0 bytes spill", ""), (name, report)

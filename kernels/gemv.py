@@ -1,0 +1,136 @@
+"""y = x W^T (+ b) for a handful of rows (decode at small batch), streaming W, with its first weight
+tiles prefetched before the previous kernel has finished.
+
+At batch 1-16 a linear layer is a read of W: its time is W's bytes over the bandwidth sustained, plus
+the bubble at each kernel boundary (the previous kernel drains, this one launches and starts its loads).
+A batch-1 Llama-8B step has 128 such matmuls. Launched with programmatic dependent launch (kernels/pdl.py),
+this kernel starts while the kernel before it still runs, issues L2 prefetches for its first weight
+tiles (W never depends on that kernel), and only then waits for it, before reading x:
+
+    previous kernel  ██████████░░
+    this kernel            [prefetch W tiles][wait]████████████   (x is read after the wait)
+
+    grid = (cdiv(N, BLOCK_N),)
+    program n:  acc[16, BLOCK_N] = Σ_k x[:, k:k+BLOCK_K] · W[n*BLOCK_N:(n+1)*BLOCK_N, k:k+BLOCK_K]^T
+                x padded to 16 rows for tl.dot, float32 accumulation, one store of the M real rows.
+
+Session 3 measured a version without PDL on an H200: faster than cuBLAS alone on some projections
+(Llama-8B o_proj 2,927 vs 2,647 GB/s) and slower on most, and slower end to end (4.751 -> 4.835 ms a
+token). Whether the prefetch across boundaries changes that is the experiment: off unless
+$PAGEDSERVE_SMALL_GEMV=1 (see gpu_workers/models/elementwise.linear), measured by gpu_bench.sh's pdl stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kernels.decode_attention import _num_sms
+from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device
+from kernels.pdl import use_pdl
+
+MAX_ROWS = 16  # x rows one launch takes (the tl.dot tile's M)
+_LINE = 128  # bytes per L2 prefetch (one cache line)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of each address (the result is a dummy: inline asm must return something)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features of this program
+    col_mask = cols < N
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    if USE_PDL:
+        # W does not depend on the previous kernel: start streaming this program's first tiles into L2
+        # now, then wait for that kernel (x is its output), and let the next kernel queue behind us.
+        lines = tl.minimum(tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, K - 1)  # in-bounds columns
+        safe_rows = w_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_wn  # in-bounds rows
+        _prefetch_l2(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
+        gdc_wait()
+        gdc_launch_dependents()
+    rows = tl.arange(0, 16)
+    ks = tl.arange(0, BLOCK_K)
+    row_mask = rows < M
+    w_ptrs = w_rows + ks[None, :]  # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]  # [16, BLOCK_K]
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+Config = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+
+
+def _config(n: int, device: torch.device) -> Config:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the widest BLOCK_N (16..64) that still gives every SM
+    at least two programs, 256-wide K tiles, 4 stages in flight (session 3's H200 sweep); 8 warps for
+    64-wide tiles, which spill registers with 4 (ptxas, sm_90)."""
+    sms = _num_sms(device)
+    block_n = 64
+    while block_n > 16 and cdiv(n, block_n) < 2 * sms:
+        block_n //= 2
+    return block_n, 256, 8 if block_n == 64 else 4, 4
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be [M, K] and [N, K]")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {x.shape[0]}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight dtypes ({x.dtype}, {weight.dtype}) must match and be one of {SUPPORTED_DTYPES}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"x and weight must be contiguous in their last dim, got strides {x.stride()}, "
+                         f"{weight.stride()}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{weight.shape[0]}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    check_same_device(weight.device, x=x, **({} if bias is None else {"bias": bias}))
+
+
+def gemv(
+    x: torch.Tensor,  # [M, K], M <= MAX_ROWS, last dim contiguous
+    weight: torch.Tensor,  # [N, K], last dim contiguous
+    bias: torch.Tensor | None = None,  # [N]
+    config: Config | None = None,  # None: a default from the shape
+    prefetch_tiles: int = 2,  # K tiles of W prefetched before the PDL wait
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) as a new [M, N] tensor in x's dtype, for M <= 16 rows."""
+    _check_inputs(x, weight, bias)
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    block_n, block_k, num_warps, num_stages = config or _config(n, x.device)
+    pdl = use_pdl(x.device)
+    _gemv_kernel[(cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y,
+        m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        USE_PDL=pdl, PREFETCH_K=prefetch_tiles * block_k, LINE_ELEMS=_LINE // x.element_size(),
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    )
+    return y

@@ -1,0 +1,78 @@
+"""kernels.gemv (few-row matmul for small-batch decode, the $PAGEDSERVE_SMALL_GEMV experiment) against
+F.linear, and where the model routes to it."""
+
+import pytest
+import torch
+
+from gpu_workers.models import elementwise
+from ipc import envs
+from kernels.gemv import gemv
+from tests.triton_env import DEVICE
+
+
+def _rel_err(got, ref):
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_linear(dtype, tol, rows, bias):
+    # N not a multiple of the column tile, K not a multiple of the 256-wide K tile: both edges masked.
+    n, k = 83, 300
+    weight = torch.randn(n, k, device=DEVICE).to(dtype)
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    got = gemv(x, weight, b)
+    ref = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert _rel_err(got, ref) < tol
+
+
+def test_gemv_takes_a_row_strided_input():
+    x = torch.randn(3, 200, device=DEVICE)[:, :64]  # rows 200 apart, last dim contiguous
+    weight = torch.randn(40, 64, device=DEVICE)
+    assert _rel_err(gemv(x, weight), x @ weight.T) < 1e-6
+
+
+def test_gemv_rejects_bad_inputs():
+    weight = torch.randn(8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv(torch.randn(17, 32, device=DEVICE), weight)
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        gemv(torch.randn(2, 31, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="dtypes"):
+        gemv(torch.randn(2, 32, device=DEVICE).half(), weight)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv(torch.randn(32, 2, device=DEVICE).T, weight)
+    with pytest.raises(ValueError, match="bias"):
+        gemv(torch.randn(2, 32, device=DEVICE), weight, torch.randn(7, device=DEVICE))
+
+
+def test_the_switch_routes_only_few_row_cuda_half_precision_matmuls(monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_SMALL_GEMV", "yes")
+    with pytest.raises(ValueError, match="PAGEDSERVE_SMALL_GEMV"):
+        envs.small_gemv()
+    calls = []
+    monkeypatch.setattr("kernels.gemv.gemv", lambda x, w, b: calls.append(tuple(x.shape)) or x @ w.T)
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    monkeypatch.setattr(elementwise, "_SMALL_GEMV", False)
+    torch.testing.assert_close(elementwise.linear(x, w), x @ w.T)
+    monkeypatch.setattr(elementwise, "_SMALL_GEMV", True)
+    elementwise.linear(x, w)  # on: but a CPU float32 matmul stays F.linear
+    assert calls == []
+    if torch.cuda.is_available():
+        xh, wh = x.cuda().half(), w.cuda().half()
+        elementwise.linear(xh, wh)
+        elementwise.linear(torch.randn(17, 8, device="cuda").half(), wh)  # a prefill-sized step: cuBLAS
+        assert calls == [(2, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096), (1024, 2048)])
+@pytest.mark.parametrize("rows", [1, 8, 16])
+def test_gemv_real_shapes_gpu(n, k, rows):
+    weight = (torch.randn(n, k, device=DEVICE) * 0.02).bfloat16()
+    x = torch.randn(rows, k, device=DEVICE).bfloat16()
+    assert _rel_err(gemv(x, weight), x.float() @ weight.float().T) < 1e-2
