@@ -1,5 +1,7 @@
-"""Triton kernels of pagedserve: paged KV-cache writes and attention over the paged cache, and the fused
-per-token elementwise ops of the decoder layers (RMSNorm + residual add, RoPE + q/k norm, SiLU-and-mul)."""
+"""Triton kernels of pagedserve: paged KV-cache writes and attention over the paged cache, the fused
+per-token elementwise ops of the decoder layers (RMSNorm + residual add, RoPE + q/k norm, SiLU-and-mul),
+sampling without a vocabulary sort (sampling.py), and two experiments for small-batch decode:
+programmatic dependent launch (pdl.py) and a few-row GEMV (gemv.py)."""
 
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import choose_num_splits, decode_attention
