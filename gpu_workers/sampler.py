@@ -176,21 +176,17 @@ class Sampler:
 
     def warm_up(self, vocab_size: int, logits_dtype: torch.dtype = torch.bfloat16) -> None:
         """Compile the sampling kernel for both logit dtypes it sees (the model's, and float32 once
-        penalties or a logit bias apply), so no compile lands in a user's step. Should the kernel not
-        build on this device, warn and keep the torch path."""
+        penalties or a logit bias apply), so no compile lands in a user's step, and check its kept sets
+        against the torch filters on this device. Should it not build, or disagree, log the error and
+        keep the torch path."""
         if not self.use_triton:
             return
-        from kernels.sampling import sample
-
         try:
             for dtype in {logits_dtype, torch.float32}:
-                logits = torch.randn(2, vocab_size, device=self.device).to(dtype)
-                ones = torch.ones(2, device=self.device)
-                sample(logits, ones, torch.full((2,), 5, dtype=torch.int32, device=self.device), ones * 0.9,
-                       ones * 0.01, torch.zeros(2, dtype=torch.int64, device=self.device))
-        except Exception:  # noqa: BLE001 - any build failure: the torch path still samples correctly
-            logger.exception("the Triton sampling kernel failed to build; sampling through torch ops "
-                             "(set PAGEDSERVE_TRITON_SAMPLING=0 to skip this check)")
+                _check_kernel_against_torch(vocab_size, dtype, self.device)
+        except Exception:  # noqa: BLE001 - any failure: the torch path still samples correctly
+            logger.exception("the Triton sampling kernel failed its start-up check; sampling through torch "
+                             "ops (set PAGEDSERVE_TRITON_SAMPLING=0 to skip this check)")
             self.use_triton = False
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -264,6 +260,31 @@ class Sampler:
             values = [row_seed(batch.seeds[i], batch.output_indices[i], batch.positions[i]) for i in rows]
             seeds[torch.tensor(rows).to(self.device)] = torch.tensor(values).to(self.device)
         return seeds  # [S]
+
+
+_CHECK_ROWS = ((1.0, 50, 1.0, 0.0), (0.8, 0, 0.9, 0.0), (1.2, 0, 1.0, 0.05), (0.7, 40, 0.8, 0.01))
+"""(temperature, top_k, top_p, min_p) of the start-up check's rows: each filter, and all together."""
+
+
+def _check_kernel_against_torch(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Raises unless kernels.sampling keeps, on fixed random logits, the tokens the torch filters keep
+    (rows where rounding could tip top-p either way are skipped) and draws one of them."""
+    from kernels.sampling import sample
+
+    logits = (torch.randn(len(_CHECK_ROWS), vocab_size, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    temperature, top_k, top_p, min_p = (torch.tensor(col) for col in zip(*_CHECK_ROWS))
+    y = logits.float() / temperature[:, None]
+    before_top_p = apply_top_k_top_p(apply_min_p(y, min_p), top_k.int(), torch.ones_like(top_p), 0)  # [R, V]
+    kept_ref = torch.isfinite(apply_top_k_top_p(before_top_p, top_k.int(), top_p, 0))  # [R, V]
+    out = sample(logits.to(device), temperature.to(device), top_k.int().to(device), top_p.to(device),
+                 min_p.to(device), torch.arange(len(_CHECK_ROWS), device=device))
+    kept = y >= out.thresholds.cpu()[:, None]  # [R, V]
+    for row, (ref, got) in enumerate(zip(kept_ref, kept)):
+        probs = torch.softmax(before_top_p[row].double(), -1).sort(descending=True).values
+        tipping = ((probs.cumsum(0) - probs - top_p[row].double()).abs() < 1e-5).any()
+        if not (torch.equal(ref, got) or (top_p[row] < 1 and tipping)) or not ref[out.token_ids[row].item()]:
+            raise RuntimeError(f"row {row} {_CHECK_ROWS[row]}: the kernel keeps {int(got.sum())} tokens, "
+                               f"torch {int(ref.sum())}; drew token {out.token_ids[row].item()}")
 
 
 def row_seed(seed: int, output_index: int, position: int) -> int:

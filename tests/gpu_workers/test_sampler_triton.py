@@ -89,3 +89,18 @@ def test_a_kernel_that_does_not_build_leaves_the_torch_path_in_charge(monkeypatc
     logits = torch.randn(2, 64)
     out = run(sampler, logits, [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0)])
     assert out.token_ids == logits.argmax(-1).tolist()  # sampled through torch
+
+
+def test_a_kernel_that_keeps_the_wrong_tokens_fails_the_start_up_check(monkeypatch, caplog):
+    import kernels.sampling
+
+    real = kernels.sampling.sample
+
+    def off_by_some(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(thresholds=out.thresholds - 0.5)  # keeps a few tokens too many
+
+    monkeypatch.setattr(kernels.sampling, "sample", off_by_some)
+    sampler = Sampler(device=DEVICE, use_triton=True)
+    sampler.warm_up(vocab_size=96, logits_dtype=torch.float32)
+    assert not sampler.use_triton and "keeps" in caplog.text
