@@ -3,8 +3,9 @@ checkpoints, then a rough decode timing. Run on the GPU machine:
 
     python scripts/gpu_smoke.py OUT_DIR [--quick]
 
-float32 tokens must be identical (exit status 1 otherwise); bf16 ones are reported. --quick: float32
-only, no timing."""
+float32 tokens must be identical, and sampled rows (the Triton sampling kernel) must keep top_k=1 ==
+greedy, a seed's tokens whatever the batch, and n>1 outputs distinct (exit status 1 otherwise); bf16
+greedy tokens are reported. --quick: float32 greedy and the sampling check, no timing."""
 
 from __future__ import annotations
 
@@ -51,6 +52,24 @@ def check(path, dtype, eager, results):
     print(key, results[key], flush=True)
 
 
+def check_sampling(path, results):
+    """Random rows through the engine (the Triton sampling kernel on CUDA): top_k=1 gives the greedy
+    tokens, a seeded request samples the same alone and beside others, and n=3 outputs differ."""
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    top1 = SamplingParams(temperature=1.0, top_k=1, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=24, ignore_eos=True)
+    forked = SamplingParams(n=3, temperature=1.0, min_p=0.01, seed=3, max_tokens=24, ignore_eos=True)
+    with LLM(path, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3,  # float32: no tied maxima
+             attention_backend="triton") as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+        top = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, top1, use_tqdm=False)]
+        alone = llm.generate(PROMPTS[1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+        batch = llm.generate(PROMPTS[:3], [greedy, seeded, forked], use_tqdm=False)
+    results["sampling"] = {"top_k_1_equals_greedy": top == ref, "seeded_same_in_a_batch": batch[1].outputs[0].token_ids == alone,
+                           "n3_outputs_distinct": len({tuple(o.token_ids) for o in batch[2].outputs}) > 1}
+    print("sampling", results["sampling"], flush=True)
+
+
 def timing(path, results):
     with LLM(path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.5,
              attention_backend="triton") as llm:
@@ -78,18 +97,20 @@ def main() -> None:
         check(path, "float32", True, results)
         if not quick:
             check(path, "bfloat16", False, results)
+    check_sampling(paths["llama"], results)
     float32 = {k: v for k, v in results.items() if "-float32-" in k}
     results["float32_identical"] = all(v["identical_sequences"] == v["of"] for v in float32.values())
+    ok = results["float32_identical"] and all(results["sampling"].values())
     print("float32 identical to transformers:", results["float32_identical"], flush=True)
     if quick:
         (out / "smoke.json").write_text(json.dumps(results, indent=1))
-        sys.exit(0 if results["float32_identical"] else 1)
+        sys.exit(0 if ok else 1)
     mid = make_tiny_checkpoint("llama", root / "mid", hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                                num_attention_heads=16, num_key_value_heads=4, vocab_size=8192,
                                max_position_embeddings=2048)
     timing(mid, results)
     (out / "smoke.json").write_text(json.dumps(results, indent=1))
-    sys.exit(0 if results["float32_identical"] else 1)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
