@@ -268,10 +268,18 @@ _CHECK_ROWS = ((1.0, 50, 1.0, 0.0), (0.8, 0, 0.9, 0.0), (1.2, 0, 1.0, 0.05), (0.
 
 def _check_kernel_against_torch(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
     """Raises unless kernels.sampling keeps, on fixed random logits, the tokens the torch filters keep
-    (rows where rounding could tip top-p either way are skipped) and draws one of them."""
+    (rows where rounding could tip top-p either way are skipped) and draws one of them.
+
+    The logits are 256 distinct values 1/8 apart (exact in bf16) at random token ids, over a tail too far
+    below to carry mass: no ties at any threshold, where the two paths may legitimately part."""
     from kernels.sampling import sample
 
-    logits = (torch.randn(len(_CHECK_ROWS), vocab_size, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    logits = -40 - 3 * torch.rand(len(_CHECK_ROWS), vocab_size, generator=gen)  # [R, V]
+    head = 8 - 0.125 * torch.arange(min(256, vocab_size))
+    for row in logits:
+        row[torch.randperm(vocab_size, generator=gen)[:len(head)]] = head
+    logits = logits.to(dtype)
     temperature, top_k, top_p, min_p = (torch.tensor(col) for col in zip(*_CHECK_ROWS))
     y = logits.float() / temperature[:, None]
     before_top_p = apply_top_k_top_p(apply_min_p(y, min_p), top_k.int(), torch.ones_like(top_p), 0)  # [R, V]
