@@ -25,11 +25,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.decode_attention import _num_sms
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device
-from kernels.pdl import use_pdl
+from kernels.pdl import pdl_prologue, use_pdl
 
 MAX_ROWS = 16  # x rows one launch takes (the tl.dot tile's M)
 _LINE = 128  # bytes per L2 prefetch (one cache line)
@@ -56,12 +55,11 @@ def _gemv_kernel(
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     if USE_PDL:
         # W does not depend on the previous kernel: start streaming this program's first tiles into L2
-        # now, then wait for that kernel (x is its output), and let the next kernel queue behind us.
+        # now; pdl_prologue then waits for that kernel (x is its output) and lets the next one queue.
         lines = tl.minimum(tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, K - 1)  # in-bounds columns
         safe_rows = w_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_wn  # in-bounds rows
         _prefetch_l2(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_prologue(USE_PDL)
     rows = tl.arange(0, 16)
     ks = tl.arange(0, BLOCK_K)
     row_mask = rows < M
