@@ -98,8 +98,9 @@ def torch_profiler_steps() -> tuple[int, int]:
 
 def triton_sampling() -> str | None:
     """$PAGEDSERVE_TRITON_SAMPLING: where random rows are filtered and drawn (kernels/sampling.py).
-    Unset: the Triton kernel on CUDA, torch ops on CPU. "1": also on CPU under $TRITON_INTERPRET=1
-    (tests). "0": torch ops everywhere (the reference path)."""
+    Unset or "0": torch ops. "1": the Triton kernel on CUDA, and on CPU under $TRITON_INTERPRET=1
+    (tests). Off by default: on an H200 the kernel (one program per row) was 1.8-7x slower than the
+    torch ops at batch 1-64 (BENCHMARKS.md)."""
     value = os.environ.get("PAGEDSERVE_TRITON_SAMPLING", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"PAGEDSERVE_TRITON_SAMPLING must be 0 or 1, not {value!r}")
@@ -107,9 +108,9 @@ def triton_sampling() -> str | None:
 
 
 def pdl() -> bool:
-    """$PAGEDSERVE_PDL=1: launch the decode path's Triton kernels with programmatic dependent launch
-    (kernels/pdl.py; CUDA sm_90+). Off by default until measured."""
-    value = os.environ.get("PAGEDSERVE_PDL", "0")
+    """$PAGEDSERVE_PDL: launch the decode path's Triton kernels with programmatic dependent launch
+    (kernels/pdl.py; NVIDIA sm_90+). On unless "0" (H200: Llama-8B batch 1 4.80 -> 4.74 ms a token)."""
+    value = os.environ.get("PAGEDSERVE_PDL", "1")
     if value not in ("0", "1"):
         raise ValueError(f"PAGEDSERVE_PDL must be 0 or 1, not {value!r}")
     return value == "1"

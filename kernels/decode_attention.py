@@ -1,20 +1,25 @@
 """Paged decode attention (one query token per sequence), GQA-aware, with split-KV (flash-decoding).
 
-    grid = (num_seqs, num_kv_heads, num_splits)
+    grid = (num_seqs, num_kv_heads, max_splits)
     program (s, kvh, p): the G = num_heads // num_kv_heads query heads of KV head kvh (padded to >= 16
-    rows for tl.dot) attend to the tokens [p * partition_size, (p+1) * partition_size) of sequence s,
-    so each K/V tile is loaded once per group, not once per query head.
+    rows for tl.dot) attend to split p of sequence s's context, so each K/V tile is loaded once per
+    group, not once per query head.
 
     context of seq s:  [ split 0 | split 1 | split 2 ]   each split: running (max, sum, acc) to a
                             │         │         │        float32 scratch row, then counts itself in
                             └─────────┴────┬────┘        (an atomic per (seq, KV head)); the LAST to
-                              the last split to arrive   arrive rescales and adds them:
+                              the last split to arrive   arrive rescales and adds them, every query
+                                                         head and split in one set of loads:
                                                          out = Σ acc_p e^(m_p - M) / Σ l_p e^(m_p - M)
                                                          and resets the counter for the next launch.
 
-One launch whatever the split count (a separate reduce kernel cost ~3 us per layer at batch 1). With one
-split the kernel normalises and writes directly. Scores use exp2 with log2(e) folded into the scale;
-accumulation is float32 whatever the cache dtype.
+Each sequence picks its own split count on the device, from its real length: min(max_splits,
+ceil(len / min_partition)). A CUDA graph is captured with max_splits for max_model_len, yet a
+250-token context at batch 64 still runs as one split (no scratch, no atomic, no combine), and the
+programs past a sequence's splits exit at once. One split normalises and writes `out` directly.
+
+One launch whatever the split count (a separate reduce kernel cost ~3 us per layer at batch 1). Scores
+use exp2 with log2(e) folded into the scale; accumulation is float32 whatever the cache dtype.
 
 Mixed batches: with `seq_ids` (and `query_start_loc`), program s serves sequence seq_ids[s], whose query
 row is query_start_loc[seq_ids[s]], so the decodes of a batch that also holds prefills run here (K/V
@@ -35,13 +40,14 @@ from kernels.pdl import pdl_prologue, use_pdl
 
 LOG2E = 1.4426950408889634
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity": an empty split never produces inf - inf = nan
-_MIN_PARTITION = 128  # tokens: below this, splitting costs more (reduce traffic) than it gains
+_MIN_PARTITION = 128  # tokens a split takes at least, when the batch fills under a quarter of the SMs
+_MIN_PARTITION_BUSY = 1024  # ... and when it fills a quarter or more (a split costs ~3-4 us of combine)
 _MAX_SPLITS = 64
 
 
 # Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
 # for each "divisible by 16" / "equals 1" combination it meets, a second each, mid-run).
-@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ph", "num_splits", "partition_size"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ph", "max_splits", "min_partition"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_ids_ptr, query_start_loc_ptr,
     out_ptr, part_ptr, counter_ptr,
@@ -49,13 +55,13 @@ def _decode_split_kernel(
     stride_cb, stride_co, stride_ch,  # caches [num_blocks, block_size, num_kv_heads, head_dim]
     stride_bt,  # block_tables [num_seqs, max_blocks]
     stride_ot, stride_oh,  # out [num_tokens, num_heads, head_dim]
-    stride_ps, stride_ph, stride_pp,  # part [num_programs, num_heads, num_splits, head_dim + 2]: the
+    stride_ps, stride_ph, stride_pp,  # part [num_programs, num_heads, max_splits, head_dim + 2]: the
     # accumulator in [:head_dim], the running max at head_dim, the running sum at head_dim + 1
     qk_scale,  # softmax scale * log2(e)
-    head_dim, block_size, partition_size, num_splits, num_kv_heads,
+    head_dim, block_size, max_splits, min_partition, num_kv_heads,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    BLOCK_GC: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, MAY_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     prog = tl.program_id(0)
@@ -68,102 +74,126 @@ def _decode_split_kernel(
         seq = prog
         row = prog
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * partition_size
-    end = tl.minimum(start + partition_size, seq_len)
+    # This sequence's own split count, from its real length: whole BLOCK_N tiles per split, and no
+    # split shorter than min_partition tokens (a padding row of a CUDA graph, 1 token, is one split).
+    num_splits = 1
+    partition = seq_len
+    if MAY_SPLIT:
+        num_splits = tl.maximum(tl.minimum(tl.cdiv(seq_len, min_partition), max_splits), 1)
+        partition = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        num_splits = tl.cdiv(seq_len, partition)
+    if split < num_splits:  # the programs past this sequence's splits have nothing to do
+        start = split * partition
+        end = tl.minimum(start + partition, seq_len)
 
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    g_mask = g < GROUP
-    d_mask = d < head_dim
-    gd_mask = g_mask[:, None] & d_mask[None, :]
-    heads = kv_head * GROUP + g  # [BLOCK_G] query heads of this KV head
-    q_off = row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=gd_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        g_mask = g < GROUP
+        d_mask = d < head_dim
+        gd_mask = g_mask[:, None] & d_mask[None, :]
+        heads = kv_head * GROUP + g  # [BLOCK_G] query heads of this KV head
+        q_off = row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=gd_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
 
-    m_i = tl.full([BLOCK_G], _NEG_INIT, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions in the context
-        n_mask = pos < end
-        block_ids = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
-        kv_off = (block_ids[:, None] * stride_cb + (pos % block_size)[:, None] * stride_co
-                  + kv_head * stride_ch + d[None, :])  # [BLOCK_N, BLOCK_D]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i = tl.full([BLOCK_G], _NEG_INIT, tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions in the context
+            n_mask = pos < end
+            block_ids = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
+            kv_off = (block_ids[:, None] * stride_cb + (pos % block_size)[:, None] * stride_co
+                      + kv_head * stride_ch + d[None, :])  # [BLOCK_N, BLOCK_D]
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            # K and V loads both go out before the first dot: one memory round trip per tile, not two
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
 
-    o_off = row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]  # [BLOCK_G, BLOCK_D]
-    if SINGLE_SPLIT:
-        tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
-    else:
-        base = part_ptr + prog.to(tl.int64) * stride_ps + heads * stride_ph  # [BLOCK_G]
-        tl.store(base[:, None] + split * stride_pp + d[None, :], acc, mask=gd_mask)
-        tl.store(base + split * stride_pp + head_dim, m_i, mask=g_mask)
-        tl.store(base + split * stride_pp + head_dim + 1, l_i, mask=g_mask)
-        # Count this split in; the last of the (seq, KV head)'s splits combines them. The barrier
-        # orders every thread's stores before the atomic, whose release makes them visible to the
-        # program that acquires after it (the pattern of Triton's stream-K tutorial).
-        tl.debug_barrier()
-        counter = counter_ptr + prog * num_kv_heads + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-            tl.store(counter, 0)  # ready for the next launch (the kernel boundary orders it)
-            sp = tl.arange(0, BLOCK_S)
-            for gi in tl.static_range(GROUP):
-                h_base = part_ptr + prog.to(tl.int64) * stride_ps + (kv_head * GROUP + gi) * stride_ph
-                m_run = tl.full([1], _NEG_INIT, tl.float32)
-                l_run = tl.zeros([1], tl.float32)
-                acc_run = tl.zeros([BLOCK_D], tl.float32)
+        if num_splits == 1:
+            o_off = row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
+            tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            base = part_ptr + prog.to(tl.int64) * stride_ps + heads * stride_ph  # [BLOCK_G]
+            tl.store(base[:, None] + split * stride_pp + d[None, :], acc, mask=gd_mask)
+            tl.store(base + split * stride_pp + head_dim, m_i, mask=g_mask)
+            tl.store(base + split * stride_pp + head_dim + 1, l_i, mask=g_mask)
+            # Count this split in; the last of the (seq, KV head)'s splits combines them. The barrier
+            # orders every thread's stores before the atomic, whose release makes them visible to the
+            # program that acquires after it (the pattern of Triton's stream-K tutorial).
+            tl.debug_barrier()
+            counter = counter_ptr + prog * num_kv_heads + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                tl.store(counter, 0)  # ready for the next launch (the kernel boundary orders it)
+                # Every head of the group and BLOCK_S splits per load: the loads go out together, so
+                # the combine costs about one L2 round trip, not one per head.
+                gc = tl.arange(0, BLOCK_GC)
+                sp = tl.arange(0, BLOCK_S)
+                gc_mask = gc < GROUP
+                h_base = part_ptr + prog.to(tl.int64) * stride_ps + (kv_head * GROUP + gc) * stride_ph
+                m_run = tl.full([BLOCK_GC], _NEG_INIT, tl.float32)
+                l_run = tl.zeros([BLOCK_GC], tl.float32)
+                acc_run = tl.zeros([BLOCK_GC, BLOCK_D], tl.float32)
                 for s0 in range(0, num_splits, BLOCK_S):
                     s_idx = s0 + sp
-                    s_mask = s_idx < num_splits
+                    gs_mask = gc_mask[:, None] & (s_idx < num_splits)[None, :]  # [BLOCK_GC, BLOCK_S]
+                    gs_off = h_base[:, None] + s_idx[None, :] * stride_pp
                     # .cg: read through L2, past this SM's L1 (other SMs wrote these rows)
-                    m = tl.load(h_base + s_idx * stride_pp + head_dim, mask=s_mask, other=_NEG_INIT,
-                                cache_modifier=".cg")
-                    l = tl.load(h_base + s_idx * stride_pp + head_dim + 1, mask=s_mask, other=0.0,
-                                cache_modifier=".cg")
-                    a = tl.load(h_base + s_idx[:, None] * stride_pp + d[None, :],
-                                mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m_run, tl.max(m, 0))  # empty splits: m = -1e30 -> weight 0
-                    w = tl.where(s_mask, tl.exp2(m - m_new), 0.0)  # [BLOCK_S]
+                    m = tl.load(gs_off + head_dim, mask=gs_mask, other=_NEG_INIT, cache_modifier=".cg")
+                    l = tl.load(gs_off + head_dim + 1, mask=gs_mask, other=0.0, cache_modifier=".cg")
+                    a = tl.load(gs_off[:, :, None] + d[None, None, :],
+                                mask=gs_mask[:, :, None] & d_mask[None, None, :], other=0.0,
+                                cache_modifier=".cg")  # [BLOCK_GC, BLOCK_S, BLOCK_D]
+                    m_new = tl.maximum(m_run, tl.max(m, 1))  # empty splits: m = -1e30 -> weight 0
+                    w = tl.where(gs_mask, tl.exp2(m - m_new[:, None]), 0.0)  # [BLOCK_GC, BLOCK_S]
                     scale_old = tl.exp2(m_run - m_new)
-                    l_run = l_run * scale_old + tl.sum(l * w, 0)
-                    acc_run = acc_run * scale_old + tl.sum(a * w[:, None], 0)
+                    l_run = l_run * scale_old + tl.sum(l * w, 1)
+                    acc_run = acc_run * scale_old[:, None] + tl.sum(a * w[:, :, None], 1)
                     m_run = m_new
-                o_ptr = out_ptr + row.to(tl.int64) * stride_ot + (kv_head * GROUP + gi) * stride_oh + d
-                tl.store(o_ptr, (acc_run / l_run).to(out_ptr.dtype.element_ty), mask=d_mask)
+                o_off = (row.to(tl.int64) * stride_ot + (kv_head * GROUP + gc)[:, None] * stride_oh
+                         + d[None, :])
+                tl.store(out_ptr + o_off, (acc_run / l_run[:, None]).to(out_ptr.dtype.element_ty),
+                         mask=gc_mask[:, None] & d_mask[None, :])
 
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: a token number, so CPU tests still exercise splits
+    return 132  # the interpreter: an H200's count, so CPU tests take the GPU's split decisions
+
+
+def _split_policy(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple[int, int]:
+    """(max splits, min tokens a split takes) for a batch: split until the (seq, KV head, split)
+    programs make about 2 waves, but only when the batch alone leaves the SMs idle. H200 sweep of this
+    kernel (bf16, head_dim 128): 8 programs at 512 tokens, 4 splits 7.8 us vs 1 split 11.1; 64 and 128
+    programs at 256 tokens, 1 split was best (8.3 vs 9.4, 9.7 vs 13.8); 256+ programs, 1 split always."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    sms = _num_sms(device)
+    if programs >= sms:
+        return 1, _MIN_PARTITION
+    return min(cdiv(2 * sms, programs), _MAX_SPLITS), (_MIN_PARTITION if 4 * programs < sms else _MIN_PARTITION_BUSY)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Split the context until (seq, kv head, split) programs fill the GPU: about 4 waves when the batch
-    alone fills less than one, else 2; never a split under 128 tokens. On an H200 (bf16, 8 KV heads,
-    head_dim 128) this was within ~10% of the best count from 1 x 4k to 128 x 1k contexts."""
-    programs = max(num_seqs * num_kv_heads, 1)
-    sms = _num_sms(device)
-    wanted = cdiv((4 if programs < sms else 2) * sms, programs)
-    return max(1, min(wanted, cdiv(max_seq_len, _MIN_PARTITION), _MAX_SPLITS))
+    """The split count of a sequence of max_seq_len tokens in this batch (each sequence takes its own,
+    from its own length, on the device)."""
+    max_splits, min_partition = _split_policy(num_seqs, num_kv_heads, device)
+    return max(1, min(max_splits, cdiv(max_seq_len, min_partition)))
 
 
 def _launch_config(head_dim: int, few_programs: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel. When (seq, kv head) pairs are fewer than the
-    SMs, each program is long and 128-token tiles keep more loads in flight (-10% time at 1 x 32k);
-    otherwise 64 was best (+15% at 32 x 1k with 128). H200 sweep, bf16, head_dim 128."""
+    """(BLOCK_N, num_warps, num_stages) of the split kernel. Up to 2 programs an SM, 128-token tiles keep
+    more loads in flight (256 programs at 1024 tokens: 37.6 us vs 44.3 with 64); at 4+ an SM, 64 was
+    best (512 programs at 1024 tokens: 68.7 vs 70.3). H200 sweep, bf16, head_dim 128."""
     if head_dim > 128:
         return 32, 4, 2
     return (128 if few_programs else 64), 4, 2
@@ -262,24 +292,26 @@ def decode_attention(
         return out
     seq_lens = seq_lens.contiguous()
 
-    if num_splits is None:
-        num_splits = choose_num_splits(num_programs, num_kv_heads, max_seq_len, query.device)
-    few_programs = num_programs * num_kv_heads < _num_sms(query.device)
+    if num_splits is None:  # a cap: each sequence takes min(cap, ceil(len / min_partition)) on the device
+        max_splits, min_partition = _split_policy(num_programs, num_kv_heads, query.device)
+    else:  # forced (tests, tuning sweeps): every sequence long enough gets exactly num_splits
+        max_splits, min_partition = num_splits, 1
+    few_programs = num_programs * num_kv_heads <= 2 * _num_sms(query.device)
     block_n, num_warps, num_stages = launch_config or _launch_config(head_dim, few_programs)
-    # Partitions are whole BLOCK_N tiles; recompute the count so no split starts past max_seq_len.
-    partition_size = cdiv(cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
-    num_splits = cdiv(max(max_seq_len, 1), partition_size)
+    # Splits are whole BLOCK_N tiles, so more than ceil(max_seq_len / BLOCK_N) would all be empty.
+    max_splits = max(1, min(max_splits, cdiv(max(max_seq_len, 1), block_n)))
     group = num_heads // num_kv_heads
     block_d = max(16, next_pow2(head_dim))
-    single = num_splits == 1
+    block_gc = next_pow2(group)
+    may_split = max_splits > 1
     pdl = use_pdl(query.device)
-    if single:  # the kernel writes `out` directly; scratch and counters are unused
-        part = counters = out
-    else:
-        part = torch.empty((num_programs, num_heads, num_splits, head_dim + 2), dtype=torch.float32,
+    if may_split:
+        part = torch.empty((num_programs, num_heads, max_splits, head_dim + 2), dtype=torch.float32,
                            device=query.device)
         counters = _COUNTERS.reserve(query.device, num_programs * num_kv_heads)
-    _decode_split_kernel[(num_programs, num_kv_heads, num_splits)](
+    else:  # the kernel writes `out` directly; scratch and counters are unused
+        part = counters = out
+    _decode_split_kernel[(num_programs, num_kv_heads, max_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
         seq_lens if seq_ids is None else seq_ids, seq_lens if seq_ids is None else query_start_loc,
         out, part, counters,
@@ -288,9 +320,11 @@ def decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
-        scale * LOG2E, head_dim, block_size, partition_size, num_splits, num_kv_heads,
+        scale * LOG2E, head_dim, block_size, max_splits, min_partition, num_kv_heads,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_S=16, HAS_SEQ_IDS=seq_ids is not None, SINGLE_SPLIT=single,
+        # the combine holds BLOCK_GC x BLOCK_S x BLOCK_D float32 partials: 32 registers a thread (64 spilled)
+        BLOCK_GC=block_gc, BLOCK_S=max(2, min(16, 4096 // (block_gc * block_d))),
+        HAS_SEQ_IDS=seq_ids is not None, MAY_SPLIT=may_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )

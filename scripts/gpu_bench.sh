@@ -20,6 +20,7 @@
 #   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path, the sampler on
 #                          its kernel; pytest from the carried .whl/), scripts/bench_elementwise.py and
 #                          scripts/bench_sampling.py; kernels.txt
+#   decode                 tests/kernels/test_decode_attention.py on the GPU and scripts/bench_gemv.py; kernels.txt
 #   checkpoints            write full random safetensors checkpoints (Llama-3.1-8B, Qwen3-0.6B shapes, bf16);
 #                          later stages of the same call then load them from disk. Without this stage both
 #                          backends use random weights from config.json alone (--load-format dummy): speed
@@ -144,6 +145,11 @@ stage_kernels() {
     | tail -25 | tee -a "$OUT/kernels.txt"
   run 120 "$PY" scripts/bench_elementwise.py 2>&1 | tee -a "$OUT/kernels.txt"
   run 120 "$PY" scripts/bench_sampling.py 2>&1 | tee -a "$OUT/kernels.txt"
+}
+
+stage_decode() {  # the decode attention GPU tests and the few-row GEMV vs cuBLAS per projection (~1 min)
+  run 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py 2>&1 | tail -5 | tee -a "$OUT/kernels.txt"
+  run 120 "$PY" scripts/bench_gemv.py 2>&1 | tee -a "$OUT/kernels.txt"
 }
 
 stage_checkpoints() {

@@ -67,10 +67,14 @@ def test_decode_half_precision_and_odd_head_dim(dtype, tol):
 
 
 def test_small_batch_long_context_is_split():
-    device = torch.device(DEVICE)
+    device = torch.device(DEVICE)  # the CPU counts as an H200's 132 SMs
     assert choose_num_splits(1, 8, 4096, device) > 1
     assert choose_num_splits(1, 8, 100, device) == 1  # too short to be worth a reduce
     assert choose_num_splits(4096, 8, 4096, device) == 1  # the batch alone fills the GPU
+    # a batch filling a quarter of the SMs or more splits only long contexts (a split's combine costs more
+    # than it saves on 256 tokens)
+    assert choose_num_splits(16, 4, 256, device) == 1
+    assert choose_num_splits(16, 4, 4096, device) > 1
 
 
 def test_decode_default_splits_long_context():
@@ -83,6 +87,29 @@ def test_decode_default_splits_long_context():
     out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 700, 0.25)
 
     assert _rel_err(out, _reference_decode(query, dense, 0.25)) < 1e-4
+
+
+def test_decode_graph_sized_split_cap_with_per_sequence_counts():
+    """A CUDA graph launches with max_seq_len = max_model_len: each sequence then takes its own split
+    count from its real length (1 token: one split, written directly; 700: several), and a group of 6
+    query heads per KV head is combined in one padded set of loads."""
+    seq_lens = [1, 5, 300, 700]
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 2, 16, torch.float32)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):  # the second launch finds every arrival counter reset
+        query = torch.randn(len(seq_lens), 12, 16, device=DEVICE)
+        out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 4096, 0.3)
+        assert _rel_err(out, _reference_decode(query, dense, 0.3)) < 1e-4
+
+
+def test_decode_more_splits_than_one_combine_load():
+    """22 splits of 32 tokens: the last split combines them in two passes of its BLOCK_S-wide loads."""
+    seq_lens = [700, 64]
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 2, 16, torch.float32)
+    query = torch.randn(len(seq_lens), 4, 16, device=DEVICE)
+    out = decode_attention(query, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+                           700, 0.3, num_splits=40, launch_config=(16, 4, 2))
+    assert _rel_err(out, _reference_decode(query, dense, 0.3)) < 1e-4
 
 
 def test_decode_repeated_launches_with_changing_splits():

@@ -17,6 +17,9 @@ import sys
 
 import pytest
 import torch
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import JITFunction
 
 import kernels
 from kernels.activation import silu_and_mul
@@ -31,7 +34,7 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int64: "i64"}
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
-         "decode_attention", "decode_attention+splits", "prefill_attention", "sampling", "gemv", "gemv+bias"]
+         "decode_attention", "decode_attention+splits", "decode_attention+8b", "prefill_attention", "sampling", "gemv", "gemv+bias"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -42,7 +45,8 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 results = []
 for job in json.load(sys.stdin):
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
-    source = ASTSource(fn, job["signature"], {k: v for k, v in job["constants"].items()})
+    source = ASTSource(fn, job["signature"], {k: v for k, v in job["constants"].items()},
+                       {(i,): attr for i, attr in job["attrs"]})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=job["options"])
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
@@ -72,6 +76,9 @@ def record(monkeypatch, module, kernel_name: str, jobs: list, name: str):
     kernel = getattr(module, kernel_name)
     kernel = getattr(kernel, "kernel", kernel)  # recorded before: the original
     params = list(inspect.signature(kernel.fn).parameters.values())
+    # the interpreter's function has no parameter specs: rebuild them as @triton.jit would
+    jit_params = JITFunction(kernel.fn, **{k: v for k, v in getattr(kernel, "kwargs", {}).items()
+                                           if k.startswith("do_not_specialize")}).params
 
     class Recorder:
         kernel = None
@@ -79,18 +86,29 @@ def record(monkeypatch, module, kernel_name: str, jobs: list, name: str):
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 values = dict(zip([p.name for p in params], args)) | kwargs
-                signature, constants = {}, {}
-                for p in params:
-                    if "constexpr" in str(p.annotation):
-                        signature[p.name], constants[p.name] = "constexpr", values[p.name]
+                signature, constants, attrs = {}, {}, []
+                for i, p in enumerate(jit_params):
+                    value = values[p.name]
+                    if p.is_constexpr:
+                        signature[p.name], constants[p.name] = "constexpr", value
+                        continue
+                    # as the launcher specializes: 16-aligned pointers and ints divisible by 16 get
+                    # tt.divisibility (vector loads), an int equal to 1 becomes a constant
+                    ty, key = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
+                                                     not p.do_not_specialize_on_alignment)
+                    if ty == "constexpr":
+                        signature[p.name], constants[p.name] = "constexpr", key
                     else:
-                        signature[p.name] = _type(values[p.name])
+                        signature[p.name] = _type(value) if isinstance(value, torch.Tensor) else ty
+                        if isinstance(key, str) and key:
+                            attrs.append([i, BaseBackend.parse_attr(key)])
                 if "USE_PDL" in constants:
                     constants["USE_PDL"] = True
                 options = {k: values[k] for k in ("num_warps", "num_stages") if k in values}
                 options["launch_pdl"] = "USE_PDL" in constants
                 jobs.append({"name": name, "module": module.__name__, "kernel": kernel_name,
-                             "signature": signature, "constants": constants, "options": options})
+                             "signature": signature, "constants": constants, "attrs": attrs,
+                             "options": options})
                 return kernel[grid](*args, **kwargs)
             return launch
 
@@ -127,6 +145,11 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     for name, splits in (("decode_attention", 1), ("decode_attention+splits", 2)):
         record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, name)
         decode_mod.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 150, 0.2, num_splits=splits)
+    # Llama-8B's shape (group of 4, head_dim 128) with 128-token tiles: K and V tiles both in flight
+    record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, "decode_attention+8b")
+    k8, v8, bt8, _ = paged_cache([300], 16, 8, 128, dt)
+    decode_mod.decode_attention(torch.randn(1, 32, 128, dtype=dt), k8, v8, bt8, torch.tensor([300], dtype=torch.int32),
+                                4096, 0.1, launch_config=(128, 4, 2))
     record(monkeypatch, prefill_mod, "_prefill_kernel", jobs, "prefill_attention")
     query_start_loc = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
     prefill_mod.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 1, 0.2)
