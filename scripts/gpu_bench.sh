@@ -39,6 +39,9 @@
 #                          pagedserve at every level, hf (one request at a time) at 1 and 4; CSV + PNG
 #   tp-vs-vllm             2+ GPUs: GPU.md's vLLM TP=2 workloads (8B 256 x (128, 1024), 1000 x (1024, 128),
 #                          batch 1; 70B 256 x (128, 512), batch 1 x 256 out) via bench_throughput / bench_latency
+#   qwen3-ab               Qwen3 batch-1 latency: this tree, the tree in ./old (if carried), PDL off
+#   tp-decode              the 8B TP=1 / TP=2 decode comparison of `tp` alone (tp2_8b.json)
+#   tp-vs-vllm-8b          the 8B rows of tp-vs-vllm only
 #   tp                     a multi-GPU kind only: the symmetric-memory all-reduce GPU test, TP=2 greedy vs
 #                          TP=1 (small Llama, float32), 8B decode TP=1 / TP=2 NCCL / TP=2 symmetric memory
 #                          at batch 1, 64, 256 (tp2_8b.json), and with 4+ GPUs the Llama-3.1-70B shape at
@@ -277,6 +280,31 @@ stage_tp-vs-vllm() {  # 2+ GPUs: the workloads of GPU.md's vLLM tensor-parallel 
     --num-prompts 256 --input-len 128 --output-len 512
   lat latency_llama70b_tp2_pagedserve pagedserve /tmp/pb_llama-3.1-70b --num-iters 2 --output-len 256 \
     --tensor-parallel-size 2
+}
+
+stage_qwen3-ab() {  # batch-1 Qwen3 latency, this tree vs an older one extracted to ./old (git archive REV | tar -x -C old)
+  model qwen3-0.6b "$QWEN"
+  lat latency_qwen3_pagedserve pagedserve "$QWEN" --num-iters 3
+  if [ -d old/scripts ]; then
+    PYTHONPATH="$root/old:/tmp/site" run 300 "$PY" old/scripts/bench_latency.py --backend pagedserve --model "$QWEN" \
+      --load-format "$LOAD" --dtype bfloat16 --input-len 128 --output-len 512 --num-iters 3 --output-json "$RUNS/latency_qwen3_old.json"
+    collect latency_qwen3_old
+  fi
+  PAGEDSERVE_PDL=0 lat latency_qwen3_pdl0 pagedserve "$QWEN" --num-iters 3
+}
+
+stage_tp-decode() {  # 8B decode TP=1 vs TP=2 (the default all-reduce) at batch 1, 64, 256 (~3 min)
+  PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --output-len 256 \
+    --budget-s 160 --out "$OUT/tp2_8b.json"
+}
+
+stage_tp-vs-vllm-8b() {  # the 8B rows of tp-vs-vllm: 256 x (128, 1024), batch 1, 1000 x (1024, 128) at TP=2
+  model llama-3.1-8b "$LLAMA"
+  tp tput_llama8b_tp2_256x128x1024_pagedserve pagedserve --model "$LLAMA" --tensor-parallel-size 2 \
+    --num-prompts 256 --input-len 128 --output-len 1024
+  lat latency_llama8b_tp2_pagedserve pagedserve "$LLAMA" --num-iters 3 --tensor-parallel-size 2
+  tp tput_llama8b_tp2_1000x1024x128_pagedserve pagedserve --model "$LLAMA" --tensor-parallel-size 2 \
+    --num-prompts 1000 --input-len 1024 --output-len 128
 }
 
 stage_tp() {
