@@ -70,7 +70,8 @@ class TritonAttentionBackend(AttentionBackend):
         reserve_split_counters(device, max_num_seqs, num_kv_heads)
         block_size, context = 16, 256  # 256 tokens: two 128-token splits
         cache = torch.zeros(2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-        many = max(-(-_num_sms(device) // num_kv_heads), 2)  # enough (seq, KV head) programs to fill the SMs
+        # past 2 (seq, KV head) programs an SM the decode kernel takes its other tile size (_launch_config)
+        many = -(-2 * _num_sms(device) // num_kv_heads) + 1
 
         def batch(q_lens: list[int]):
             n = len(q_lens)

@@ -91,3 +91,36 @@ def test_backend_rejects_decode_meta_with_several_tokens_per_sequence():
     with pytest.raises(ValueError, match="one token per sequence"):
         TritonAttentionBackend().forward(torch.randn(3, NUM_HEADS, HEAD_DIM, device=DEVICE), kv, kv,
                                          k_cache, torch.randn_like(k_cache), meta, 0.25)
+
+
+def test_warm_up_compiles_every_decode_variant_a_step_can_pick(monkeypatch):
+    """Each Triton variant compiles on first use (about a second): the start-up warm-up must launch every
+    decode-kernel variant that later steps pick (split or not, tile size, alone or beside prefills), for
+    batches from 1 to 600 sequences and contexts from 1 token to a 4096-token CUDA-graph cap."""
+    import importlib
+
+    mod = importlib.import_module("kernels.decode_attention")  # the package exports a function of that name
+
+    launches: list[tuple] = []
+
+    class Recorder:  # records each launch's compile-time choices instead of running it
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper() or k.startswith("num_"))))
+            return launch
+
+    monkeypatch.setattr(mod, "_decode_split_kernel", Recorder())
+    kv_heads, heads, head_dim, device = 8, 32, 128, torch.device(DEVICE)
+    TritonAttentionBackend().warm_up(heads, kv_heads, head_dim, torch.float32, device, max_num_seqs=600)
+    warmed, launches[:] = set(launches), []
+    cache = torch.zeros(2, 16, kv_heads, head_dim, device=DEVICE)
+    for num_seqs in (1, 3, 8, 16, 33, 34, 64, 256, 600):
+        for max_seq_len in (1, 200, 4096):
+            q = torch.zeros(num_seqs + 2, heads, head_dim, device=DEVICE)
+            seq_lens = torch.full((num_seqs + 1,), max_seq_len, dtype=torch.int32, device=DEVICE)
+            table = torch.zeros(num_seqs + 1, 256, dtype=torch.int32, device=DEVICE)
+            mod.decode_attention(q[:num_seqs], cache, cache, table[:num_seqs], seq_lens[:num_seqs], max_seq_len, 1.0)
+            qsl = torch.arange(num_seqs + 2, dtype=torch.int32, device=DEVICE)  # + one 2-token prefill
+            mod.decode_attention(q, cache, cache, table, seq_lens, max_seq_len, 1.0, query_start_loc=qsl,
+                                 seq_ids=torch.arange(num_seqs, dtype=torch.int32, device=DEVICE))
+    assert set(launches) <= warmed, set(launches) - warmed
