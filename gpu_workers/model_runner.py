@@ -15,6 +15,7 @@ from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import (BlockTable, CachedRequestState, HostStaging, StepInputs,
                                      greedy_without_processors, prepare_inputs)
 from gpu_workers.loader import load_hf_config, load_model
+from gpu_workers.models import elementwise
 from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
 from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
 from ipc import envs
@@ -43,6 +44,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.hf_config = load_hf_config(config.model.model)
         self.attn_backend = get_attention_backend(wc.attention_backend, self.device)
+        elementwise.configure_small_gemv(self.hf_config.hidden_size, self.device)
         self.model = load_model(config.model.model, self.dtype, self.device, self.attn_backend,
                                 config.model.load_format)
         self.sampler = Sampler(wc.seed, self.device)

@@ -116,14 +116,14 @@ def pdl() -> bool:
     return value == "1"
 
 
-def small_gemv() -> bool:
-    """$PAGEDSERVE_SMALL_GEMV=1: the linear layers of steps with at most 16 token rows (decode at small
-    batch) run through kernels/gemv.py on CUDA bf16/fp16 weights instead of cuBLAS (an experiment,
-    meant with $PAGEDSERVE_PDL=1); unset or "0": cuBLAS."""
+def small_gemv() -> bool | None:
+    """$PAGEDSERVE_SMALL_GEMV: whether the linear layers of steps with at most 16 token rows (decode at
+    small batch) run through kernels/gemv.py on CUDA bf16/fp16 weights instead of cuBLAS. "1": always,
+    "0": never, unset (None): the measured default of elementwise.small_gemv_default."""
     value = os.environ.get("PAGEDSERVE_SMALL_GEMV", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"PAGEDSERVE_SMALL_GEMV must be 0 or 1, not {value!r}")
-    return value == "1"
+    return None if value == "" else value == "1"
 
 
 def triton_interpret() -> bool:

@@ -39,13 +39,35 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (_ENV_MODE == "triton" and envs.triton_interpret())
 
 
-_SMALL_GEMV = envs.small_gemv()
+_SMALL_GEMV = bool(envs.small_gemv())
+"""Whether `linear` sends few-row steps to kernels.gemv; set per model by configure_small_gemv."""
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
+_GEMV_MAX_HIDDEN = 2048
+
+
+def small_gemv_default(hidden_size: int, pdl: bool) -> bool:
+    """The GEMV for a model's few-row steps unless $PAGEDSERVE_SMALL_GEMV says otherwise: only with PDL
+    (its weight prefetch runs under the previous kernel) and hidden sizes up to 2048. On an H200 it took
+    Qwen3-0.6B (hidden 1024) batch 1 from 1.44 to 1.19 ms a token; Llama-8B (4096) went from 4.74 to
+    5.18, cuBLAS being as fast or faster on every one of its projections (BENCHMARKS.md)."""
+    forced = envs.small_gemv()
+    if forced is not None:
+        return forced
+    return pdl and hidden_size <= _GEMV_MAX_HIDDEN
+
+
+def configure_small_gemv(hidden_size: int, device: torch.device) -> bool:
+    """Decide `linear`'s route for the model this process serves (called once, at model load)."""
+    from kernels.pdl import use_pdl
+
+    global _SMALL_GEMV
+    _SMALL_GEMV = device.type == "cuda" and small_gemv_default(hidden_size, use_pdl(device))
+    return _SMALL_GEMV
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; with $PAGEDSERVE_SMALL_GEMV=1, kernels.gemv for CUDA half-precision steps of at most 16
-    token rows (an experiment: see kernels/gemv.py)."""
+    """F.linear, or kernels.gemv for CUDA half-precision steps of at most 16 token rows where
+    configure_small_gemv chose it (see small_gemv_default)."""
     if _SMALL_GEMV and x.shape[0] <= 16 and x.is_cuda and x.dtype in _GEMV_DTYPES:
         from kernels.gemv import gemv
 
