@@ -16,8 +16,11 @@ tiles (W never depends on that kernel), and only then waits for it, before readi
 
 Session 3 measured a version without PDL on an H200: faster than cuBLAS alone on some projections
 (Llama-8B o_proj 2,927 vs 2,647 GB/s) and slower on most, and slower end to end (4.751 -> 4.835 ms a
-token). Whether the prefetch across boundaries changes that is the experiment: off unless
-$PAGEDSERVE_SMALL_GEMV=1 (see gpu_workers/models/elementwise.linear), measured by gpu_bench.sh's pdl stage.
+token). With PDL and the prefetch (session 5, H200, batch 1): Qwen3-0.6B 1.44 -> 1.19 ms a token, Llama-8B
+4.74 -> 5.18; per projection (scripts/bench_gemv.py) cuBLAS matched or beat it on all of Llama's, it won on
+Qwen3's o_proj (6.3 vs 14.2 us) and qkv. So it is the default for models of hidden size <= 2048 under PDL
+(gpu_workers/models/elementwise.small_gemv_default); $PAGEDSERVE_SMALL_GEMV=0/1 forces either way. The
+grid splits N only: on 4096-wide inputs its 128-256 programs do not keep every SM streaming (split-K would).
 """
 
 from __future__ import annotations
