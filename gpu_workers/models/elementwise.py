@@ -68,7 +68,9 @@ def configure_small_gemv(hidden_size: int, device: torch.device) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or kernels.gemv for CUDA half-precision steps of at most 16 token rows where
     configure_small_gemv chose it (see small_gemv_default)."""
-    if _SMALL_GEMV and x.shape[0] <= 16 and x.is_cuda and x.dtype in _GEMV_DTYPES:
+    if (_SMALL_GEMV and x.dim() == 2 and x.shape[0] <= 16 and x.is_cuda and x.dtype in _GEMV_DTYPES
+            and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1
+            and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1))):  # else cuBLAS, never an error
         from kernels.gemv import gemv
 
         return gemv(x, weight, bias)
