@@ -107,8 +107,9 @@ def test_decode_more_splits_than_one_combine_load():
     seq_lens = [700, 64]
     k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 2, 16, torch.float32)
     query = torch.randn(len(seq_lens), 4, 16, device=DEVICE)
-    out = decode_attention(query, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-                           700, 0.3, num_splits=40, launch_config=(16, 4, 2))
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 700, 0.3, num_splits=40,
+                           launch_config=(16, 4, 2))
     assert _rel_err(out, _reference_decode(query, dense, 0.3)) < 1e-4
 
 

@@ -34,7 +34,8 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int64: "i64"}
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
-         "decode_attention", "decode_attention+splits", "decode_attention+8b", "prefill_attention", "sampling", "gemv", "gemv+bias"]
+         "decode_attention", "decode_attention+splits", "decode_attention+8b", "prefill_attention", "sampling",
+         "gemv", "gemv+bias"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
