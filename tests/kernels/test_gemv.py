@@ -1,5 +1,5 @@
-"""kernels.gemv (few-row matmul for small-batch decode, the $PAGEDSERVE_SMALL_GEMV experiment) against
-F.linear, and where the model routes to it."""
+"""kernels.gemv (few-row matmul for small-batch decode: the default for models of hidden size <= 2048
+under PDL, else $PAGEDSERVE_SMALL_GEMV=1) against F.linear, and where the model routes to it."""
 
 import pytest
 import torch
@@ -70,7 +70,9 @@ def test_the_switch_routes_only_few_row_cuda_half_precision_matmuls(monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096), (1024, 2048)])
+# Llama-8B qkv / down / gate_up, Qwen3-0.6B o_proj, SmolLM2-135M (the bundled model) qkv / down / LM head
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096), (1024, 2048), (960, 576), (576, 1536),
+                                 (49152, 576)])
 @pytest.mark.parametrize("rows", [1, 8, 16])
 def test_gemv_real_shapes_gpu(n, k, rows):
     weight = (torch.randn(n, k, device=DEVICE) * 0.02).bfloat16()
