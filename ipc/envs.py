@@ -116,6 +116,15 @@ def pdl() -> bool:
     return value == "1"
 
 
+def gemv_split_k() -> int:
+    """$PAGEDSERVE_GEMV_SPLIT_K=N (default 1): kernels/gemv.py splits K over N programs wherever its
+    column tiles alone give an SM fewer than two programs (an experiment, not yet measured)."""
+    value = os.environ.get("PAGEDSERVE_GEMV_SPLIT_K", "1")
+    if not value.isdigit() or not 1 <= int(value) <= 16:
+        raise ValueError(f"PAGEDSERVE_GEMV_SPLIT_K must be an integer from 1 to 16, not {value!r}")
+    return int(value)
+
+
 def small_gemv() -> bool | None:
     """$PAGEDSERVE_SMALL_GEMV: whether the linear layers of steps with at most 16 token rows (decode at
     small batch) run through kernels/gemv.py on CUDA bf16/fp16 weights instead of cuBLAS. "1": always,

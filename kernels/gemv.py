@@ -10,9 +10,13 @@ tiles (W never depends on that kernel), and only then waits for it, before readi
     previous kernel  ██████████░░
     this kernel            [prefetch W tiles][wait]████████████   (x is read after the wait)
 
-    grid = (cdiv(N, BLOCK_N),)
-    program n:  acc[16, BLOCK_N] = Σ_k x[:, k:k+BLOCK_K] · W[n*BLOCK_N:(n+1)*BLOCK_N, k:k+BLOCK_K]^T
-                x padded to 16 rows for tl.dot, float32 accumulation, one store of the M real rows.
+    grid = (cdiv(N, BLOCK_N), SPLIT_K)
+    program (n, s):  acc[16, BLOCK_N] = Σ_k x[:, k:k+BLOCK_K] · W[n*BLOCK_N:(n+1)*BLOCK_N, k:k+BLOCK_K]^T
+                     over split s's K range; x padded to 16 rows for tl.dot, float32 accumulation.
+    SPLIT_K = 1: one store of the M real rows. SPLIT_K > 1 (config only, not yet measured): partials
+    to float32 scratch, and the column tile's last program to arrive sums them in split order and
+    stores y, in the same launch (the pattern of decode_attention's splits). It gives 4096-row
+    matrices (o_proj, down_proj at batch 1) SPLIT_K x more programs streaming W.
 
 Session 3 measured a version without PDL on an H200: faster than cuBLAS alone on some projections
 (Llama-8B o_proj 2,927 vs 2,647 GB/s) and slower on most, and slower end to end (4.751 -> 4.835 ms a
@@ -29,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import _num_sms
+from ipc import envs
+from kernels.decode_attention import _num_sms, _SplitCounters
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device
 from kernels.pdl import pdl_prologue, use_pdl
 
@@ -44,22 +49,24 @@ def _prefetch_l2(ptrs):
                               is_pure=False, pack=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_per_split"])
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    M, N, K,
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr,
+    M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    k_start = tl.program_id(1) * k_per_split  # this program's K range (all of K unless SPLIT_K > 1)
+    k_end = tl.minimum(k_start + k_per_split, K)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features of this program
     col_mask = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     if USE_PDL:
         # W does not depend on the previous kernel: start streaming this program's first tiles into L2
         # now; pdl_prologue then waits for that kernel (x is its output) and lets the next one queue.
-        lines = tl.minimum(tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, K - 1)  # in-bounds columns
+        lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, K - 1)  # in bounds
         safe_rows = w_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_wn  # in-bounds rows
         _prefetch_l2(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
     pdl_prologue(USE_PDL)
@@ -69,29 +76,57 @@ def _gemv_kernel(
     w_ptrs = w_rows + ks[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]  # [16, BLOCK_K]
     acc = tl.zeros([16, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + ks) < K
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_mask = (k0 + ks) < k_end
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SPLIT_K > 1:
+        # Partial sums to scratch; the last of the column tile's SPLIT_K programs to arrive adds them in
+        # split order (the same sum whoever arrives last) and writes y. The barrier orders every thread's
+        # stores before the atomic, whose release makes them visible to the program that acquires.
+        part = part_ptr + rows[:, None] * N + cols[None, :]  # [16, BLOCK_N] of split 0; split s at + s*M*N
+        tl.store(part + tl.program_id(1) * M * N, acc, mask=out_mask)
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.store(counter_ptr + pid, 0)  # ready for the next launch (the kernel boundary orders it)
+            acc = tl.zeros([16, BLOCK_N], tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(part + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-Config = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+Config = tuple[int, int, int, int] | tuple[int, int, int, int, int]
+"""(BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]); SPLIT_K defaults to 1."""
+_COUNTERS = _SplitCounters()
+"""Per-device arrival counters of split-K launches, one per column tile, zero between launches."""
+
+
+def reserve_split_k_counters(device: torch.device, n: int = 1 << 14) -> None:
+    """Allocate the split-K counters for up to n column tiles (before CUDA graph capture)."""
+    _COUNTERS.reserve(device, n)
 
 
 def _config(n: int, device: torch.device) -> Config:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the widest BLOCK_N (16..64) that still gives every SM
-    at least two programs, 256-wide K tiles, 4 stages in flight (session 3's H200 sweep); 8 warps for
-    64-wide tiles, which spill registers with 4 (ptxas, sm_90)."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): the widest BLOCK_N (16..64) that still gives
+    every SM at least two programs, 256-wide K tiles, 4 stages in flight (session 3's H200 sweep); 8
+    warps for 64-wide tiles, which spill registers with 4 (ptxas, sm_90). Where even 16-wide tiles
+    leave an SM under two programs, K is split $PAGEDSERVE_GEMV_SPLIT_K ways (default 1: no split)."""
     sms = _num_sms(device)
     block_n = 64
     while block_n > 16 and cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    return block_n, 256, 8 if block_n == 64 else 4, 4
+    split_k = envs.gemv_split_k() if cdiv(n, block_n) < 2 * sms else 1
+    return block_n, 256, 8 if block_n == 64 else 4, 4, split_k
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -123,13 +158,21 @@ def gemv(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    block_n, block_k, num_warps, num_stages = config or _config(n, x.device)
+    block_n, block_k, num_warps, num_stages, *rest = config or _config(n, x.device)
+    split_k = max(1, min(rest[0] if rest else 1, cdiv(k, block_k)))  # no split without a K tile
+    k_per_split = cdiv(cdiv(k, split_k), block_k) * block_k  # whole K tiles per split
+    split_k = cdiv(k, k_per_split)
     pdl = use_pdl(x.device)
-    _gemv_kernel[(cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y,
-        m, n, k,
+    if split_k > 1:
+        part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        counters = _COUNTERS.reserve(x.device, cdiv(n, block_n))
+    else:
+        part = counters = y  # unused
+    _gemv_kernel[(cdiv(n, block_n), split_k)](
+        x, weight, bias if bias is not None else weight, y, part, counters,
+        m, n, k, k_per_split,
         x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         USE_PDL=pdl, PREFETCH_K=prefetch_tiles * block_k, LINE_ELEMS=_LINE // x.element_size(),
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,

@@ -3,6 +3,7 @@
     PAGEDSERVE_PDL=1 python scripts/bench_gemv.py          # CUDA, bf16, 1 row: the batch-1 decode case
     TRITON_INTERPRET=1 python scripts/bench_gemv.py --device cpu --dtype float32 --iters 1 --scale 0.01  # smoke
 
+With --split-k 2 4, the GEMV also runs with K split 2 and 4 ways (kernels/gemv.py's SPLIT_K).
 Each side runs as a CUDA graph of `--iters` (RMSNorm, matmul) pairs, as a decode graph interleaves them,
 over enough weight copies that L2 (50-60 MB) never holds the next one; with PDL on, the GEMV's weight
 prefetch overlaps the RMSNorm before it. Prints us per matmul, the weight bytes / us, and the speed-up.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 import bench_common as bc
 from kernels import rms_norm
-from kernels.gemv import gemv
+from kernels.gemv import _config, gemv
 
 # (model, projection): (N, K) of the weight [N, K]
 SHAPES = {
@@ -38,10 +39,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--iters", type=int, default=48)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every shape (CPU smoke runs)")
+    parser.add_argument("--split-k", type=int, nargs="*", default=[], help="also time the GEMV with these K splits")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"{'model':14} {'projection':13} {'N x K':>14} {'cuBLAS us':>9} {'GB/s':>6} {'gemv us':>9} {'GB/s':>6} "
-          f"{'speed-up':>8} {'rel err':>8}")
+          f"{'speed-up':>8} {'rel err':>8}" + "".join(f" {f'split{s} us':>10}" for s in args.split_k))
     for (model, proj), (n, k) in SHAPES.items():
         n, k = max(16, int(n * args.scale)), max(16, int(k * args.scale))
         nbytes = n * k * torch.finfo(dtype).bits // 8
@@ -53,11 +55,17 @@ def main() -> None:
         for name, matmul in (("cublas", F.linear), ("gemv", gemv)):
             times[name] = bc.time_us(lambda i: matmul(rms_norm(x, norm_w, 1e-6), weights[i % copies]),
                                      args.iters, device)
+        split_times = []
+        for s in args.split_k:
+            block_n, block_k, warps, stages, _ = _config(n, device)
+            config = (block_n, block_k, warps, stages, s)
+            split_times.append(bc.time_us(lambda i: gemv(rms_norm(x, norm_w, 1e-6), weights[i % copies], None, config),
+                                          args.iters, device))
         ref, got = (F.linear(x, weights[0]).float(), gemv(x, weights[0]).float())
         err = ((got - ref).norm() / ref.norm()).item()
         print(f"{model:14} {proj:13} {f'{n} x {k}':>14} {times['cublas']:9.2f} {nbytes / times['cublas'] / 1e3:6.0f} "
               f"{times['gemv']:9.2f} {nbytes / times['gemv'] / 1e3:6.0f} {times['cublas'] / times['gemv']:7.2f}x "
-              f"{err:8.1e}", flush=True)
+              f"{err:8.1e}" + "".join(f" {t:10.2f}" for t in split_times), flush=True)
 
 
 if __name__ == "__main__":

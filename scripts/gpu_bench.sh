@@ -20,7 +20,9 @@
 #   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path, the sampler on
 #                          its kernel; pytest from the carried .whl/), scripts/bench_elementwise.py and
 #                          scripts/bench_sampling.py; kernels.txt
-#   decode                 tests/kernels/test_decode_attention.py on the GPU and scripts/bench_gemv.py; kernels.txt
+#   decode                 tests/kernels/test_decode_attention.py on the GPU and scripts/bench_gemv.py (K unsplit, split
+#                          2 and 4 ways); kernels.txt
+#   gemv                   test_gemv.py on the GPU, then Llama-8B batch 1 with cuBLAS / the GEMV / split-K 2 / 4
 #   checkpoints            write full random safetensors checkpoints (Llama-3.1-8B, Qwen3-0.6B shapes, bf16);
 #                          later stages of the same call then load them from disk. Without this stage both
 #                          backends use random weights from config.json alone (--load-format dummy): speed
@@ -152,7 +154,16 @@ stage_kernels() {
 
 stage_decode() {  # the decode attention GPU tests and the few-row GEMV vs cuBLAS per projection (~1 min)
   run 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py 2>&1 | tail -5 | tee -a "$OUT/kernels.txt"
-  run 120 "$PY" scripts/bench_gemv.py 2>&1 | tee -a "$OUT/kernels.txt"
+  run 120 "$PY" scripts/bench_gemv.py --split-k 2 4 2>&1 | tee -a "$OUT/kernels.txt"
+}
+
+stage_gemv() {  # batch-1 Llama-8B: cuBLAS (the default) vs the GEMV with K unsplit / split 2 / 4 ways (~4 min)
+  model llama-3.1-8b "$LLAMA"
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  lat latency_llama8b_cublas pagedserve "$LLAMA" --num-iters 3
+  PAGEDSERVE_SMALL_GEMV=1 lat latency_llama8b_gemv pagedserve "$LLAMA" --num-iters 3
+  PAGEDSERVE_SMALL_GEMV=1 PAGEDSERVE_GEMV_SPLIT_K=2 lat latency_llama8b_gemv_split2 pagedserve "$LLAMA" --num-iters 3
+  PAGEDSERVE_SMALL_GEMV=1 PAGEDSERVE_GEMV_SPLIT_K=4 lat latency_llama8b_gemv_split4 pagedserve "$LLAMA" --num-iters 3
 }
 
 stage_checkpoints() {

@@ -60,8 +60,12 @@ def configure_small_gemv(hidden_size: int, device: torch.device) -> bool:
     """Decide `linear`'s route for the model this process serves (called once, at model load)."""
     from kernels.pdl import use_pdl
 
+    from kernels.gemv import reserve_split_k_counters
+
     global _SMALL_GEMV
     _SMALL_GEMV = device.type == "cuda" and small_gemv_default(hidden_size, use_pdl(device))
+    if _SMALL_GEMV:
+        reserve_split_k_counters(device)  # before CUDA graph capture, which may not allocate them
     return _SMALL_GEMV
 
 

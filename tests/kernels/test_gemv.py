@@ -80,6 +80,20 @@ def test_gemv_real_shapes_gpu(n, k, rows):
     assert _rel_err(gemv(x, weight), x.float() @ weight.float().T) < 1e-2
 
 
+def test_split_k_comes_from_the_environment_only_where_column_tiles_leave_sms_idle(monkeypatch):
+    import importlib
+
+    gemv_mod = importlib.import_module("kernels.gemv")
+    cpu = torch.device("cpu")  # counted as an H200's 132 SMs
+    assert gemv_mod._config(4096, cpu)[-1] == 1  # default: no split
+    monkeypatch.setenv("PAGEDSERVE_GEMV_SPLIT_K", "4")
+    assert gemv_mod._config(4096, cpu)[-1] == 4  # 256 column tiles of 16 < 2 per SM: split
+    assert gemv_mod._config(6144, cpu)[-1] == 1  # 384 tiles already give every SM two programs
+    monkeypatch.setenv("PAGEDSERVE_GEMV_SPLIT_K", "0")
+    with pytest.raises(ValueError, match="PAGEDSERVE_GEMV_SPLIT_K"):
+        gemv_mod._config(4096, cpu)
+
+
 def test_the_gemv_is_the_default_for_small_hidden_sizes_under_pdl(monkeypatch):
     """Unset, the GEMV serves models of hidden size <= 2048 when PDL is on (Qwen3-0.6B: 1.44 -> 1.19 ms a
     token on an H200) and never Llama-8B's 4096 (slower there); $PAGEDSERVE_SMALL_GEMV forces either way,
@@ -94,3 +108,20 @@ def test_the_gemv_is_the_default_for_small_hidden_sizes_under_pdl(monkeypatch):
     assert not elementwise.configure_small_gemv(1024, torch.device("cpu")) and not elementwise._SMALL_GEMV
     monkeypatch.setenv("PAGEDSERVE_SMALL_GEMV", "0")
     assert not elementwise.small_gemv_default(1024, pdl=True)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_k_matches_linear_and_resets_its_counters(split_k, rows, bias):
+    """K split over programs: the last of each column tile sums the partials; repeated launches (as
+    consecutive layers do) find the counters back at zero, and the sum is the same every time."""
+    n, k = 83, 700  # 3 K tiles of 256, the last one partial
+    weight = torch.randn(n, k, device=DEVICE)
+    b = torch.randn(n, device=DEVICE) if bias else None
+    x = torch.randn(rows, k, device=DEVICE)
+    ref = torch.nn.functional.linear(x, weight, b)
+    first = gemv(x, weight, b, config=(32, 256, 4, 2, split_k))
+    assert _rel_err(first, ref) < 1e-6
+    assert torch.equal(gemv(x, weight, b, config=(32, 256, 4, 2, split_k)), first)
+    assert torch.equal(gemv(x, weight, b, config=(32, 256, 4, 2, 1)), gemv(x, weight, b, config=(32, 256, 4, 2)))

@@ -35,7 +35,7 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
          "decode_attention", "decode_attention+splits", "decode_attention+8b", "prefill_attention", "sampling",
-         "gemv", "gemv+bias"]
+         "gemv", "gemv+bias", "gemv+splitk"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -163,6 +163,8 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     for name, bias in (("gemv", None), ("gemv+bias", torch.randn(4096, dtype=dt))):  # Llama-8B's o_proj shape
         record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
         gemv_mod.gemv(torch.randn(1, 64, dtype=dt), torch.randn(4096, 64, dtype=dt), bias)
+    record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, "gemv+splitk")
+    gemv_mod.gemv(torch.randn(1, 512, dtype=dt), torch.randn(64, 512, dtype=dt), None, (16, 256, 4, 4, 2))
 
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
@@ -175,7 +177,7 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     assert sorted(results) == sorted(NAMES), sorted(results)
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
-    for name in ("gemv", "gemv+bias"):  # the weight prefetch before the wait
+    for name in ("gemv", "gemv+bias", "gemv+splitk"):  # the weight prefetch before the wait
         assert "prefetch.global.L2" in results[name]["ptx_head"], name
     for name, report in ((name, r["report"]) for name, r in results.items()):
         assert "Used" in report, (name, report)
