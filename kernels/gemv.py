@@ -49,7 +49,7 @@ def _prefetch_l2(ptrs):
                               is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["k_per_split"])
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, k_per_split,
@@ -58,8 +58,12 @@ def _gemv_kernel(
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    k_start = tl.program_id(1) * k_per_split  # this program's K range (all of K unless SPLIT_K > 1)
-    k_end = tl.minimum(k_start + k_per_split, K)
+    if SPLIT_K == 1:  # all of K: the bound stays K itself, whose divisibility Triton knows (vector loads)
+        k_start = 0
+        k_end = K
+    else:  # this program's K range, whole BLOCK_K tiles
+        k_start = tl.program_id(1) * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features of this program
     col_mask = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]

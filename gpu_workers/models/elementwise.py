@@ -58,9 +58,8 @@ def small_gemv_default(hidden_size: int, pdl: bool) -> bool:
 
 def configure_small_gemv(hidden_size: int, device: torch.device) -> bool:
     """Decide `linear`'s route for the model this process serves (called once, at model load)."""
-    from kernels.pdl import use_pdl
-
     from kernels.gemv import reserve_split_k_counters
+    from kernels.pdl import use_pdl
 
     global _SMALL_GEMV
     _SMALL_GEMV = device.type == "cuda" and small_gemv_default(hidden_size, use_pdl(device))
