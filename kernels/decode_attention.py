@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
-                              check_last_dim_contiguous, check_same_device, next_pow2)
+                              check_last_dim_contiguous, check_same_device, next_pow2, paged_kv_offsets)
 from kernels.pdl import pdl_prologue, use_pdl
 
 LOG2E = 1.4426950408889634
@@ -102,9 +102,8 @@ def _decode_split_kernel(
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions in the context
             n_mask = pos < end
-            block_ids = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
-            kv_off = (block_ids[:, None] * stride_cb + (pos % block_size)[:, None] * stride_co
-                      + kv_head * stride_ch + d[None, :])  # [BLOCK_N, BLOCK_D]
+            kv_off = paged_kv_offsets(bt_row, pos, n_mask, d, kv_head, block_size,
+                                      stride_cb, stride_co, stride_ch)  # [BLOCK_N, BLOCK_D]
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # K and V loads both go out before the first dot: one memory round trip per tile, not two
             k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)

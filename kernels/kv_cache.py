@@ -59,6 +59,15 @@ def check_int_dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...])
 
 
 @triton.jit
+def paged_kv_offsets(bt_row, pos, n_mask, d, kv_head, block_size, stride_cb, stride_co, stride_ch):
+    """[len(pos), len(d)] offsets into a paged cache [num_blocks, block_size, num_kv_heads, head_dim] of
+    the given context positions of one sequence (its block-table row at bt_row) and KV head."""
+    block_ids = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
+    return (block_ids[:, None] * stride_cb + (pos % block_size)[:, None] * stride_co
+            + kv_head * stride_ch + d[None, :])
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,  # key/value: token, head (last dim contiguous)

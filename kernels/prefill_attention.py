@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
-                              check_last_dim_contiguous, check_same_device, next_pow2)
+                              check_last_dim_contiguous, check_same_device, next_pow2, paged_kv_offsets)
 
 LOG2E = 1.4426950408889634
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked row never gives inf - inf
@@ -41,9 +41,8 @@ def _attend_kv_range(
     for n0 in range(kv_start, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         n_mask = pos < kv_end
-        block_ids = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
-        kv_off = (block_ids[:, None] * stride_cb + (pos % block_size)[:, None] * stride_co
-                  + kv_head * stride_ch + d[None, :])  # [BLOCK_N, BLOCK_D]
+        kv_off = paged_kv_offsets(bt_row, pos, n_mask, d, kv_head, block_size,
+                                  stride_cb, stride_co, stride_ch)  # [BLOCK_N, BLOCK_D]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
