@@ -9,7 +9,9 @@ size 1 whose collectives return their input.
 
 All-reduce on CUDA ranks of one node: messages up to 8 MiB (every decode step's) go over torch
 symmetric memory in one kernel (gpu_workers/symm_all_reduce.py; PAGEDSERVE_CUSTOM_ALL_REDUCE=0 turns
-it off), larger ones and every other case over NCCL (gloo on CPU).
+it off), larger ones and every other case over NCCL (gloo on CPU). The row-parallel layers' sums are
+reduced together with the residual add and RMSNorm that follow them (`all_reduce_add_rms_norm`; one
+launch where the symmetric path takes the message, PAGEDSERVE_FUSED_ALL_REDUCE=0 turns that off).
 
 Rendezvous: on one node the store is a file in the engine's private 0700 directory (nothing listens
 on a network port for it), and gloo/NCCL traffic stays on the loopback interface unless the user
@@ -55,6 +57,14 @@ class TPGroup:
                 return out
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(RMSNorm(sum of x + residual), sum of x + residual) in one fused launch where the
+        symmetric-memory path takes x; None otherwise (the caller reduces, then norms)."""
+        if self.custom_all_reduce is None:
+            return None
+        return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The ranks' `x` concatenated along `dim`, rank 0 first."""
@@ -134,7 +144,7 @@ def init_distributed(parallel: ParallelConfig, rank: int, device: str, ipc_root:
     # environment); set-up failures turn it off on every rank at once, never on some.
     if envs.custom_all_reduce(device, parallel.nnodes):
         custom = create_symm_all_reduce(dist.group.WORLD, rank, world_size, kwargs["device_id"],
-                                        peers=range(ranks_per_node(parallel)))
+                                        peers=range(ranks_per_node(parallel)), fused=envs.fused_all_reduce())
     set_tp_group(TPGroup(rank, world_size, dist.group.WORLD, custom))
     return get_tp_group()
 

@@ -25,6 +25,11 @@ Invariants:
 - Sums are taken in rank order on every rank: all ranks get bitwise identical results, as the
   tensor-parallel design requires (every rank samples from the same logits).
 
+Fused with the residual add and RMSNorm (`add_rms_norm`): a row-parallel layer's partial sums are
+reduced by kernels/all_reduce_rms_norm.py, in a second symmetric buffer of its own, together with the
+norm that follows them (one launch instead of two, the reduced rows never written out). It takes
+exactly the messages the one-shot kernel would; others are reduced first, then normed.
+
 Set-up (`create_symm_all_reduce`) either succeeds on every rank or is off on every rank: each step's
 outcome is agreed over NCCL before the next, and any failure (import, P2P access, rendezvous, a
 wrong sum in the self-test) logs why and leaves NCCL in charge. NVLink multicast (multimem ops) is
@@ -37,10 +42,13 @@ import enum
 import logging
 import os
 import warnings
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from kernels.all_reduce_rms_norm import PeerBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +93,11 @@ class SymmMemAllReduce:
     """One symmetric buffer of `max_bytes`, rendezvoused over `group`; `all_reduce` sums a tensor
     through it, or returns None where NCCL should (see `pick_algorithm`)."""
 
-    def __init__(self, buffer: torch.Tensor, group: dist.ProcessGroup, rank: int, world_size: int) -> None:
+    def __init__(self, buffer: torch.Tensor, group: dist.ProcessGroup, rank: int, world_size: int,
+                 fused_buffer: torch.Tensor | None = None, fused_peers: PeerBuffers | None = None) -> None:
         self.buffer = buffer  # [max_bytes] uint8, symmetric: every peer maps it
+        self.fused_buffer = fused_buffer  # kept alive: every peer maps it
+        self.fused_peers = fused_peers  # None: add_rms_norm always declines
         self.group_name = group.group_name
         self.rank = rank
         self.world_size = world_size
@@ -96,8 +107,9 @@ class SymmMemAllReduce:
 
     @classmethod
     def allocate(cls, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device,
-                 max_bytes: int = MAX_BYTES) -> SymmMemAllReduce:
-        """Allocate the buffer and exchange it with every rank of `group` (collective; raises on failure)."""
+                 max_bytes: int = MAX_BYTES, fused: bool = True) -> SymmMemAllReduce:
+        """Allocate the buffer (and with `fused`, the fused kernel's) and exchange it with every rank of
+        `group` (collective; raises on failure)."""
         import torch.distributed._symmetric_memory as symm_mem
         from torch.torch_version import TorchVersion
 
@@ -114,7 +126,17 @@ class SymmMemAllReduce:
         if handle.world_size != world_size or handle.rank != rank:
             raise RuntimeError(f"rendezvous gave rank {handle.rank} of {handle.world_size}, "
                                f"expected {rank} of {world_size}")
-        return cls(buffer, group, rank, world_size)
+        if not fused:
+            return cls(buffer, group, rank, world_size)
+        from kernels import all_reduce_rms_norm as fused_kernel  # triton: imported where it is used
+
+        fused_buffer = symm_mem.empty(fused_kernel.buffer_bytes(max_bytes, world_size), dtype=torch.uint8, device=device)
+        fused_buffer.zero_()  # the barrier flags start at 0; peers first signal after the set-up's NCCL steps
+        torch.cuda.synchronize(device)
+        fused_handle = symm_mem.rendezvous(fused_buffer, group.group_name)
+        ptrs = torch.tensor(list(fused_handle.buffer_ptrs), dtype=torch.int64, device=device)
+        return cls(buffer, group, rank, world_size, fused_buffer,
+                   fused_kernel.PeerBuffers(ptrs, rank, world_size, max_bytes))
 
     def route(self, x: torch.Tensor) -> Algorithm:
         return choose_algorithm(x, self.world_size, self.max_bytes)
@@ -128,6 +150,19 @@ class SymmMemAllReduce:
         if algorithm is Algorithm.TWO_SHOT:
             return self.two_shot(x)
         return None
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(RMSNorm(sum of x over the ranks + residual), that sum + residual) in one fused launch, or
+        None when `x` is not for it (then reduce and norm apart). Takes what one-shot would take: the
+        choice rests on shape, dtype and world size alone, as on every rank."""
+        if self.fused_peers is None or self.route(x) is not Algorithm.ONE_SHOT:
+            return None
+        from kernels import all_reduce_rms_norm as fused_kernel
+
+        if not fused_kernel.fits(x, self.fused_peers):
+            return None
+        return fused_kernel.all_reduce_add_rms_norm(x, residual, weight, eps, self.fused_peers)
 
     def _staged(self, x: torch.Tensor) -> torch.Tensor:
         return self._flat[x.dtype][:x.numel()].view(x.shape)  # this rank's buffer, shaped like x
@@ -165,7 +200,22 @@ class SymmMemAllReduce:
                 expected = (base * self.world_size + self.world_size * (self.world_size - 1) // 2).to(dtype)
                 if not torch.equal(reduce(x), expected):
                     raise RuntimeError(f"{reduce.__name__} of {numel} {dtype} elements gave wrong sums")
+            if self.fused_peers is not None:
+                self._self_test_fused(dtype)
         torch.cuda.synchronize(device)
+
+    def _self_test_fused(self, dtype: torch.dtype) -> None:
+        device, world = self.buffer.device, self.world_size
+        base = (torch.arange(64 * 1024, device=device) % 17).view(64, 1024)
+        expected = (base * world + world * (world - 1) // 2 + 1).to(dtype)  # + a residual of ones
+        weight = torch.ones(1024, dtype=dtype, device=device)
+        out = self.add_rms_norm((base + self.rank).to(dtype), torch.ones_like(expected), weight, 1e-6)
+        if out is None or not torch.equal(out[1], expected):
+            raise RuntimeError(f"the fused all-reduce gave wrong sums ({dtype})")
+        e = expected.float()
+        normed = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if not torch.allclose(out[0].float(), normed, rtol=1e-2, atol=1e-2):
+            raise RuntimeError(f"the fused all-reduce gave a wrong RMSNorm ({dtype})")
 
 
 # ---------------------------------------------------------------- set-up, on every rank or none
@@ -214,23 +264,24 @@ def _all_ranks_ok(failure: str | None, group: dist.ProcessGroup, device: torch.d
 
 
 def create_symm_all_reduce(group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device,
-                           peers: Sequence[int], max_bytes: int = MAX_BYTES) -> SymmMemAllReduce | None:
+                           peers: Sequence[int], max_bytes: int = MAX_BYTES, fused: bool = True) -> SymmMemAllReduce | None:
     """The symmetric-memory all-reduce of this rank, or None on every rank (with a warning saying why)
     if any rank cannot use it. Collective over `group` (NCCL, already initialized); `peers` are the
-    device indices of the group's ranks on this node."""
+    device indices of the group's ranks on this node; `fused`: also the all-reduce + RMSNorm kernel."""
     reason, failure = _attempt("checks", lambda: why_unsupported(world_size, device, peers))
     failure = failure or reason
     if _all_ranks_ok(failure, group, device):
         comm, failure = _attempt("allocation and rendezvous",
-                                 lambda: SymmMemAllReduce.allocate(group, rank, world_size, device, max_bytes))
+                                 lambda: SymmMemAllReduce.allocate(group, rank, world_size, device, max_bytes, fused))
         if _all_ranks_ok(failure, group, device):
             _, failure = _attempt("self-test", comm.self_test)
             if _all_ranks_ok(failure, group, device):
                 if rank == 0:
                     below = ONE_SHOT_BELOW[world_size]
-                    logger.warning("all-reduce over symmetric memory for messages up to %s (one-shot%s), "
+                    logger.warning("all-reduce over symmetric memory for messages up to %s (one-shot%s%s), "
                                    "NCCL above", _size(max_bytes),
-                                   "" if below is None else f" below {_size(below)}, two-shot from there")
+                                   "" if below is None else f" below {_size(below)}, two-shot from there",
+                                   ", fused with the RMSNorm after it" if fused else "")
                 return comm
     logger.warning("rank %d: all-reduce over symmetric memory is off, NCCL takes every message: %s", rank,
                    failure or "another rank could not set it up")

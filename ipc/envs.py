@@ -78,6 +78,16 @@ def custom_all_reduce(device_type: str, nnodes: int) -> bool:
     return value != "0" and device_type == "cuda" and nnodes == 1
 
 
+def fused_all_reduce() -> bool:
+    """$PAGEDSERVE_FUSED_ALL_REDUCE: where the symmetric-memory all-reduce is on, whether the partial
+    sums of o_proj and down_proj are reduced in one launch with the residual add and RMSNorm after
+    them (kernels/all_reduce_rms_norm.py). On unless "0" (the A/B baseline: reduce, then norm)."""
+    value = os.environ.get("PAGEDSERVE_FUSED_ALL_REDUCE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PAGEDSERVE_FUSED_ALL_REDUCE must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
 def torch_profiler_dir() -> str | None:
     """$PAGEDSERVE_TORCH_PROFILER_DIR: profile a window of worker steps with torch.profiler and write
     the per-kernel table there (gpu_workers/step_profiler.py)."""

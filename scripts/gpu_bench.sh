@@ -44,6 +44,8 @@
 #   qwen3-ab               Qwen3 batch-1 latency: this tree, the tree in ./old (if carried), PDL off
 #   tp-decode              the 8B TP=1 / TP=2 decode comparison of `tp` alone (tp2_8b.json)
 #   tp-vs-vllm-8b          the 8B rows of tp-vs-vllm only
+#   tp-fused               2+ GPUs: the fused all-reduce + RMSNorm's GPU tests, TP=2 float32 greedy == TP=1,
+#                          per-call timings next to one-shot + norm, 8B decode TP=1 / TP=2 unfused / fused
 #   tp                     a multi-GPU kind only: the symmetric-memory all-reduce GPU test, TP=2 greedy vs
 #                          TP=1 (small Llama, float32), 8B decode TP=1 / TP=2 NCCL / TP=2 symmetric memory
 #                          at batch 1, 64, 256 (tp2_8b.json), and with 4+ GPUs the Llama-3.1-70B shape at
@@ -316,6 +318,16 @@ stage_tp-vs-vllm-8b() {  # the 8B rows of tp-vs-vllm: 256 x (128, 1024), batch 1
   lat latency_llama8b_tp2_pagedserve pagedserve "$LLAMA" --num-iters 3 --tensor-parallel-size 2
   tp tput_llama8b_tp2_1000x1024x128_pagedserve pagedserve --model "$LLAMA" --tensor-parallel-size 2 \
     --num-prompts 1000 --input-len 1024 --output-len 128
+}
+
+stage_tp-fused() {  # 2+ GPUs: the fused all-reduce + RMSNorm: GPU tests, TP=2 float32 greedy == TP=1, per-call
+  # timings, then 8B decode TP=1 / TP=2 reduce-then-norm / TP=2 fused at batch 1, 64, 256 (~9 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  PAGEDSERVE_STEP_TIMING=1 run 290 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-fused \
+    --output-len 256 --budget-s 220 --out "$OUT/tp2_8b.json"
 }
 
 stage_tp() {

@@ -16,7 +16,8 @@ microbenchmark of one all-reduce per message size and path.
               check needs written weights (140 GB) and TP=1 does not fit one GPU, so both are skipped.
 
 --compare-all-reduce runs TP=N twice, PAGEDSERVE_CUSTOM_ALL_REDUCE=0 (NCCL) then =1 (symmetric memory),
-each engine's workers inheriting the variable; the JSON (written after every run) and the closing
+each engine's workers inheriting the variable; --compare-fused likewise with PAGEDSERVE_FUSED_ALL_REDUCE=0
+(reduce, then RMSNorm) against the default (one fused launch); the JSON (written after every run) and the closing
 table hold both. Each engine run takes an estimated 1-2 minutes (70b the most: not yet measured);
 --budget-s skips the runs that would start after it, so the script ends at most one run past it.
 The correctness test of the symmetric all-reduce itself (eager and in CUDA graphs, 2 and 4 GPUs)
@@ -50,6 +51,7 @@ from frontend import LLM, SamplingParams  # noqa: E402
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time, there was a model " * 8, "1 2 3 4"]
 ARCHS = {"8b": "llama-3.1-8b", "70b": "llama-3.1-70b"}
 SWITCH = "PAGEDSERVE_CUSTOM_ALL_REDUCE"
+FUSED_SWITCH = "PAGEDSERVE_FUSED_ALL_REDUCE"
 START = time.monotonic()
 
 
@@ -147,11 +149,13 @@ class Run(NamedTuple):
     env: dict[str, str]
 
 
-def throughput_runs(tp: int, with_tp1: bool, compare: bool) -> list[Run]:
+def throughput_runs(tp: int, with_tp1: bool, compare: bool, compare_fused: bool = False) -> list[Run]:
     runs = [Run("tp1", 1, {})] if with_tp1 else []
     if compare:
-        return runs + [Run(f"tp{tp}-nccl", tp, {SWITCH: "0"}), Run(f"tp{tp}-symm", tp, {SWITCH: "1"})]
-    return runs + [Run(f"tp{tp}", tp, {})]
+        runs += [Run(f"tp{tp}-nccl", tp, {SWITCH: "0"})]
+    if compare_fused:
+        runs += [Run(f"tp{tp}-unfused", tp, {FUSED_SWITCH: "0"})]
+    return runs + [Run(f"tp{tp}-symm" if compare else f"tp{tp}", tp, {})]
 
 
 def run_throughput(path: str, runs: list[Run], args, out: dict, save) -> None:
@@ -188,8 +192,8 @@ def print_summary(throughput: dict, batch_sizes: list[int]) -> None:
         cells = [f"{done[lb][batch]['ms_per_step']:.2f} ({done[lb][batch]['decode_tok_s']:,.0f})" for lb in labels]
         print(f"{batch:>6}" + "".join(f"{c:>22}" for c in cells))
     pairs = [("tp1", lb) for lb in labels if lb != "tp1" and "tp1" in done]
-    pairs += [(lb, lb[:-len("nccl")] + "symm") for lb in labels
-              if lb.endswith("-nccl") and lb[:-len("nccl")] + "symm" in done]
+    default = [lb for lb in labels if lb != "tp1" and not lb.endswith(("-nccl", "-unfused"))]  # tpN or tpN-symm
+    pairs += [(lb, default[0]) for lb in labels if lb.endswith(("-nccl", "-unfused")) and default]
     for base, other in pairs:
         ratios = ", ".join(f"batch {b}: {done[other][b]['decode_tok_s'] / done[base][b]['decode_tok_s']:.2f}x"
                            for b in batch_sizes)
@@ -207,6 +211,7 @@ def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], result
     from bench_common import time_us  # one CUDA graph of back-to-back calls, us per call
     from gpu_workers.symm_all_reduce import create_symm_all_reduce, pick_algorithm
     from ipc import envs
+    from kernels.rms_norm import rms_norm
 
     envs.pin_collectives_to_loopback()  # as the engine's ranks do
     device = torch.device("cuda", rank)
@@ -222,6 +227,12 @@ def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], result
         if comm is not None and nbytes <= comm.max_bytes:
             row["one_shot_us"] = time_us(lambda _: comm.one_shot(x), 100, device)
             row["two_shot_us"] = time_us(lambda _: comm.two_shot(x), 100, device)
+            rows_x = x.view(-1, 4096) if x.numel() % 4096 == 0 else x.view(1, -1)  # [tokens, hidden]
+            residual, weight = torch.randn_like(rows_x), torch.ones(rows_x.shape[1], device=device).to(x.dtype)
+            if comm.add_rms_norm(rows_x, residual, weight, 1e-6) is not None:
+                row["one_shot_then_norm_us"] = time_us(
+                    lambda _: rms_norm(comm.one_shot(rows_x), weight, 1e-6, residual), 100, device)
+                row["fused_us"] = time_us(lambda _: comm.add_rms_norm(rows_x, residual, weight, 1e-6), 100, device)
         rows.append(row)
     if rank == 0:
         results.put(rows)
@@ -249,10 +260,12 @@ def all_reduce_bench(world_size: int, workdir: Path, timeout_s: float = 240) -> 
             raise TimeoutError(f"all-reduce benchmark still running after {timeout_s} s")
     rows = results.get()
     print(f"\nbf16 all-reduce over {world_size} GPUs, us per call (20 calls in one CUDA graph):")
-    print(f"{'bytes':>10}{'routed':>10}{'nccl':>10}{'one_shot':>10}{'two_shot':>10}")
+    print(f"{'bytes':>10}{'routed':>10}{'nccl':>10}{'one_shot':>10}{'two_shot':>10}{'1shot+norm':>12}{'fused':>10}")
     for r in rows:
-        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("nccl_us", "one_shot_us", "two_shot_us")]
-        print(f"{r['bytes']:>10}{r['routed']:>10}" + "".join(f"{c:>10}" for c in cells))
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("nccl_us", "one_shot_us", "two_shot_us",
+                                                              "one_shot_then_norm_us", "fused_us")]
+        print(f"{r['bytes']:>10}{r['routed']:>10}" + "".join(f"{c:>10}" for c in cells[:3])
+              + "".join(f"{c:>12}" for c in cells[3:4]) + f"{cells[4]:>10}")
     print(flush=True)
     return rows
 
@@ -274,6 +287,9 @@ def parse_args():
     p.add_argument("--skip-tp1", action="store_true", help="no TP=1 throughput baseline (always so for 70b)")
     p.add_argument("--compare-all-reduce", action="store_true",
                    help="TP=N throughput with NCCL only and with the symmetric-memory all-reduce, side by side")
+    p.add_argument("--compare-fused", action="store_true",
+                   help="TP=N throughput with the all-reduce and the RMSNorm after it apart (PAGEDSERVE_FUSED_ALL_REDUCE=0) "
+                        "and fused (the default), side by side")
     p.add_argument("--all-reduce-bench", action="store_true",
                    help="time one bf16 all-reduce per message size: NCCL, one-shot, two-shot (on --tp GPUs)")
     p.add_argument("--budget-s", type=float, default=480,
@@ -313,7 +329,7 @@ def main() -> None:
         path = make_checkpoint(args.size, work / f"{args.size}-{'weights' if small else 'config'}",
                                args.num_layers if small else None, weights=small)
         runs = throughput_runs(args.tp, with_tp1=not args.skip_tp1 and args.size != "70b",
-                               compare=args.compare_all_reduce)
+                               compare=args.compare_all_reduce, compare_fused=args.compare_fused)
         results["throughput"] = {}
         run_throughput(path, runs, args, results["throughput"], save)
         print_summary(results["throughput"], args.batch_sizes)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
+from gpu_workers.distributed import get_tp_group
 from gpu_workers.models import elementwise
 from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
                                                 RowParallelLinear, default_weight_loader)
@@ -37,8 +38,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(orig_dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """partial: x is this rank's partial sums of a row-parallel layer, summed over the ranks first
+        (in one launch with the add and the norm where the symmetric-memory all-reduce takes it)."""
+        if partial:
+            tp = get_tp_group()
+            fused = None if residual is None else tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused
+            x = tp.all_reduce(x)
         if x.dim() == 2 and elementwise.use_triton(x):  # fused Triton kernel (see elementwise.py)
             return elementwise.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
@@ -117,11 +126,11 @@ class RotaryEmbedding(nn.Module):
 class SiluAndMulMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, reduce_results: bool = True):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear.split_evenly(
             hidden_size, {0: intermediate_size, 1: intermediate_size}, bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size / tp]
@@ -133,7 +142,8 @@ class SiluAndMulMLP(nn.Module):
 
 class Attention(nn.Module):
     """Self-attention: merged qkv projection, optional per-head q/k RMSNorm (Qwen3), RoPE, then the
-    paged attention backend, then o_proj."""
+    paged attention backend, then o_proj (whose partial sums, with reduce_results=False, the caller
+    reduces)."""
 
     def __init__(
         self,
@@ -146,6 +156,7 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         qk_norm_eps: float | None = None,
+        reduce_results: bool = True,
     ):
         super().__init__()
         if num_heads % num_kv_heads:
@@ -157,7 +168,7 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         self.scale = head_dim**-0.5
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, o_bias)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, o_bias, reduce_results)
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps)

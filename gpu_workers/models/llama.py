@@ -31,7 +31,8 @@ STACKED_PARAMS: tuple[tuple[str, str, object], ...] = (
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)), with the residual add fused into the norms."""
+    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)), with the residual add fused into the norms
+    (and, with tensor parallelism, the all-reduce of attn's and mlp's partial sums too)."""
 
     def __init__(self, hf_config, rotary_emb: RotaryEmbedding, attn_backend: AttentionBackend,
                  qkv_bias: bool, o_bias: bool, qk_norm: bool):
@@ -40,22 +41,32 @@ class LlamaDecoderLayer(nn.Module):
         num_heads = hf_config.num_attention_heads
         num_kv_heads = num_kv_heads_of(hf_config)
         eps = hf_config.rms_norm_eps
+        mlp_bias = getattr(hf_config, "mlp_bias", False)
+        # With tensor parallelism, o_proj and down_proj (when they have no bias) leave their partial
+        # sums to the RMSNorm after them, which sums them over the ranks fused with its residual add.
+        tp_size = get_tp_group().world_size
+        self.attn_partial = tp_size > 1 and not o_bias
+        self.mlp_partial = tp_size > 1 and not mlp_bias
         self.self_attn = Attention(
             hidden, num_heads, num_kv_heads, head_dim_of(hf_config), rotary_emb, attn_backend,
             qkv_bias=qkv_bias, o_bias=o_bias, qk_norm_eps=eps if qk_norm else None,
+            reduce_results=not self.attn_partial,
         )
-        self.mlp = SiluAndMulMLP(hidden, hf_config.intermediate_size, bias=getattr(hf_config, "mlp_bias", False))
+        self.mlp = SiluAndMulMLP(hidden, hf_config.intermediate_size, mlp_bias, reduce_results=not self.mlp_partial)
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(self, positions, hidden_states, residual, kv_cache, meta):
+        """hidden_states: the embedding (first layer, residual None), else the previous layer's MLP
+        output, partial sums when mlp_partial (every layer alike). Returns this layer's MLP output
+        (partial likewise) and the residual stream."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, partial=self.mlp_partial)
         hidden_states = self.self_attn(positions, hidden_states, kv_cache, meta)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, partial=self.attn_partial)
         return self.mlp(hidden_states), residual
 
 
@@ -96,7 +107,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, meta)
-        hidden_states, _ = self.norm(hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual, partial=self.layers[-1].mlp_partial)
         return hidden_states
 
 

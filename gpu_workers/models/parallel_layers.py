@@ -174,10 +174,14 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 class RowParallelLinear(Linear):
     """Input columns split across ranks (the input is already this rank's slice: its heads' attention
     output, or its slice of the MLP); the partial products are summed with one all-reduce, then the
-    (replicated) bias is added once."""
+    (replicated) bias is added once. With reduce_results=False (no bias) the layer returns this rank's
+    partial sums and the next RMSNorm reduces them (fused with its residual add where it can)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True):
         super().__init__(input_size // get_tp_group().world_size, output_size, bias)
+        if bias and not reduce_results:
+            raise ValueError("a row-parallel layer with a bias must reduce its results (the bias is added after the sum)")
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         if param is self.bias or self.tp.world_size == 1:
@@ -192,7 +196,10 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
             return elementwise.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(elementwise.linear(x, self.weight))  # [num_tokens, output_size]
+        out = elementwise.linear(x, self.weight)  # [num_tokens, output_size]: this rank's partial sums
+        if not self.reduce_results:
+            return out
+        out = self.tp.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 

@@ -184,6 +184,53 @@ def _tp_all_reduce(comm: SymmMemAllReduce, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _fused_inputs(shape, dtype, step: int, world_size: int, device):
+    xs = _inputs(shape, dtype, step, world_size, device)
+    g = torch.Generator(device=device).manual_seed(10_000 + step)
+    residual = (2 * torch.randn(shape, generator=g, device=device)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(shape[1], generator=g, device=device)).to(dtype)
+    return xs, residual, weight
+
+
+def _check_fused(got, xs, residual, weight, what: str) -> None:
+    """`got` = (RMSNorm(sum + residual) * weight, sum + residual), identical on every rank."""
+    from tests.kernels.test_all_reduce_rms_norm import reference
+
+    ref_out, ref_residual = reference([x.cpu() for x in xs], residual.cpu(), weight.cpu(), 1e-6)
+    tol = dict(rtol=2e-2, atol=2e-2) if xs[0].dtype == BF16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1].cpu(), ref_residual, **tol, msg=lambda m: f"{what} residual: {m}")
+    torch.testing.assert_close(got[0].cpu(), ref_out, **tol, msg=lambda m: f"{what} out: {m}")
+    for t in got:
+        gathered = torch.empty((dist.get_world_size(), *t.shape), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(gathered, t.contiguous())
+        assert all(torch.equal(g, gathered[0]) for g in gathered), f"{what}: ranks got different results"
+
+
+def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
+    """The fused all-reduce + add + RMSNorm on every message one-shot takes (and only those), then
+    back to back with the plain kernels, without waiting in between."""
+    for d, dtype in enumerate((BF16, F32)):
+        for i, shape in enumerate(SHAPES):
+            xs, residual, weight = _fused_inputs(shape, dtype, 500 + 100 * d + i, world_size, device)
+            got = comm.add_rms_norm(xs[rank], residual, weight, 1e-6)
+            assert (got is None) == (comm.route(xs[rank]) is not Algorithm.ONE_SHOT), (shape, dtype)
+            if got is not None:
+                _check_fused(got, xs, residual, weight, f"fused {shape} {dtype}")
+    outs = []
+    for i in range(40):
+        shape = [(1, HIDDEN), (64, HIDDEN), (8, HIDDEN), (200, HIDDEN)][i % 4]
+        inputs = _fused_inputs(shape, BF16, 700 + i, world_size, device)
+        xs, residual, weight = inputs
+        if comm.route(xs[rank]) is Algorithm.ONE_SHOT:
+            outs.append((comm.add_rms_norm(xs[rank], residual, weight, 1e-6), inputs))
+        outs.append(((comm.one_shot if i % 2 else comm.two_shot)(xs[rank]), inputs))
+    for i, (got, (xs, residual, weight)) in enumerate(outs):
+        if isinstance(got, tuple):
+            _check_fused(got, xs, residual, weight, f"back-to-back fused call {i}")
+        else:
+            _check(got, xs, f"back-to-back plain call {i}")
+
+
 def _eager_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
     """Every shape and dtype through the routed path and both kernels forced; a non-contiguous input;
     then calls back to back without waiting, reusing the buffer behind queued kernels."""
@@ -213,9 +260,13 @@ def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
     """One CUDA graph of several all-reduces (symmetric and NCCL), replayed with new inputs, with
     eager calls in between that reuse the same buffer."""
     static = [torch.zeros(shape, dtype=BF16, device=device) for shape in GRAPH_SHAPES]
+    fused_in = [torch.zeros((64, HIDDEN), dtype=BF16, device=device) for _ in range(2)]  # x, residual
+    weight = torch.zeros(HIDDEN, dtype=BF16, device=device)
+    fused_on = comm.fused_peers is not None and comm.route(fused_in[0]) is Algorithm.ONE_SHOT
 
     def forward():
-        return [_tp_all_reduce(comm, x.clone()) for x in static] + [comm.two_shot(static[1])]
+        fused = [comm.add_rms_norm(fused_in[0], fused_in[1], weight, 1e-6)] if fused_on else []
+        return [_tp_all_reduce(comm, x.clone()) for x in static] + [comm.two_shot(static[1])] + fused
 
     forward()  # warm-up: NCCL's first call outside the capture
     torch.cuda.synchronize()
@@ -227,7 +278,12 @@ def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
                   for j, shape in enumerate(GRAPH_SHAPES)]
         for x, xs in zip(static, inputs):
             x.copy_(xs[rank])
+        if fused_on:
+            xs_f, residual, w = _fused_inputs((64, HIDDEN), BF16, 1500 + replay, world_size, device)
+            fused_in[0].copy_(xs_f[rank]), fused_in[1].copy_(residual), weight.copy_(w)
         graph.replay()
+        if fused_on:
+            _check_fused(graph_outs[-1], xs_f, residual, w, f"graph replay {replay} fused")
         for out, xs in zip(graph_outs, inputs + [inputs[1]]):
             _check(out, xs, f"graph replay {replay} {tuple(out.shape)}",
                    same_order=comm.route(xs[0]) is not Algorithm.NCCL)
@@ -245,7 +301,9 @@ def _rank_main(rank: int, world_size: int, store: str) -> None:
                             device_id=device)
     comm = create_symm_all_reduce(dist.group.WORLD, rank, world_size, device, peers=range(world_size))
     assert comm is not None, "set-up failed (the warning above says why)"
+    assert comm.fused_peers is not None, "the fused all-reduce + RMSNorm was not set up"
     _eager_checks(comm, rank, world_size, device)
+    _fused_checks(comm, rank, world_size, device)
     _graph_checks(comm, rank, world_size, device)
     dist.barrier()
     dist.destroy_process_group()

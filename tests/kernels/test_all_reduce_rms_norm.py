@@ -1,0 +1,143 @@
+"""The fused all-reduce + residual add + RMSNorm kernel against a torch reference.
+
+On the CPU the ranks are real processes running the kernel in Triton's interpreter, their buffers
+POSIX shared memory that every process maps (as symmetric memory maps peers' GPU buffers): the
+barrier protocol runs between processes for real, calls back to back reuse its flags, and a rank
+that never arrives is a test failure by timeout, not a hang. On GPUs the same checks run through
+the engine's symmetric-memory set-up in tests/gpu_workers/test_symm_all_reduce.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from multiprocessing import shared_memory
+
+import pytest
+import torch
+
+from kernels import all_reduce_rms_norm as fused
+
+CALLS = [(5, 64, torch.float32), (3, 200, torch.bfloat16), (1, 64, torch.float32), (5, 64, torch.float16)]
+"""(rows, hidden, dtype) of the calls each rank makes back to back; 5 rows over 2 programs loops."""
+DATA_BYTES = 4096
+EPS = 1e-6
+
+
+def _inputs(call: int, rows: int, hidden: int, dtype: torch.dtype, world_size: int):
+    """Every rank's partial sums, the residual and the weight of one call (each rank can build all)."""
+    g = torch.Generator().manual_seed(call)
+    xs = [torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(world_size)]
+    residual = (2 * torch.randn(rows, hidden, generator=g)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
+    return xs, residual, weight
+
+
+def reference(xs, residual, weight, eps):
+    """The unfused path: all-reduce (rank order, float32, rounded to the dtype), then add + RMSNorm."""
+    dtype = xs[0].dtype
+    acc = torch.zeros(xs[0].shape)
+    for x in xs:
+        acc += x.float()
+    h = (acc.to(dtype).float() + residual.float()).to(dtype)
+    hf = h.float()
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return (normed.float() * weight.float()).to(dtype), h
+
+
+def _check(out, new_residual, xs, residual, weight, what):
+    ref_out, ref_residual = reference(xs, residual, weight, EPS)
+    # The interpreter casts float32 -> bfloat16 by truncation where torch rounds: 1 ulp apart at most.
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[xs[0].dtype]
+    torch.testing.assert_close(new_residual, ref_residual, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, results) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    from kernels import all_reduce_rms_norm as kernel  # noqa: F811 - imported under the interpreter
+
+    kernel.MAX_PROGRAMS = max_programs
+    segments = [shared_memory.SharedMemory(name=n) for n in names]
+    buffers = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segments]
+    peers = kernel.PeerBuffers(torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64),
+                               rank, world_size, DATA_BYTES)
+    outs = []
+    for call, (rows, hidden, dtype) in enumerate(CALLS):
+        xs, residual, weight = _inputs(call, rows, hidden, dtype, world_size)
+        x = xs[rank].clone()
+        out, new_residual = kernel.all_reduce_add_rms_norm(x, residual, weight, EPS, peers)
+        assert torch.equal(x, xs[rank]), "the input was modified"
+        _check(out, new_residual, xs, residual, weight, f"rank {rank} call {call}")
+        outs.append((out.float().numpy(), new_residual.float().numpy()))  # by value: the rank exits
+    flags = buffers[rank][DATA_BYTES:DATA_BYTES + kernel.flag_bytes(world_size)]
+    results.put((rank, outs, bool(flags.any())))
+    del buffers, flags
+    for s in segments:
+        s.close()
+
+
+def _collect(results, procs, timeout_s: float) -> dict:
+    """Each rank's result; fails as soon as a rank died, or when one is still stuck (in a barrier) at the deadline."""
+    got, deadline = {}, time.monotonic() + timeout_s
+    while len(got) < len(procs):
+        try:
+            rank, *rest = results.get(timeout=1)
+            got[rank] = rest
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            assert not dead, f"rank(s) {dead} failed (traceback above)"
+            assert time.monotonic() < deadline, f"ranks {sorted(set(range(len(procs))) - set(got))} never finished"
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return got
+
+
+@pytest.mark.parametrize("world_size, max_programs", [(2, 2), (3, 1)])
+def test_ranks_in_separate_processes_get_the_same_fused_sums(world_size, max_programs):
+    ctx = mp.get_context("spawn")
+    size = fused.buffer_bytes(DATA_BYTES, world_size)
+    segments = [shared_memory.SharedMemory(create=True, size=size) for _ in range(world_size)]
+    results = ctx.Queue()
+    procs = []
+    try:
+        for s in segments:
+            s.buf[:size] = bytes(size)  # the flags must start zeroed
+        procs = [ctx.Process(target=_rank_main, args=(r, world_size, [s.name for s in segments], max_programs,
+                                                        results)) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        got = _collect(results, procs, timeout_s=240)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for s in segments:
+            s.close()
+            s.unlink()
+    for rank in range(1, world_size):
+        for (out, res), (out0, res0) in zip(got[rank][0], got[0][0]):
+            assert (out == out0).all() and (res == res0).all(), "ranks got different results"
+    assert not any(flags_left for _, flags_left in got.values()), "barrier flags were not all reset to 0"
+
+
+def test_one_rank_reduces_to_add_and_norm(monkeypatch):
+    """world_size 1: the barrier signals itself; the result is the plain add + RMSNorm."""
+    buffer = torch.zeros(fused.buffer_bytes(DATA_BYTES, 1), dtype=torch.uint8)
+    peers = fused.PeerBuffers(torch.tensor([buffer.data_ptr()], dtype=torch.int64), 0, 1, DATA_BYTES)
+    monkeypatch.setattr(fused, "MAX_PROGRAMS", 2)
+    xs, residual, weight = _inputs(7, 5, 96, torch.float32, 1)
+    out, new_residual = fused.all_reduce_add_rms_norm(xs[0], residual, weight, EPS, peers)
+    _check(out, new_residual, xs, residual, weight, "one rank")
+
+
+def test_messages_that_do_not_fit_are_refused_alike_on_every_rank():
+    peers = fused.PeerBuffers(torch.zeros(2, dtype=torch.int64), 0, 2, DATA_BYTES)
+    assert fused.fits(torch.zeros(8, 64), peers)  # 2048 bytes
+    assert not fused.fits(torch.zeros(8, 256), peers)  # 8 KiB > DATA_BYTES
+    assert not fused.fits(torch.zeros(8, 64, dtype=torch.int32), peers)
+    with pytest.raises(ValueError, match="does not fit the fused all-reduce"):
+        fused.all_reduce_add_rms_norm(torch.zeros(8, 256), torch.zeros(8, 256), torch.ones(256), EPS, peers)
