@@ -59,12 +59,13 @@ class TPGroup:
         return x
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                                eps: float, slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(RMSNorm(sum of x + residual), sum of x + residual) in one fused launch where the
-        symmetric-memory path takes x; None otherwise (the caller reduces, then norms)."""
+        symmetric-memory path takes x; None otherwise (the caller reduces, then norms). `slot`: see
+        SymmMemAllReduce.add_rms_norm."""
         if self.custom_all_reduce is None:
             return None
-        return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps)
+        return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps, slot)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The ranks' `x` concatenated along `dim`, rank 0 first."""

@@ -44,6 +44,7 @@
 #   qwen3-ab               Qwen3 batch-1 latency: this tree, the tree in ./old (if carried), PDL off
 #   tp-decode              the 8B TP=1 / TP=2 decode comparison of `tp` alone (tp2_8b.json)
 #   tp-vs-vllm-8b          the 8B rows of tp-vs-vllm only
+#   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
 #   tp-fused               2+ GPUs: the fused all-reduce + RMSNorm's GPU tests, TP=2 float32 greedy == TP=1,
 #                          per-call timings next to one-shot + norm, 8B decode TP=1 / TP=2 unfused / fused
 #   tp                     a multi-GPU kind only: the symmetric-memory all-reduce GPU test, TP=2 greedy vs
@@ -328,6 +329,20 @@ stage_tp-fused() {  # 2+ GPUs: the fused all-reduce + RMSNorm: GPU tests, TP=2 f
   run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
   PAGEDSERVE_STEP_TIMING=1 run 290 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-fused \
     --output-len 256 --budget-s 220 --out "$OUT/tp2_8b.json"
+}
+
+stage_tp-final() {  # 4 GPUs: tp-fused's checks (2 and 4 ranks), then 70B TP=4 throughput and a TP=2 profile (~9 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-fused \
+    --output-len 256 --budget-s 150 --out "$OUT/tp2_8b.json"
+  model llama-3.1-70b /tmp/pb_llama-3.1-70b
+  tp tput_llama70b_tp4_256x128x512_pagedserve pagedserve --model /tmp/pb_llama-3.1-70b --tensor-parallel-size 4 \
+    --num-prompts 256 --input-len 128 --output-len 512
+  run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --skip-tp1 \
+    --batch-sizes 64 --output-len 256 --out /tmp/tp2_prof.json
 }
 
 stage_tp() {

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -233,6 +234,9 @@ def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], result
                 row["one_shot_then_norm_us"] = time_us(
                     lambda _: rms_norm(comm.one_shot(rows_x), weight, 1e-6, residual), 100, device)
                 row["fused_us"] = time_us(lambda _: comm.add_rms_norm(rows_x, residual, weight, 1e-6), 100, device)
+                calls = itertools.count()  # slots 0 and 1 alternating over the warm-up, the capture and replays
+                row["fused_slots_us"] = time_us(
+                    lambda _: comm.add_rms_norm(rows_x, residual, weight, 1e-6, next(calls) % 2), 100, device)
         rows.append(row)
     if rank == 0:
         results.put(rows)
@@ -241,7 +245,8 @@ def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], result
 
 
 def all_reduce_bench(world_size: int, workdir: Path, timeout_s: float = 240) -> list[dict]:
-    """us per bf16 all-reduce over `world_size` GPUs, 8 KiB to 16 MiB: NCCL, one-shot, two-shot."""
+    """us per bf16 all-reduce over `world_size` GPUs, 8 KiB to 16 MiB: NCCL, one-shot, two-shot; and as
+    [tokens, 4096] rows, one-shot then RMSNorm against the fused kernel (two barriers; slots 0/1: one)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -260,12 +265,13 @@ def all_reduce_bench(world_size: int, workdir: Path, timeout_s: float = 240) -> 
             raise TimeoutError(f"all-reduce benchmark still running after {timeout_s} s")
     rows = results.get()
     print(f"\nbf16 all-reduce over {world_size} GPUs, us per call (20 calls in one CUDA graph):")
-    print(f"{'bytes':>10}{'routed':>10}{'nccl':>10}{'one_shot':>10}{'two_shot':>10}{'1shot+norm':>12}{'fused':>10}")
+    print(f"{'bytes':>10}{'routed':>10}{'nccl':>10}{'one_shot':>10}{'two_shot':>10}{'1shot+norm':>12}{'fused':>10}"
+          f"{'fused 0/1':>10}")
     for r in rows:
         cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("nccl_us", "one_shot_us", "two_shot_us",
-                                                              "one_shot_then_norm_us", "fused_us")]
+                                                              "one_shot_then_norm_us", "fused_us", "fused_slots_us")]
         print(f"{r['bytes']:>10}{r['routed']:>10}" + "".join(f"{c:>10}" for c in cells[:3])
-              + "".join(f"{c:>12}" for c in cells[3:4]) + f"{cells[4]:>10}")
+              + "".join(f"{c:>12}" for c in cells[3:4]) + "".join(f"{c:>10}" for c in cells[4:]))
     print(flush=True)
     return rows
 

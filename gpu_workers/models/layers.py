@@ -27,6 +27,7 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
+        self.tp = get_tp_group()  # reduces partial inputs (see forward)
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
@@ -38,16 +39,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(orig_dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False, slot: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """partial: x is this rank's partial sums of a row-parallel layer, summed over the ranks first
-        (in one launch with the add and the norm where the symmetric-memory all-reduce takes it)."""
+        (in one launch with the add and the norm where the symmetric-memory all-reduce takes it; `slot`
+        as in TPGroup.all_reduce_add_rms_norm)."""
         if partial:
-            tp = get_tp_group()
-            fused = None if residual is None else tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
+            fused = None if residual is None else self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps, slot)
             if fused is not None:
                 return fused
-            x = tp.all_reduce(x)
+            x = self.tp.all_reduce(x)
         if x.dim() == 2 and elementwise.use_triton(x):  # fused Triton kernel (see elementwise.py)
             return elementwise.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:

@@ -47,6 +47,11 @@ class LlamaDecoderLayer(nn.Module):
         tp_size = get_tp_group().world_size
         self.attn_partial = tp_size > 1 and not o_bias
         self.mlp_partial = tp_size > 1 and not mlp_bias
+        # Fused reductions alternate staging slots (0 after attention, 1 after the MLP: a forward pass
+        # ends on 1, the next begins on 0), which saves each a barrier; with only one of the two
+        # partial they could repeat a slot, so they take the slot that needs none.
+        both = self.attn_partial and self.mlp_partial
+        self.attn_slot, self.mlp_slot = (0, 1) if both else (None, None)
         self.self_attn = Attention(
             hidden, num_heads, num_kv_heads, head_dim_of(hf_config), rotary_emb, attn_backend,
             qkv_bias=qkv_bias, o_bias=o_bias, qk_norm_eps=eps if qk_norm else None,
@@ -64,9 +69,10 @@ class LlamaDecoderLayer(nn.Module):
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual, partial=self.mlp_partial)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot)
         hidden_states = self.self_attn(positions, hidden_states, kv_cache, meta)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, partial=self.attn_partial)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, self.attn_partial,
+                                                                self.attn_slot)
         return self.mlp(hidden_states), residual
 
 
@@ -107,7 +113,8 @@ class LlamaModel(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, meta)
-        hidden_states, _ = self.norm(hidden_states, residual, partial=self.layers[-1].mlp_partial)
+        last = self.layers[-1]
+        hidden_states, _ = self.norm(hidden_states, residual, last.mlp_partial, last.mlp_slot)
         return hidden_states
 
 

@@ -208,7 +208,8 @@ def _check_fused(got, xs, residual, weight, what: str) -> None:
 
 def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
     """The fused all-reduce + add + RMSNorm on every message one-shot takes (and only those), then
-    back to back with the plain kernels, without waiting in between."""
+    back to back with the plain kernels, without waiting in between, its one-barrier slots 0 and 1
+    alternating as the model uses them."""
     for d, dtype in enumerate((BF16, F32)):
         for i, shape in enumerate(SHAPES):
             xs, residual, weight = _fused_inputs(shape, dtype, 500 + 100 * d + i, world_size, device)
@@ -216,13 +217,15 @@ def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
             assert (got is None) == (comm.route(xs[rank]) is not Algorithm.ONE_SHOT), (shape, dtype)
             if got is not None:
                 _check_fused(got, xs, residual, weight, f"fused {shape} {dtype}")
-    outs = []
+    outs, fused_calls = [], 0
     for i in range(40):
         shape = [(1, HIDDEN), (64, HIDDEN), (8, HIDDEN), (200, HIDDEN)][i % 4]
         inputs = _fused_inputs(shape, BF16, 700 + i, world_size, device)
         xs, residual, weight = inputs
         if comm.route(xs[rank]) is Algorithm.ONE_SHOT:
-            outs.append((comm.add_rms_norm(xs[rank], residual, weight, 1e-6), inputs))
+            slot = None if i == 39 else fused_calls % 2  # the last with two barriers: the graph's starts on 0
+            outs.append((comm.add_rms_norm(xs[rank], residual, weight, 1e-6, slot), inputs))
+            fused_calls += 1
         outs.append(((comm.one_shot if i % 2 else comm.two_shot)(xs[rank]), inputs))
     for i, (got, (xs, residual, weight)) in enumerate(outs):
         if isinstance(got, tuple):
@@ -260,12 +263,12 @@ def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
     """One CUDA graph of several all-reduces (symmetric and NCCL), replayed with new inputs, with
     eager calls in between that reuse the same buffer."""
     static = [torch.zeros(shape, dtype=BF16, device=device) for shape in GRAPH_SHAPES]
-    fused_in = [torch.zeros((64, HIDDEN), dtype=BF16, device=device) for _ in range(2)]  # x, residual
+    fused_in = [torch.zeros((8, HIDDEN), dtype=BF16, device=device) for _ in range(2)]  # x, residual
     weight = torch.zeros(HIDDEN, dtype=BF16, device=device)
     fused_on = comm.fused_peers is not None and comm.route(fused_in[0]) is Algorithm.ONE_SHOT
 
-    def forward():
-        fused = [comm.add_rms_norm(fused_in[0], fused_in[1], weight, 1e-6)] if fused_on else []
+    def forward():  # the fused calls take slots 0, then 1 (a replay ends on 1, the next starts on 0)
+        fused = [comm.add_rms_norm(fused_in[0], fused_in[1], weight, 1e-6, slot) for slot in (0, 1)] if fused_on else []
         return [_tp_all_reduce(comm, x.clone()) for x in static] + [comm.two_shot(static[1])] + fused
 
     forward()  # warm-up: NCCL's first call outside the capture
@@ -279,11 +282,12 @@ def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
         for x, xs in zip(static, inputs):
             x.copy_(xs[rank])
         if fused_on:
-            xs_f, residual, w = _fused_inputs((64, HIDDEN), BF16, 1500 + replay, world_size, device)
+            xs_f, residual, w = _fused_inputs((8, HIDDEN), BF16, 1500 + replay, world_size, device)
             fused_in[0].copy_(xs_f[rank]), fused_in[1].copy_(residual), weight.copy_(w)
         graph.replay()
         if fused_on:
-            _check_fused(graph_outs[-1], xs_f, residual, w, f"graph replay {replay} fused")
+            for slot in (0, 1):
+                _check_fused(graph_outs[-2 + slot], xs_f, residual, w, f"graph replay {replay} fused, slot {slot}")
         for out, xs in zip(graph_outs, inputs + [inputs[1]]):
             _check(out, xs, f"graph replay {replay} {tuple(out.shape)}",
                    same_order=comm.route(xs[0]) is not Algorithm.NCCL)

@@ -143,3 +143,41 @@ def test_single_rank_has_no_process_group():
     assert not dist.is_initialized()
     x = torch.randn(3, 5)
     assert group.all_reduce(x) is x and group.all_gather(x) is x
+
+
+class _RecordingGroup(TPGroup):
+    """A fake rank of 2 whose collectives pass this rank's values through, recording the staging
+    slot of each fused all-reduce + RMSNorm the model asks for (and declining it: reduce, then norm)."""
+
+    def __init__(self, calls: list):
+        super().__init__(0, 2)
+        object.__setattr__(self, "calls", calls)
+
+    def all_reduce(self, x):
+        return x
+
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, slot=None):
+        self.calls.append(slot)
+        return None
+
+
+@pytest.mark.parametrize("attention_bias, expected", [(False, [0, 1, 0, 1]), (True, [None, None])])
+def test_fused_reductions_never_reuse_a_one_barrier_slot_back_to_back(tmp_path, monkeypatch, attention_bias, expected):
+    """Slots 0 and 1 skip the fused kernel's second barrier only if no two consecutive calls share one,
+    within a forward pass and across passes (kernels/all_reduce_rms_norm.py). With an o_proj bias, its
+    sum is not deferred: the MLP's reductions alone would repeat a slot, so they take the safe one."""
+    from gpu_workers.models.layers import Attention
+
+    path = make_tiny_checkpoint("llama", tmp_path / "m", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=128, num_hidden_layers=2, vocab_size=300, attention_bias=attention_bias)
+    calls: list = []
+    previous = set_tp_group(_RecordingGroup(calls))
+    try:
+        model = load_model(path, torch.float32, "cpu", get_attention_backend("torch", torch.device("cpu")))
+    finally:
+        set_tp_group(previous)
+    monkeypatch.setattr(Attention, "forward", lambda self, positions, h, kv_cache, meta: h[:, :64].clone())
+    ids = torch.tensor([1, 5, 7])
+    for _ in range(2):  # two forward passes back to back
+        model(ids, torch.arange(3), [None, None], None)
+    assert calls == expected * 2

@@ -20,8 +20,11 @@ import torch
 
 from kernels import all_reduce_rms_norm as fused
 
-CALLS = [(5, 64, torch.float32), (3, 200, torch.bfloat16), (1, 64, torch.float32), (5, 64, torch.float16)]
-"""(rows, hidden, dtype) of the calls each rank makes back to back; 5 rows over 2 programs loops."""
+CALLS = [(5, 64, torch.float32, None), (3, 200, torch.bfloat16, 0), (3, 200, torch.bfloat16, 1),
+         (1, 64, torch.float32, 0), (5, 64, torch.float16, None), (5, 64, torch.float16, 1),
+         (5, 64, torch.float32, 0), (2, 64, torch.float32, 1)]
+"""(rows, hidden, dtype, slot) of the calls each rank makes back to back: slots 0 and 1 (one barrier)
+never twice in a row, slot None (two barriers) anywhere; 5 rows over 2 programs loops."""
 DATA_BYTES = 4096
 EPS = 1e-6
 
@@ -65,14 +68,14 @@ def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, 
     peers = kernel.PeerBuffers(torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64),
                                rank, world_size, DATA_BYTES)
     outs = []
-    for call, (rows, hidden, dtype) in enumerate(CALLS):
+    for call, (rows, hidden, dtype, slot) in enumerate(CALLS):
         xs, residual, weight = _inputs(call, rows, hidden, dtype, world_size)
         x = xs[rank].clone()
-        out, new_residual = kernel.all_reduce_add_rms_norm(x, residual, weight, EPS, peers)
+        out, new_residual = kernel.all_reduce_add_rms_norm(x, residual, weight, EPS, peers, slot)
         assert torch.equal(x, xs[rank]), "the input was modified"
         _check(out, new_residual, xs, residual, weight, f"rank {rank} call {call}")
         outs.append((out.float().numpy(), new_residual.float().numpy()))  # by value: the rank exits
-    flags = buffers[rank][DATA_BYTES:DATA_BYTES + kernel.flag_bytes(world_size)]
+    flags = buffers[rank][kernel.NUM_SLOTS * DATA_BYTES:]
     results.put((rank, outs, bool(flags.any())))
     del buffers, flags
     for s in segments:
@@ -139,5 +142,7 @@ def test_messages_that_do_not_fit_are_refused_alike_on_every_rank():
     assert fused.fits(torch.zeros(8, 64), peers)  # 2048 bytes
     assert not fused.fits(torch.zeros(8, 256), peers)  # 8 KiB > DATA_BYTES
     assert not fused.fits(torch.zeros(8, 64, dtype=torch.int32), peers)
+    with pytest.raises(ValueError, match="slot must be 0, 1 or None"):
+        fused.all_reduce_add_rms_norm(torch.zeros(8, 64), torch.zeros(8, 64), torch.ones(64), EPS, peers, 2)
     with pytest.raises(ValueError, match="does not fit the fused all-reduce"):
         fused.all_reduce_add_rms_norm(torch.zeros(8, 256), torch.zeros(8, 256), torch.ones(256), EPS, peers)

@@ -35,7 +35,7 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
          "decode_attention", "decode_attention+splits", "decode_attention+8b", "prefill_attention", "sampling",
-         "gemv", "gemv+bias", "gemv+splitk", "all_reduce_rms_norm"]
+         "gemv", "gemv+bias", "gemv+splitk", "all_reduce_rms_norm", "all_reduce_rms_norm+slot"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -56,7 +56,7 @@ for job in json.load(sys.stdin):
     ptx = compiled.asm["ptx"]
     results.append({"name": job["name"], "report": report, "pdl": "griddepcontrol.wait" in ptx,
                     "ptx_head": ptx[:ptx.find("griddepcontrol.wait")],
-                    "ptx": ptx if job["name"] == "all_reduce_rms_norm" else ""})
+                    "ptx": ptx if job["name"].startswith("all_reduce_rms_norm") else ""})
 print(json.dumps(results))
 """
 
@@ -169,12 +169,13 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     gemv_mod.gemv(torch.randn(1, 512, dtype=dt), torch.randn(64, 512, dtype=dt), None, (16, 256, 4, 4, 2))
 
     # Run as one rank (the interpreter has no peer), built as rank 0 of 2 at Llama-8B's hidden size.
-    record(monkeypatch, fused_mod, "_all_reduce_add_rms_norm_kernel", jobs, "all_reduce_rms_norm")
     buffer = torch.zeros(fused_mod.buffer_bytes(1 << 16, 1), dtype=torch.uint8)
     peers = fused_mod.PeerBuffers(torch.tensor([buffer.data_ptr()]), 0, 1, 1 << 16)
-    fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
-                                      torch.ones(4096, dtype=dt), 1e-6, peers)
-    jobs[-1]["constants"]["WORLD"] = 2
+    for name, slot in (("all_reduce_rms_norm", None), ("all_reduce_rms_norm+slot", 0)):
+        record(monkeypatch, fused_mod, "_all_reduce_add_rms_norm_kernel", jobs, name)
+        fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
+                                          torch.ones(4096, dtype=dt), 1e-6, peers, slot)
+        jobs[-1]["constants"]["WORLD"] = 2
 
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
@@ -191,9 +192,10 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         assert "prefetch.global.L2" in results[name]["ptx_head"], name
     # the fused all-reduce: one thread of each program signals and waits (release / acquire, system
     # scope), and its rows move in 16-byte vectors, peers' buffers included
-    ptx = results["all_reduce_rms_norm"]["ptx"]
-    assert ptx.count("atom.global.release.sys.cas.b32") == ptx.count("atom.global.acquire.sys.cas.b32") == 4
-    assert "ld.global.b16" not in ptx and ptx.count("ld.global.v4.b32") == 5, "row loads are not vectorized"
+    for name, barriers in (("all_reduce_rms_norm", 2), ("all_reduce_rms_norm+slot", 1)):
+        ptx = results[name]["ptx"]
+        assert ptx.count("atom.global.release.sys.cas.b32") == ptx.count("atom.global.acquire.sys.cas.b32") == 2 * barriers
+        assert "ld.global.b16" not in ptx and ptx.count("ld.global.v4.b32") == 5, "row loads are not vectorized"
     for name, report in ((name, r["report"]) for name, r in results.items()):
         assert "Used" in report, (name, report)
         assert "spill" not in report.replace(" 0 bytes spill", ""), (name, report)
