@@ -13,10 +13,12 @@ tiles (W never depends on that kernel), and only then waits for it, before readi
     grid = (cdiv(N, BLOCK_N), SPLIT_K)
     program (n, s):  acc[16, BLOCK_N] = Σ_k x[:, k:k+BLOCK_K] · W[n*BLOCK_N:(n+1)*BLOCK_N, k:k+BLOCK_K]^T
                      over split s's K range; x padded to 16 rows for tl.dot, float32 accumulation.
-    SPLIT_K = 1: one store of the M real rows. SPLIT_K > 1 (config only, not yet measured): partials
+    SPLIT_K = 1: one store of the M real rows. SPLIT_K > 1 ($PAGEDSERVE_GEMV_SPLIT_K only): partials
     to float32 scratch, and the column tile's last program to arrive sums them in split order and
     stores y, in the same launch (the pattern of decode_attention's splits). It gives 4096-row
-    matrices (o_proj, down_proj at batch 1) SPLIT_K x more programs streaming W.
+    matrices (o_proj, down_proj at batch 1) SPLIT_K x more programs streaming W. Measured on an H200
+    (BENCHMARKS.md, session 6): slower on every Llama-8B projection (qkv 19.3 -> 24.0 us with 2 splits);
+    faster only on Qwen3-0.6B's o_proj (6.1 -> 5.5) and down_proj (8.1 -> 6.4).
 
 Session 3 measured a version without PDL on an H200: faster than cuBLAS alone on some projections
 (Llama-8B o_proj 2,927 vs 2,647 GB/s) and slower on most, and slower end to end (4.751 -> 4.835 ms a

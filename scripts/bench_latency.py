@@ -10,7 +10,8 @@ part is (end to end - first token) / (O - 1) per token; the medians over --num-i
 The floor is what one decode step must cost if it only streams the weights once:
 weight bytes (every parameter of config.json's shapes, tied embeddings once, in the run's dtype) divided
 by the copy bandwidth measured here (a large device-to-device copy_, bytes read + written, best of
-several). fraction_of_floor = floor / decode time (1.0 = at the floor).
+several), and by the tensor-parallel size (each GPU streams its share at once; the copy bandwidth is one
+GPU's). fraction_of_floor = floor / decode time (1.0 = at the floor).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("warning: the decode part came out <= 0 (noise larger than decode): use a longer --output-len",
               file=sys.stderr)
     nbytes = weight_bytes(config, dtype)
-    floor_ms = nbytes / bandwidth * 1e3
+    tp = getattr(args, "tensor_parallel_size", 1) or 1
+    floor_ms = nbytes / tp / bandwidth * 1e3  # each of tp GPUs streams its share of the weights at once
     summary = {"benchmark": "latency", "backend": args.backend, "model": args.model,
                "architecture": (config.get("architectures") or ["?"])[0], "num_layers": config["num_hidden_layers"],
                "load_format": args.load_format, "dtype": dtype, "batch_size": 1, "input_len": args.input_len,
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"First token: {summary['first_token_ms']:.2f} ms (prefill of {args.input_len} tokens)")
     print(f"Decode: {decode_ms:.3f} ms per output token (median of {args.num_iters}); end to end "
           f"{summary['e2e_latency_s']:.3f} s for {args.output_len} tokens")
-    print(f"Floor: {nbytes / 1e9:.2f} GB of {dtype} weights / {bandwidth / 1e9:.0f} GB/s copy bandwidth = "
+    share = f" / {tp} GPUs" if tp > 1 else ""
+    print(f"Floor: {nbytes / 1e9:.2f} GB of {dtype} weights{share} / {bandwidth / 1e9:.0f} GB/s copy bandwidth = "
           f"{floor_ms:.3f} ms per token; reached {100 * floor_ms / decode_ms:.0f}% of it")
     return bc.finish(summary, args.output_json, __file__, argv)
 
