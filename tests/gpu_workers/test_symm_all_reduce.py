@@ -73,11 +73,27 @@ def test_the_switch_rejects_other_values(monkeypatch):
         envs.custom_all_reduce("cuda", 1)
 
 
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+def test_the_fused_all_reduce_is_on_unless_switched_off(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("PAGEDSERVE_FUSED_ALL_REDUCE", raising=False)
+    else:
+        monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE", value)
+    assert envs.fused_all_reduce() is on
+    monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE", "on")
+    with pytest.raises(ValueError, match="PAGEDSERVE_FUSED_ALL_REDUCE must be 0 or 1"):
+        envs.fused_all_reduce()
+
+
 class _FakeCustom:
     def __init__(self, result):
         self.result, self.calls = result, 0
 
     def all_reduce(self, x):
+        self.calls += 1
+        return self.result
+
+    def add_rms_norm(self, x, residual, weight, eps, slot=None):
         self.calls += 1
         return self.result
 
@@ -92,6 +108,29 @@ def test_tp_group_uses_the_custom_result_or_falls_back_to_the_collective(monkeyp
     assert TPGroup(0, 2, None, declined).all_reduce(x) is x and reduced_in_place == [x]
     assert taken.calls == declined.calls == 1
     assert TPGroup(0, 2).all_reduce(x) is x and len(reduced_in_place) == 2  # no custom path: NCCL / gloo
+
+
+def test_an_rms_norm_after_a_row_parallel_layer_reduces_its_input_fused_or_apart(monkeypatch):
+    """RMSNorm(partial=True) returns the fused result where the custom path takes it; otherwise it
+    all-reduces x first and norms the sum (+ residual), as the unfused path always did."""
+    from gpu_workers.models.layers import RMSNorm
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda x, group=None: x.mul_(2))  # two equal ranks
+    x, residual = torch.randn(3, 8), torch.randn(3, 8)
+    fused = (torch.zeros(3, 8), torch.ones(3, 8))
+    previous = distributed.set_tp_group(TPGroup(0, 2, None, _FakeCustom(fused)))
+    try:
+        taken = RMSNorm(8)
+        declined = RMSNorm(8)
+        declined.tp = TPGroup(0, 2, None, _FakeCustom(None))
+    finally:
+        distributed.set_tp_group(previous)
+    assert taken(x, residual, partial=True, slot=0) is fused
+    out, new_residual = declined(x.clone(), residual, partial=True)
+    reference = RMSNorm(8)
+    expected_out, expected_residual = reference(2 * x, residual)
+    torch.testing.assert_close(new_residual, expected_residual)
+    torch.testing.assert_close(out, expected_out)
 
 
 class _FakeComm:
