@@ -262,19 +262,23 @@ class ModelRunner:
         reqs = inputs.sampling_requests
         token_ids, logprobs = None, []
         if reqs:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
             num_rows = sum(r.num_samples for r in reqs)
-            if num_rows > len(reqs):  # a request forking into n outputs
-                index = [i for i, r in enumerate(reqs) for _ in range(r.num_samples)]
-                logits = logits[torch.tensor(index).to(self.device, non_blocking=True)]  # [num_rows, vocab]
             # The common benchmark case, plain greedy: skip the sampler's set-up, and first try the
             # check per request, which builds no rows.
             rows = None if all(r.argmax_only for r in reqs) else [
                 row for req in reqs for row in self._sampling_rows(req)]
-            if rows is None or all(map(_plain_greedy, rows)):
-                token_ids, logprobs = logits.argmax(dim=-1), [None] * num_rows
+            plain_greedy = rows is None or all(map(_plain_greedy, rows))
+            if plain_greedy and num_rows == len(reqs):  # no logits gathered across ranks
+                token_ids, logprobs = self.model.greedy_tokens(hidden[inputs.sample_rows]), [None] * num_rows
             else:
-                token_ids, logprobs = self.sampler.sample(logits, SamplingBatch.build(rows, self.device))
+                logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
+                if num_rows > len(reqs):  # a request forking into n outputs
+                    index = [i for i, r in enumerate(reqs) for _ in range(r.num_samples)]
+                    logits = logits[torch.tensor(index).to(self.device, non_blocking=True)]  # [num_rows, vocab]
+                if plain_greedy:
+                    token_ids, logprobs = logits.argmax(dim=-1), [None] * num_rows
+                else:
+                    token_ids, logprobs = self.sampler.sample(logits, SamplingBatch.build(rows, self.device))
         row = 0
         for req in inputs.sampling_requests:
             req.num_pending += 1

@@ -77,6 +77,9 @@ class StubModel:
             self.digest.update(rows.numpy().tobytes())
         return self.logits[rows % self.logits.shape[0]]
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.compute_logits(hidden).argmax(dim=-1)
+
 
 class Planner:
     """The scheduler's side, reduced to what the worker sees: per request its token count and blocks;

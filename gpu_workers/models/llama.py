@@ -124,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
         model = LlamaForCausalLM(hf_config, attn_backend)
         hidden = model(input_ids, positions, kv_caches, meta)  # [num_tokens, hidden_size]
         logits = model.compute_logits(hidden)                  # [num_selected, vocab_size], model dtype
+        tokens = model.greedy_tokens(hidden)                   # = logits.argmax(-1), no logits gathered
         model.load_weights(weights)                            # iterable of (hf_name, tensor or lazy slice)
     """
 
@@ -173,6 +174,11 @@ class LlamaForCausalLM(nn.Module):
         model's dtype, and reading [256, 152k] bf16 logits instead of writing and reading a float32 copy
         saved ~0.1 ms of a Qwen3 decode step (H200); the sampler and logprobs upcast themselves."""
         return self.lm_head(hidden_states)
+
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """compute_logits(hidden_states).argmax(-1) [num_selected] int64, with no gather of the logits
+        across tensor-parallel ranks (ParallelLMHead.greedy_tokens)."""
+        return self.lm_head.greedy_tokens(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies HF checkpoint tensors into our parameters (q/k/v and gate/up land in their slice of

@@ -240,10 +240,41 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection with the embedding's vocabulary split (so a tied head is the same table);
-    every rank gathers the full logits, so all ranks sample the same tokens."""
+    every rank gathers the full logits, so all ranks sample the same tokens. Greedy steps gather
+    only each rank's best token (`greedy_tokens`)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = elementwise.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
         if self.tp.world_size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[:, :self.vocab_size]  # [num_tokens, vocab_size]
+
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """forward(hidden_states).argmax(-1), the first maximum on ties, without gathering the logits:
+        each rank's best (logit, token id) over its own vocabulary rows, [num_tokens, 2] float32 (ids
+        below 2**24 are exact), is all-gathered, and the first rank holding the largest wins (ranks
+        own ascending id ranges, so that is the lowest id among equal logits). At batch 64 on Llama-8B
+        TP=2 this replaces a [64, 128256] gather and argmax (~90 us a step on an H200) with [64, 2]."""
+        if self.tp.world_size == 1 or self.vocab_size >= 1 << 24:  # the same choice on every rank
+            return self.forward(hidden_states).argmax(dim=-1)
+        packed = self.local_best(hidden_states)  # [num_tokens, 2]
+        return pick_best(self.tp.all_gather(packed, dim=0).view(self.tp.world_size, -1, 2))
+
+    def local_best(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, 2] float32: this rank's largest logit and its token id, per row."""
+        logits = elementwise.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
+        own = max(0, min(self.rows_per_rank, self.vocab_size - self.vocab_start))  # padding rows excluded
+        if own > 0:
+            best = logits[:, :own].argmax(dim=-1)  # [num_tokens]
+            value = logits.gather(1, best[:, None]).squeeze(1).float()
+        else:  # a rank holding only padding rows (tiny vocabularies): it never wins
+            best = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            value = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+        return torch.stack([value, (best + self.vocab_start).float()], dim=-1)
+
+
+def pick_best(gathered: torch.Tensor) -> torch.Tensor:
+    """[world, num_tokens, 2] ranks' (logit, token id) -> [num_tokens] int64 token ids: the first rank
+    with the largest logit, i.e. the lowest id among equal logits, as an argmax over the whole row."""
+    winner = gathered[..., 0].argmax(dim=0)  # [num_tokens]
+    return gathered[..., 1].gather(0, winner[None]).squeeze(0).long()

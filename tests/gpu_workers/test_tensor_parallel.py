@@ -181,3 +181,29 @@ def test_fused_reductions_never_reuse_a_one_barrier_slot_back_to_back(tmp_path, 
     for _ in range(2):  # two forward passes back to back
         model(ids, torch.arange(3), [None, None], None)
     assert calls == expected * 2
+
+
+@pytest.mark.parametrize("vocab, tp", [(VOCAB, 2), (VOCAB, 4), (6, 4)])  # 6 rows over 4 ranks: one holds padding only
+def test_greedy_tokens_gather_each_ranks_best_and_equal_the_full_argmax(fake_rank, vocab, tp):
+    """Ranks' (best logit, token id) pairs picked across ranks give exactly the argmax of the gathered
+    logits, ties included (the lowest id wins, as torch.argmax's first maximum)."""
+    from gpu_workers.models.parallel_layers import ParallelLMHead, pick_best
+
+    torch.manual_seed(0)
+    full = torch.randn(vocab, 16)
+    full[3] = full[vocab - 1] = full[1]  # rows 1, 3 and the last tie for the hidden states aligned with row 1
+    hidden = torch.randn(5, 16)
+    hidden[2] = full[1] * 10  # row 2's best logit is shared by tokens 1, 3 and vocab - 1
+    per = -(-vocab // tp)
+    heads = []
+    for rank in range(tp):
+        fake_rank(rank, tp)
+        head = ParallelLMHead(vocab, 16)
+        head.weight.data.zero_()
+        own = max(0, min(per, vocab - rank * per))
+        head.weight.data[:own] = full[rank * per:rank * per + own]
+        heads.append(head)
+    expected = (hidden @ full.T).argmax(dim=-1)
+    got = pick_best(torch.stack([h.local_best(hidden) for h in heads]))
+    assert torch.equal(got, expected)
+    assert got[2] == 1
