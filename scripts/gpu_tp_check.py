@@ -264,7 +264,7 @@ def all_reduce_bench(world_size: int, workdir: Path, timeout_s: float = 240) -> 
                 proc.kill()
             raise TimeoutError(f"all-reduce benchmark still running after {timeout_s} s")
     rows = results.get()
-    print(f"\nbf16 all-reduce over {world_size} GPUs, us per call (20 calls in one CUDA graph):")
+    print(f"\nbf16 all-reduce over {world_size} GPUs, us per call (100 calls in one CUDA graph):")
     print(f"{'bytes':>10}{'routed':>10}{'nccl':>10}{'one_shot':>10}{'two_shot':>10}{'1shot+norm':>12}{'fused':>10}"
           f"{'fused 0/1':>10}")
     for r in rows:
