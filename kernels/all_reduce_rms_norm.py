@@ -52,8 +52,9 @@ from kernels.pdl import pdl_prologue, use_pdl
 from kernels.rms_norm import _num_warps
 
 MAX_PROGRAMS = 128
-"""Programs per launch (rows beyond this are looped over): at most one per SM, so all are resident
-together, and the flag area stays small."""
+"""Programs per launch (rows beyond this are looped over): no more than an H100/H200 has SMs, so all
+are resident together (a program waits only for its namesakes on other GPUs, never for another of its
+own launch), and the flag area stays small."""
 MAX_HIDDEN = 16384  # one row per loop iteration in registers
 
 
