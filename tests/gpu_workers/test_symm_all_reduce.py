@@ -210,9 +210,13 @@ def _check(out: torch.Tensor, xs: list[torch.Tensor], what: str, same_order: boo
         ref = _sum([x.float() for x in xs])
         atol = len(xs) * 0.07 if out.dtype == BF16 else 1e-4
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=atol, msg=lambda m: f"{what}: {m}")
-    gathered = torch.empty((dist.get_world_size(), *out.shape), dtype=out.dtype, device=out.device)
-    dist.all_gather_into_tensor(gathered, out.contiguous())
-    assert all(torch.equal(g, gathered[0]) for g in gathered), f"{what}: ranks got different sums"
+    _assert_same_on_every_rank(out, what)
+
+
+def _assert_same_on_every_rank(t: torch.Tensor, what: str) -> None:
+    gathered = torch.empty((dist.get_world_size(), *t.shape), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(gathered, t.contiguous())
+    assert all(torch.equal(g, gathered[0]) for g in gathered), f"{what}: ranks got different results"
 
 
 def _tp_all_reduce(comm: SymmMemAllReduce, x: torch.Tensor) -> torch.Tensor:
@@ -240,9 +244,7 @@ def _check_fused(got, xs, residual, weight, what: str) -> None:
     torch.testing.assert_close(got[1].cpu(), ref_residual, **tol, msg=lambda m: f"{what} residual: {m}")
     torch.testing.assert_close(got[0].cpu(), ref_out, **tol, msg=lambda m: f"{what} out: {m}")
     for t in got:
-        gathered = torch.empty((dist.get_world_size(), *t.shape), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(gathered, t.contiguous())
-        assert all(torch.equal(g, gathered[0]) for g in gathered), f"{what}: ranks got different results"
+        _assert_same_on_every_rank(t, what)
 
 
 def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
