@@ -130,13 +130,15 @@ class SymmMemAllReduce:
             return cls(buffer, group, rank, world_size)
         from kernels import all_reduce_rms_norm as fused_kernel  # triton: imported where it is used
 
-        fused_buffer = symm_mem.empty(fused_kernel.buffer_bytes(max_bytes, world_size), dtype=torch.uint8, device=device)
-        fused_buffer.zero_()  # the barrier flags start at 0; peers first signal after the set-up's NCCL steps
+        # The fused kernel takes what one-shot takes; each buffer holds a region per rank and slot.
+        data_bytes = min(max_bytes, ONE_SHOT_BELOW[world_size] or max_bytes)
+        fused_buffer = symm_mem.empty(fused_kernel.buffer_bytes(data_bytes, world_size), dtype=torch.uint8, device=device)
+        fused_buffer.zero_()  # flags and epochs start at 0; peers first signal after the set-up's NCCL steps
         torch.cuda.synchronize(device)
         fused_handle = symm_mem.rendezvous(fused_buffer, group.group_name)
         ptrs = torch.tensor(list(fused_handle.buffer_ptrs), dtype=torch.int64, device=device)
         return cls(buffer, group, rank, world_size, fused_buffer,
-                   fused_kernel.PeerBuffers(ptrs, rank, world_size, max_bytes))
+                   fused_kernel.PeerBuffers(ptrs, rank, world_size, data_bytes))
 
     def route(self, x: torch.Tensor) -> Algorithm:
         return choose_algorithm(x, self.world_size, self.max_bytes)

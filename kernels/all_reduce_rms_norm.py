@@ -6,37 +6,45 @@ is the sum's residual add and RMSNorm. Unfused that is an all-reduce launch and 
 reduced rows written to memory and read back between them. Here it is one launch:
 
     rank r, program p (rows p, p + G, p + 2G, ...; G programs on every rank, the same rows everywhere):
-      1. stage      copy its rows of x into a staging slot of rank r's peer buffer
-      2. barrier    signal program p of every peer ("my rows are there"), wait for each peer's signal
-      3. reduce     s = slot_0 + slot_1 + ... (float32, read from every peer, in rank order), rounded
-                    to x's dtype as an all-reduce's output would be; h = s + residual (the new
-                    residual); out = weight * rmsnorm(h)
-      4. barrier    (slot 2 only) signal again ("done reading your rows"), wait for each peer: when
-                    the kernel ends, no peer still reads this rank's slot
+      1. push       store its rows of x into region r of the staging slot of every peer's buffer
+      2. barrier    signal program p of every peer ("my rows are in your buffer"), wait for each
+                    peer's signal
+      3. reduce     s = x_0 + x_1 + ... (float32, in rank order: rank r's own rows from x, the others
+                    from this rank's own buffer, where the peers pushed them), rounded to x's dtype as
+                    an all-reduce's output would be; h = s + residual (the new residual);
+                    out = weight * rmsnorm(h)
+      4. barrier    (slot 2 only) signal again ("done reading my slot"), wait for each peer: when the
+                    kernel ends, no peer will push into a slot that this rank still reads
 
-Staging slots: each buffer holds three, `data_bytes` each, then the flags.
+Pushing (remote stores, then one release) rather than pulling (local stores, a barrier, then remote
+loads) takes one NVLink round trip out of the critical path: the loads of step 3 are local.
 
-    | slot 0 | slot 1 | slot 2 | flags |
+Staging slots: each buffer holds three, each a region of `data_bytes` per source rank, then the flags
+and this rank's epoch counters.
+
+    | slot 0: region 0 | region 1 | ... | slot 1: ... | slot 2: ... | flags | epochs |
 
 Slot 2 (slot=None) is safe in any order of calls: its second barrier frees it before the kernel ends.
 Slots 0 and 1 skip that barrier, which is sound when the caller never uses the same slot in two
-consecutive calls. A rank stages into a slot again only after the barrier of a later call, which no
-peer signals before its earlier kernels, and so its reads of that slot, have ended (a stream runs its
-kernels in order). The model alternates them: 0 after attention, 1 after the MLP, so a forward pass
-ends on 1 and the next begins on 0.
+consecutive calls. A rank pushes into a peer's slot again only after the barrier of a later call, which
+that peer does not signal before its earlier kernels, and so its reads of that slot, have ended (a
+stream runs its kernels in order). The model alternates them: 0 after attention, 1 after the MLP, so a
+forward pass ends on 1 and the next begins on 0.
 
 Every rank computes the same sums in the same order: ranks get bitwise identical outputs, as the
 tensor-parallel design requires.
 
-Barrier flags: each peer buffer holds, after its staging slots, an int32 flag per (program, source rank): flag[p * world_size + s] of rank r is set by rank s's program p. A signal is
-a compare-and-swap 0 -> 1 (retried while the slot still holds the previous signal, i.e. the peer is a
-barrier behind), a wait a compare-and-swap 1 -> 0: flags return to zero after every barrier, so the
-same slots serve every call and every CUDA graph replay with nothing reset from the host. Signals are
-release and waits acquire, at system scope (the peers are other GPUs), after a CTA-wide barrier: the
-program's stores (step 1), or its loads (step 3), are ordered before the peer sees the flag.
+Barrier flags are epochs: program p of each rank counts the barriers it has taken (epochs[p], int64,
+in its own buffer, read and written only by it). Its k-th signal stores k in flag[p * world_size + r] of
+every peer (an exchange, release, system scope: its pushes before the flag); its k-th wait spins until
+its own flag[p * world_size + s] >= k for every peer s (acquire, system scope). A peer can be at most
+one barrier ahead (it needs this rank's signal to pass the next one), so ">=" never misses a signal,
+nothing is ever reset, and the same flags serve every call and every CUDA graph replay. One thread of
+the program signals and waits, after a CTA-wide barrier, and a second CTA-wide barrier orders every
+thread's later loads after the wait.
 
 Invariants for callers: every rank calls with the same shapes (and so the same grid), in the same
-order; flags start zeroed on every rank before any rank's first call.
+order; flags and epochs start zeroed on every rank before any rank's first call.
 """
 
 from __future__ import annotations
@@ -66,47 +74,49 @@ class PeerBuffers(NamedTuple):
     rank: int
     world_size: int
     data_bytes: int
-    """Bytes of each of the 3 staging slots at the start of each buffer (a multiple of 16); the flags
-    follow them."""
+    """Bytes of each source rank's region of each of the 3 staging slots (a multiple of 16): the
+    largest message the kernel takes."""
 
 
 NUM_SLOTS = 3  # 0 and 1 alternate without a second barrier; 2 (slot=None) has one
 
 
+def staging_bytes(data_bytes: int, world_size: int) -> int:
+    return NUM_SLOTS * world_size * data_bytes
+
+
 def flag_bytes(world_size: int) -> int:
-    return MAX_PROGRAMS * world_size * 4
+    """The peers' flags, then this rank's epochs (int64)."""
+    return MAX_PROGRAMS * (world_size + 1) * 8
 
 
 def buffer_bytes(data_bytes: int, world_size: int) -> int:
-    """Size of each rank's buffer: staging slots, then the barrier flags (which must start zeroed)."""
-    return NUM_SLOTS * data_bytes + flag_bytes(world_size)
+    """Size of each rank's buffer: staging slots, then the flags and epochs (which must start zeroed)."""
+    return staging_bytes(data_bytes, world_size) + flag_bytes(world_size)
 
 
 @triton.jit
-def _barrier(ptrs, flag_offset, pid, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """Signal program `pid` of every peer, then wait until each has signalled this program."""
+def _barrier(ptrs, flag_offset, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Signal `epoch` to program `pid` of every peer, then wait until each has signalled it here."""
     tl.debug_barrier()  # every thread's stores / loads so far come before the release below
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            flags = (tl.load(ptrs + peer) + flag_offset).to(tl.pointer_type(tl.int32))
-            slot = flags + pid * WORLD + RANK
-            old = tl.atomic_cas(slot, 0, 1, sem="release", scope="sys")
-            while old != 0:  # the peer has not yet taken the previous barrier's signal
-                old = tl.atomic_cas(slot, 0, 1, sem="release", scope="sys")
-    mine = (tl.load(ptrs + RANK) + flag_offset).to(tl.pointer_type(tl.int32))
+            flags = (tl.load(ptrs + peer) + flag_offset).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(flags + pid * WORLD + RANK, epoch, sem="release", scope="sys")
+    mine = (tl.load(ptrs + RANK) + flag_offset).to(tl.pointer_type(tl.int64))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            slot = mine + pid * WORLD + peer
-            old = tl.atomic_cas(slot, 1, 0, sem="acquire", scope="sys")
-            while old != 1:
-                old = tl.atomic_cas(slot, 1, 0, sem="acquire", scope="sys")
+            flag = mine + pid * WORLD + peer
+            seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+            while seen < epoch:
+                seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # ... and every thread's later loads come after the acquire
 
 
 @triton.jit
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ptrs,
-    stride_x, stride_r, num_rows, hidden, slot_offset, flag_offset, eps,
+    stride_x, stride_r, num_rows, hidden, slot_offset, region_bytes, flag_offset, epoch_offset, eps,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, END_BARRIER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -115,19 +125,29 @@ def _all_reduce_add_rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     dtype = out_ptr.dtype.element_ty
-    # buffers are 16-byte aligned, and so are their slots
-    staging = tl.multiple_of((tl.load(ptrs + RANK) + slot_offset).to(tl.pointer_type(dtype)), 16)
-    for row in range(pid, num_rows, num_programs):  # 1. stage this program's rows
+    my_base = tl.load(ptrs + RANK)
+    epoch_ptr = (my_base + epoch_offset).to(tl.pointer_type(tl.int64)) + pid
+    epoch = tl.load(epoch_ptr) + 1
+    # buffers are 16-byte aligned, and so are their regions
+    for row in range(pid, num_rows, num_programs):  # 1. push this program's rows to every peer
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask)
-        tl.store(staging + row * hidden + cols, x, mask=mask)
-    _barrier(ptrs, flag_offset, pid, RANK, WORLD)  # 2.
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                region = tl.load(ptrs + peer) + slot_offset + RANK * region_bytes
+                dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
+                tl.store(dst + row * hidden + cols, x, mask=mask)
+    _barrier(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 2.
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     for row in range(pid, num_rows, num_programs):  # 3.
         offset = row * hidden  # < 2**31: the staging space is at most a few MiB
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
-            buf = tl.multiple_of((tl.load(ptrs + r) + slot_offset).to(tl.pointer_type(dtype)), 16)
-            acc += tl.load(buf + offset + cols, mask=mask, other=0.0).to(tl.float32)
+            if r == RANK:
+                part = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+            else:  # .cg: through L2, past this SM's L1 (a peer wrote these rows)
+                src = tl.multiple_of((my_base + slot_offset + r * region_bytes).to(tl.pointer_type(dtype)), 16)
+                part = tl.load(src + offset + cols, mask=mask, other=0.0, cache_modifier=".cg")
+            acc += part.to(tl.float32)
         reduced = acc.to(dtype).to(tl.float32)  # what an all-reduce would have returned
         r_in = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         h = (reduced + r_in).to(dtype)
@@ -137,7 +157,9 @@ def _all_reduce_add_rms_norm_kernel(
         normed = (hf * inv_rms).to(dtype).to(tl.float32)  # rounded before scaling, like kernels.rms_norm
         tl.store(out_ptr + offset + cols, (normed * w).to(dtype), mask=mask)
     if END_BARRIER:
-        _barrier(ptrs, flag_offset, pid, RANK, WORLD)  # 4.
+        epoch += 1
+        _barrier(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 4.
+    tl.store(epoch_ptr, epoch)  # read again only by this program's next launch (stream order)
 
 
 def fits(x: torch.Tensor, peers: PeerBuffers) -> bool:
@@ -183,8 +205,10 @@ def all_reduce_add_rms_norm(
     pdl = use_pdl(x.device)
     _all_reduce_add_rms_norm_kernel[(min(num_rows, MAX_PROGRAMS),)](
         x, residual, weight, out, new_residual, peers.ptrs,
-        x.stride(0), residual.stride(0), num_rows, hidden, (2 if slot is None else slot) * peers.data_bytes,
-        NUM_SLOTS * peers.data_bytes, float(eps),
+        x.stride(0), residual.stride(0), num_rows, hidden,
+        (2 if slot is None else slot) * peers.world_size * peers.data_bytes, peers.data_bytes,
+        staging_bytes(peers.data_bytes, peers.world_size),
+        staging_bytes(peers.data_bytes, peers.world_size) + MAX_PROGRAMS * peers.world_size * 8, float(eps),
         RANK=peers.rank, WORLD=peers.world_size, BLOCK=block, END_BARRIER=slot is None, num_warps=_num_warps(block),
         USE_PDL=pdl, launch_pdl=pdl,
     )

@@ -75,8 +75,8 @@ def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, 
         assert torch.equal(x, xs[rank]), "the input was modified"
         _check(out, new_residual, xs, residual, weight, f"rank {rank} call {call}")
         outs.append((out.float().numpy(), new_residual.float().numpy()))  # by value: the rank exits
-    flags = buffers[rank][kernel.NUM_SLOTS * DATA_BYTES:]
-    results.put((rank, outs, bool(flags.any())))
+    flags = buffers[rank][kernel.staging_bytes(DATA_BYTES, world_size):].view(torch.int64)
+    results.put((rank, outs, flags[:max_programs * (world_size + 1)].tolist()))
     del buffers, flags
     for s in segments:
         s.close()
@@ -124,11 +124,18 @@ def test_ranks_in_separate_processes_get_the_same_fused_sums(world_size, max_pro
     for rank in range(1, world_size):
         for (out, res), (out0, res0) in zip(got[rank][0], got[0][0]):
             assert (out == out0).all() and (res == res0).all(), "ranks got different results"
-    assert not any(flags_left for _, flags_left in got.values()), "barrier flags were not all reset to 0"
+    # Each program counted its barriers (2 for slot None, 1 for slots 0/1, in the calls it took part
+    # in), and every peer's last signal to it carries that same count.
+    for p in range(max_programs):
+        barriers = sum(1 if slot is not None else 2 for rows, _, _, slot in CALLS if p < min(rows, max_programs))
+        for rank, (_, flags) in got.items():
+            epochs, signals = flags[max_programs * world_size:], flags[:max_programs * world_size]
+            assert epochs[p] == barriers, f"rank {rank} program {p}: {epochs[p]} barriers, expected {barriers}"
+            assert [signals[p * world_size + s] for s in range(world_size) if s != rank] == [barriers] * (world_size - 1)
 
 
 def test_one_rank_reduces_to_add_and_norm(monkeypatch):
-    """world_size 1: the barrier signals itself; the result is the plain add + RMSNorm."""
+    """world_size 1: no peer to push to or wait for; the result is the plain add + RMSNorm."""
     buffer = torch.zeros(fused.buffer_bytes(DATA_BYTES, 1), dtype=torch.uint8)
     peers = fused.PeerBuffers(torch.tensor([buffer.data_ptr()], dtype=torch.int64), 0, 1, DATA_BYTES)
     monkeypatch.setattr(fused, "MAX_PROGRAMS", 2)

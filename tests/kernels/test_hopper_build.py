@@ -190,12 +190,14 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
     for name in ("gemv", "gemv+bias", "gemv+splitk"):  # the weight prefetch before the wait
         assert "prefetch.global.L2" in results[name]["ptx_head"], name
-    # the fused all-reduce: one thread of each program signals and waits (release / acquire, system
-    # scope), and its rows move in 16-byte vectors, peers' buffers included
+    # the fused all-reduce: one thread of each program signals (an exchange, release) and polls (an
+    # acquire load), at system scope; its rows move in 16-byte vectors, pushes to peers included
     for name, barriers in (("all_reduce_rms_norm", 2), ("all_reduce_rms_norm+slot", 1)):
         ptx = results[name]["ptx"]
-        assert ptx.count("atom.global.release.sys.cas.b32") == ptx.count("atom.global.acquire.sys.cas.b32") == 2 * barriers
-        assert "ld.global.b16" not in ptx and ptx.count("ld.global.v4.b32") == 5, "row loads are not vectorized"
+        assert ptx.count("atom.global.sys.release.exch.b64") == barriers, name
+        assert ptx.count("ld.global.sys.acquire.b64") == 2 * barriers, name  # the first poll, and the loop's
+        assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx, "rows are not vectorized"
+        assert ptx.count("ld.global.cg.v4.b32") >= 1 and ptx.count("st.global.v4.b32") >= 3, name
     for name, report in ((name, r["report"]) for name, r in results.items()):
         assert "Used" in report, (name, report)
         assert "spill" not in report.replace(" 0 bytes spill", ""), (name, report)
