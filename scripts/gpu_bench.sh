@@ -44,6 +44,7 @@
 #   qwen3-ab               Qwen3 batch-1 latency: this tree, the tree in ./old (if carried), PDL off
 #   tp-decode              the 8B TP=1 / TP=2 decode comparison of `tp` alone (tp2_8b.json)
 #   tp-vs-vllm-8b          the 8B rows of tp-vs-vllm only
+#   tp-ab                  2+ GPUs: tp-fused's checks, then this tree vs ./old: all-reduce tables, 8B TP=2 decode
 #   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
 #   tp-fused               2+ GPUs: the fused all-reduce + RMSNorm's GPU tests, TP=2 float32 greedy == TP=1,
 #                          per-call timings next to one-shot + norm, 8B decode TP=1 / TP=2 unfused / fused
@@ -329,6 +330,21 @@ stage_tp-fused() {  # 2+ GPUs: the fused all-reduce + RMSNorm: GPU tests, TP=2 f
   run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
   PAGEDSERVE_STEP_TIMING=1 run 290 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-fused \
     --output-len 256 --budget-s 220 --out "$OUT/tp2_8b.json"
+}
+
+stage_tp-ab() {  # 2+ GPUs: the tp-fused checks, then this tree against ./old (git archive REV | tar -x -C old, carried):
+  # the all-reduce table of each, and 8B decode TP=1 / TP=2 at batch 1 and 64 here, TP=2 at 64 there (~9 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  run 90 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" run 90 "$PY" old/scripts/gpu_tp_check.py --tp 2 --all-reduce-bench \
+    --skip-greedy --skip-throughput --workdir /tmp/gpu_tp_check_old --out "$OUT/tp2_ar_bench_old.json"
+  PAGEDSERVE_STEP_TIMING=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 \
+    --output-len 256 --budget-s 150 --out "$OUT/tp2_8b.json"
+  [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" PAGEDSERVE_STEP_TIMING=1 run 100 "$PY" old/scripts/gpu_tp_check.py \
+    --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 --budget-s 80 \
+    --workdir /tmp/gpu_tp_check_old --out "$OUT/tp2_8b_old.json"
 }
 
 stage_tp-final() {  # 4 GPUs: tp-fused's checks (2 and 4 ranks), then 70B TP=4 throughput and a TP=2 profile (~9 min)
