@@ -45,6 +45,7 @@
 #   tp-decode              the 8B TP=1 / TP=2 decode comparison of `tp` alone (tp2_8b.json)
 #   tp-vs-vllm-8b          the 8B rows of tp-vs-vllm only
 #   tp-ab                  2+ GPUs: tp-fused's checks, then this tree vs ./old: all-reduce tables, 8B TP=2 decode
+#   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
 #   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
 #   tp-fused               2+ GPUs: the fused all-reduce + RMSNorm's GPU tests, TP=2 float32 greedy == TP=1,
 #                          per-call timings next to one-shot + norm, 8B decode TP=1 / TP=2 unfused / fused
@@ -345,6 +346,17 @@ stage_tp-ab() {  # 2+ GPUs: the tp-fused checks, then this tree against ./old (g
   [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" PAGEDSERVE_STEP_TIMING=1 run 100 "$PY" old/scripts/gpu_tp_check.py \
     --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 --budget-s 80 \
     --workdir /tmp/gpu_tp_check_old --out "$OUT/tp2_8b_old.json"
+}
+
+stage_gemm-tunable() {  # decode-sized matmuls per GEMM back-end, then 8B decode TP=1 / TP=2 at batch 64 with and
+  # without TunableOp (tuned in the engine's warm-up, before each graph capture) (~7 min)
+  run 150 "$PY" scripts/bench_gemm.py --rows 1 64 256 --tp 1 2 2>&1 | tee -a "$OUT/kernels.txt"
+  PAGEDSERVE_STEP_TIMING=1 run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 \
+    --output-len 256 --budget-s 100 --out "$OUT/tp2_8b.json"
+  PYTORCH_TUNABLEOP_ENABLED=1 PYTORCH_TUNABLEOP_TUNING=1 PYTORCH_TUNABLEOP_MAX_TUNING_DURATION_MS=20 \
+    PYTORCH_TUNABLEOP_FILENAME=/tmp/tunableop%d.csv PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py \
+    --size 8b --tp 2 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 180 --out "$OUT/tp2_8b_tunable.json"
+  head -c 3000 /tmp/tunableop0.csv 2>/dev/null | tee -a "$OUT/kernels.txt"
 }
 
 stage_tp-final() {  # 4 GPUs: tp-fused's checks (2 and 4 ranks), then 70B TP=4 throughput and a TP=2 profile (~9 min)

@@ -1,0 +1,100 @@
+"""Decode-sized matmuls (batch rows x a Llama-3.1-8B projection, one tensor-parallel rank's slice) through
+torch's GEMM back-ends: cuBLAS as torch calls it by default, torch's cuBLASLt path, and TunableOp (torch
+benchmarks the candidate algorithms per shape once and keeps the fastest).
+
+    python scripts/bench_gemm.py --rows 64 --tp 1 2        # CUDA, bf16
+    python scripts/bench_gemm.py --device cpu --iters 2 --scale 0.05 --rows 4   # smoke (cuBLAS column only)
+
+Each column is a CUDA graph of --iters (RMSNorm, matmul) pairs, as a decode graph interleaves them, over
+enough weight copies that L2 never holds the next one. The RMSNorm alone is timed too, so the matmul's
+share is the difference. Prints us per pair and the weight bytes moved per us of it (GB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_common as bc  # noqa: E402
+from kernels import rms_norm  # noqa: E402
+
+HIDDEN, INTERMEDIATE, Q, KV = 4096, 14336, 4096, 1024  # Llama-3.1-8B
+
+
+def shapes(tp: int) -> dict[str, tuple[int, int]]:
+    """(N, K) of each projection's weight on one of `tp` ranks."""
+    return {"qkv_proj": ((Q + 2 * KV) // tp, HIDDEN), "o_proj": (HIDDEN, Q // tp),
+            "gate_up_proj": (2 * INTERMEDIATE // tp, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE // tp)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rows", type=int, nargs="+", default=[64])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--iters", type=int, default=48)
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink every shape (CPU smoke runs)")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    backends = ["cublas"] + (["cublaslt", "tunable"] if device.type == "cuda" else [])
+    print(f"{'tp':>2} {'rows':>4} {'projection':13} {'N x K':>13} {'norm us':>7} "
+          + " ".join(f"{b + ' us':>11} {'GB/s':>5}" for b in backends), flush=True)
+    rows_out = []
+    for tp in args.tp:
+        for rows in args.rows:
+            for proj, (n, k) in shapes(tp).items():
+                n, k = max(16, int(n * args.scale)), max(16, int(k * args.scale))
+                nbytes = n * k * dtype.itemsize
+                copies = max(2, min(args.iters, math.ceil(256e6 / nbytes)))
+                weights = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+                x = torch.randn(rows, k, device=device, dtype=dtype)
+                norm_w = torch.ones(k, device=device, dtype=dtype)
+                norm_us = bc.time_us(lambda i: rms_norm(x, norm_w, 1e-6), args.iters, device)
+                times = {}
+                for backend in backends:
+                    times[backend] = time_backend(backend, x, norm_w, weights, args.iters, device)
+                rows_out.append(dict(tp=tp, rows=rows, projection=proj, n=n, k=k, norm_us=norm_us, **times))
+                print(f"{tp:2} {rows:4} {proj:13} {f'{n} x {k}':>13} {norm_us:7.2f} " + " ".join(
+                    f"{times[b]:11.2f} {nbytes / max(times[b] - norm_us, 1e-3) / 1e3:5.0f}" for b in backends), flush=True)
+    if device.type == "cuda" and torch.cuda.tunable.is_enabled():
+        print("TunableOp picks:", *torch.cuda.tunable.get_results(), sep="\n  ")
+
+
+def time_backend(backend: str, x, norm_w, weights, iters: int, device) -> float:
+    copies = len(weights)
+
+    def pair(i):
+        return F.linear(rms_norm(x, norm_w, 1e-6), weights[i % copies])
+
+    if backend == "cublas":
+        return bc.time_us(pair, iters, device)
+    if backend == "cublaslt":
+        previous = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            return bc.time_us(pair, iters, device)
+        finally:
+            torch.backends.cuda.preferred_blas_library(previous)
+    # TunableOp: tune this shape eagerly (never inside a graph capture), then time the tuned pick.
+    torch.cuda.tunable.enable(True)
+    torch.cuda.tunable.tuning_enable(True)
+    torch.cuda.tunable.set_max_tuning_duration(100)
+    try:
+        pair(0)
+        torch.cuda.synchronize()
+        torch.cuda.tunable.tuning_enable(False)
+        return bc.time_us(pair, iters, device)
+    finally:
+        torch.cuda.tunable.tuning_enable(False)
+
+
+if __name__ == "__main__":
+    main()
