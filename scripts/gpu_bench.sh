@@ -45,6 +45,8 @@
 #   tp-decode              the 8B TP=1 / TP=2 decode comparison of `tp` alone (tp2_8b.json)
 #   tp-vs-vllm-8b          the 8B rows of tp-vs-vllm only
 #   tp-ab                  2+ GPUs: tp-fused's checks, then this tree vs ./old: all-reduce tables, 8B TP=2 decode
+#   tp-card                2+ GPUs: the fused all-reduce's GPU tests, TP=2 greedy == TP=1, all-reduce table, 8B
+#                          decode TP=1 / TP=2 at batch 1, 64, 256 (for a second card kind)
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
 #   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
 #   tp-fused               2+ GPUs: the fused all-reduce + RMSNorm's GPU tests, TP=2 float32 greedy == TP=1,
@@ -346,6 +348,16 @@ stage_tp-ab() {  # 2+ GPUs: the tp-fused checks, then this tree against ./old (g
   [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" PAGEDSERVE_STEP_TIMING=1 run 100 "$PY" old/scripts/gpu_tp_check.py \
     --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 --budget-s 80 \
     --workdir /tmp/gpu_tp_check_old --out "$OUT/tp2_8b_old.json"
+}
+
+stage_tp-card() {  # 2+ GPUs: the issue-5 rows on whatever card this is: the fused all-reduce's GPU tests, TP=2
+  # float32 greedy == TP=1, the all-reduce table, 8B decode TP=1 / TP=2 at batch 1, 64, 256 (~6 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  run 90 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --output-len 256 \
+    --budget-s 180 --out "$OUT/tp2_8b.json"
 }
 
 stage_gemm-tunable() {  # decode-sized matmuls per GEMM back-end, then 8B decode TP=1 / TP=2 at batch 64 with and
