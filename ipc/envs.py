@@ -146,5 +146,14 @@ def small_gemv() -> bool | None:
     return None if value == "" else value == "1"
 
 
+def small_gemv_rows() -> int:
+    """$PAGEDSERVE_SMALL_GEMV_ROWS=N (default 16, at most 64): where the GEMV is on, the most token rows a
+    step may have to go through it. Over 16 rows its launch is autotuned (kernels/gemv.py)."""
+    value = os.environ.get("PAGEDSERVE_SMALL_GEMV_ROWS", "16")
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise ValueError(f"PAGEDSERVE_SMALL_GEMV_ROWS must be an integer from 1 to 64, not {value!r}")
+    return int(value)
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

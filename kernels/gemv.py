@@ -37,10 +37,11 @@ import triton.language as tl
 
 from ipc import envs
 from kernels.decode_attention import _num_sms, _SplitCounters
-from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device
+from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
 
-MAX_ROWS = 16  # x rows one launch takes (the tl.dot tile's M)
+MAX_ROWS = 64  # x rows one launch takes (the tl.dot tile's M: 16, 32 or 64)
+_PREFETCH_ROWS_OF_K = 2048  # over 16 rows: the first 2048 columns of each W row are prefetched (see gemv)
 _LINE = 128  # bytes per L2 prefetch (one cache line)
 
 
@@ -56,8 +57,9 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
+    LINE_ELEMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if SPLIT_K == 1:  # all of K: the bound stays K itself, whose divisibility Triton knows (vector loads)
@@ -72,16 +74,16 @@ def _gemv_kernel(
     if USE_PDL:
         # W does not depend on the previous kernel: start streaming this program's first tiles into L2
         # now; pdl_prologue then waits for that kernel (x is its output) and lets the next one queue.
-        lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, K - 1)  # in bounds
+        lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, k_end - 1)  # in bounds
         safe_rows = w_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_wn  # in-bounds rows
         _prefetch_l2(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
     pdl_prologue(USE_PDL)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     row_mask = rows < M
     w_ptrs = w_rows + ks[None, :]  # [BLOCK_N, BLOCK_K]
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]  # [16, BLOCK_K]
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]  # [BLOCK_M, BLOCK_K]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = (k0 + ks) < k_end
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
@@ -92,12 +94,12 @@ def _gemv_kernel(
         # Partial sums to scratch; the last of the column tile's SPLIT_K programs to arrive adds them in
         # split order (the same sum whoever arrives last) and writes y. The barrier orders every thread's
         # stores before the atomic, whose release makes them visible to the program that acquires.
-        part = part_ptr + rows[:, None] * N + cols[None, :]  # [16, BLOCK_N] of split 0; split s at + s*M*N
+        part = part_ptr + rows[:, None] * N + cols[None, :]  # [BLOCK_M, BLOCK_N] of split 0; split s at + s*M*N
         tl.store(part + tl.program_id(1) * M * N, acc, mask=out_mask)
         tl.debug_barrier()
         if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
             tl.store(counter_ptr + pid, 0)  # ready for the next launch (the kernel boundary orders it)
-            acc = tl.zeros([16, BLOCK_N], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in tl.static_range(SPLIT_K):
                 acc += tl.load(part + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
@@ -135,6 +137,11 @@ def _config(n: int, device: torch.device) -> Config:
     return block_n, 256, 8 if block_n == 64 else 4, 4, split_k
 
 
+def prev_pow2(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
+
+
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be [M, K] and [N, K]")
@@ -150,37 +157,59 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     check_same_device(weight.device, x=x, **({} if bias is None else {"bias": bias}))
 
 
+_WIDE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 64, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3),
+                 (64, 64, 4, 6), (64, 128, 4, 4), (64, 128, 8, 4)]
+"""(BLOCK_N, BLOCK_K, num_warps, num_stages) tried for 17-64 rows, K unsplit: Triton times each once per
+(N, K, BLOCK_M) on first use (the engine's warm-up, before CUDA graph capture) and keeps the fastest."""
+_gemv_wide = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for n, k, w, st in _WIDE_CONFIGS],
+    key=["N", "K", "BLOCK_M"],
+)(_gemv_kernel)
+
+
 def gemv(
     x: torch.Tensor,  # [M, K], M <= MAX_ROWS, last dim contiguous
     weight: torch.Tensor,  # [N, K], last dim contiguous
     bias: torch.Tensor | None = None,  # [N]
-    config: Config | None = None,  # None: a default from the shape
-    prefetch_tiles: int = 2,  # K tiles of W prefetched before the PDL wait
+    config: Config | None = None,  # None: a default from the shape (autotuned over 16 rows)
+    prefetch_tiles: int = 2,  # up to 16 rows: K tiles of W prefetched before the PDL wait
 ) -> torch.Tensor:
-    """x @ weight.T (+ bias) as a new [M, N] tensor in x's dtype, for M <= 16 rows."""
+    """x @ weight.T (+ bias) as a new [M, N] tensor in x's dtype, for M <= 64 rows.
+
+    Up to 16 rows the launch takes `config` or `_config`'s; over 16 (a decode batch of 17-64), the
+    autotuned one of _WIDE_CONFIGS, with K unsplit, and W's first 2048 columns prefetched before the PDL
+    wait: after the tensor-parallel all-reduce, a latency-bound kernel, most of qkv_proj's weights are
+    in L2 by the time its input is ready."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
+    block_m = max(16, next_pow2(m))
+    line_elems = _LINE // x.element_size()
+    pdl = use_pdl(x.device)
+    common = dict(HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  USE_PDL=pdl, LINE_ELEMS=line_elems, launch_pdl=pdl)
+    args = (x, weight, bias if bias is not None else weight, y, y, y, m, n, k, k, x.stride(0), weight.stride(0), y.stride(0))
+    if block_m > 16 and config is None and not envs.triton_interpret():
+        prefetch_k = max(line_elems, min(_PREFETCH_ROWS_OF_K, prev_pow2(k)))
+        _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](*args, SPLIT_K=1, PREFETCH_K=prefetch_k, **common)
+        return y
+    if config is None and block_m > 16:  # the interpreter: one config (autotuning would time it on the CPU)
+        config = (32, 64, 4, 2)
     block_n, block_k, num_warps, num_stages, *rest = config or _config(n, x.device)
     split_k = max(1, min(rest[0] if rest else 1, cdiv(k, block_k)))  # no split without a K tile
     k_per_split = cdiv(cdiv(k, split_k), block_k) * block_k  # whole K tiles per split
     split_k = cdiv(k, k_per_split)
-    pdl = use_pdl(x.device)
     if split_k > 1:
         part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         counters = _COUNTERS.reserve(x.device, cdiv(n, block_n))
     else:
         part = counters = y  # unused
+    args = args[:4] + (part, counters) + args[6:9] + (k_per_split,) + args[10:]
     _gemv_kernel[(cdiv(n, block_n), split_k)](
-        x, weight, bias if bias is not None else weight, y, part, counters,
-        m, n, k, k_per_split,
-        x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        USE_PDL=pdl, PREFETCH_K=prefetch_tiles * block_k, LINE_ELEMS=_LINE // x.element_size(),
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        *args, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH_K=prefetch_tiles * block_k,
+        num_warps=num_warps, num_stages=num_stages, **common,
     )
     return y

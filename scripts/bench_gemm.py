@@ -1,9 +1,11 @@
 """Decode-sized matmuls (batch rows x a Llama-3.1-8B projection, one tensor-parallel rank's slice) through
-torch's GEMM back-ends: cuBLAS as torch calls it by default, torch's cuBLASLt path, and TunableOp (torch
-benchmarks the candidate algorithms per shape once and keeps the fastest).
+torch's GEMM back-ends (cuBLAS as torch calls it by default, torch's cuBLASLt path, TunableOp: torch
+benchmarks the candidate algorithms per shape once and keeps the fastest) and kernels/gemv.py (autotuned
+over 16 rows; with PDL its weight prefetch overlaps the RMSNorm before it).
 
     python scripts/bench_gemm.py --rows 64 --tp 1 2        # CUDA, bf16
-    python scripts/bench_gemm.py --device cpu --iters 2 --scale 0.05 --rows 4   # smoke (cuBLAS column only)
+    TRITON_INTERPRET=1 python scripts/bench_gemm.py --device cpu --dtype float32 --iters 2 --scale 0.05 --rows 4 \
+        --backends cublas gemv   # smoke
 
 Each column is a CUDA graph of --iters (RMSNorm, matmul) pairs, as a decode graph interleaves them, over
 enough weight copies that L2 never holds the next one. The RMSNorm alone is timed too, so the matmul's
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_common as bc  # noqa: E402
+from kernels import gemv as gemv_kernel  # noqa: E402
 from kernels import rms_norm  # noqa: E402
 
 HIDDEN, INTERMEDIATE, Q, KV = 4096, 14336, 4096, 1024  # Llama-3.1-8B
@@ -42,9 +45,11 @@ def main() -> None:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--iters", type=int, default=48)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every shape (CPU smoke runs)")
+    parser.add_argument("--backends", nargs="+", default=["cublas", "cublaslt", "tunable", "gemv"],
+                        choices=["cublas", "cublaslt", "tunable", "gemv"])
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    backends = ["cublas"] + (["cublaslt", "tunable"] if device.type == "cuda" else [])
+    backends = [b for b in args.backends if device.type == "cuda" or b in ("cublas", "gemv")]
     print(f"{'tp':>2} {'rows':>4} {'projection':13} {'N x K':>13} {'norm us':>7} "
           + " ".join(f"{b + ' us':>11} {'GB/s':>5}" for b in backends), flush=True)
     rows_out = []
@@ -76,6 +81,10 @@ def time_backend(backend: str, x, norm_w, weights, iters: int, device) -> float:
 
     if backend == "cublas":
         return bc.time_us(pair, iters, device)
+    if backend == "gemv":
+        if x.shape[0] > gemv_kernel.MAX_ROWS:
+            return float("nan")
+        return bc.time_us(lambda i: gemv_kernel.gemv(rms_norm(x, norm_w, 1e-6), weights[i % copies]), iters, device)
     if backend == "cublaslt":
         previous = torch.backends.cuda.preferred_blas_library()
         torch.backends.cuda.preferred_blas_library("cublaslt")

@@ -47,6 +47,7 @@
 #   tp-ab                  2+ GPUs: tp-fused's checks, then this tree vs ./old: all-reduce tables, 8B TP=2 decode
 #   tp-card                2+ GPUs: the fused all-reduce's GPU tests, TP=2 greedy == TP=1, all-reduce table, 8B
 #                          decode TP=1 / TP=2 at batch 1, 64, 256 (for a second card kind)
+#   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
 #   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
 #   tp-fused               2+ GPUs: the fused all-reduce + RMSNorm's GPU tests, TP=2 float32 greedy == TP=1,
@@ -358,6 +359,16 @@ stage_tp-card() {  # 2+ GPUs: the issue-5 rows on whatever card this is: the fus
   run 90 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
   PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --output-len 256 \
     --budget-s 180 --out "$OUT/tp2_8b.json"
+}
+
+stage_gemm64() {  # 2+ GPUs: the GEMV over 16 rows (autotuned, PDL prefetch): its GPU tests, per projection against
+  # cuBLAS, then 8B decode TP=1 / TP=2 at batch 64 with cuBLAS and with it (~8 min)
+  run 200 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  run 150 "$PY" scripts/bench_gemm.py --rows 16 32 64 --tp 1 2 --backends cublas gemv 2>&1 | tee -a "$OUT/kernels.txt"
+  PAGEDSERVE_STEP_TIMING=1 run 110 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 \
+    --output-len 256 --budget-s 90 --out "$OUT/tp2_8b.json"
+  PAGEDSERVE_SMALL_GEMV=1 PAGEDSERVE_SMALL_GEMV_ROWS=64 PAGEDSERVE_STEP_TIMING=1 run 160 "$PY" scripts/gpu_tp_check.py \
+    --size 8b --tp 2 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 140 --out "$OUT/tp2_8b_gemv64.json"
 }
 
 stage_gemm-tunable() {  # decode-sized matmuls per GEMM back-end, then 8B decode TP=1 / TP=2 at batch 64 with and

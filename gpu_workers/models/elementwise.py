@@ -41,6 +41,8 @@ def use_triton(x: torch.Tensor) -> bool:
 
 _SMALL_GEMV = bool(envs.small_gemv())
 """Whether `linear` sends few-row steps to kernels.gemv; set per model by configure_small_gemv."""
+_SMALL_GEMV_ROWS = envs.small_gemv_rows()
+"""... and the most token rows such a step has."""
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 _GEMV_MAX_HIDDEN = 2048
 
@@ -61,17 +63,18 @@ def configure_small_gemv(hidden_size: int, device: torch.device) -> bool:
     from kernels.gemv import reserve_split_k_counters
     from kernels.pdl import use_pdl
 
-    global _SMALL_GEMV
+    global _SMALL_GEMV, _SMALL_GEMV_ROWS
     _SMALL_GEMV = device.type == "cuda" and small_gemv_default(hidden_size, use_pdl(device))
+    _SMALL_GEMV_ROWS = envs.small_gemv_rows()
     if _SMALL_GEMV:
         reserve_split_k_counters(device)  # before CUDA graph capture, which may not allocate them
     return _SMALL_GEMV
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or kernels.gemv for CUDA half-precision steps of at most 16 token rows where
-    configure_small_gemv chose it (see small_gemv_default)."""
-    if (_SMALL_GEMV and x.dim() == 2 and x.shape[0] <= 16 and x.is_cuda and x.dtype in _GEMV_DTYPES
+    """F.linear, or kernels.gemv for CUDA half-precision steps of at most $PAGEDSERVE_SMALL_GEMV_ROWS
+    (16) token rows where configure_small_gemv chose it (see small_gemv_default)."""
+    if (_SMALL_GEMV and x.dim() == 2 and x.shape[0] <= _SMALL_GEMV_ROWS and x.is_cuda and x.dtype in _GEMV_DTYPES
             and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1
             and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1))):  # else cuBLAS, never an error
         from kernels.gemv import gemv

@@ -15,7 +15,7 @@ def _rel_err(got, ref):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])  # 40: a 64-row tile (on CUDA the autotuned launch)
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_linear(dtype, tol, rows, bias):
     # N not a multiple of the column tile, K not a multiple of the 256-wide K tile: both edges masked.
@@ -37,8 +37,8 @@ def test_gemv_takes_a_row_strided_input():
 
 def test_gemv_rejects_bad_inputs():
     weight = torch.randn(8, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        gemv(torch.randn(17, 32, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        gemv(torch.randn(65, 32, device=DEVICE), weight)
     with pytest.raises(ValueError, match=r"\[M, K\]"):
         gemv(torch.randn(2, 31, device=DEVICE), weight)
     with pytest.raises(ValueError, match="dtypes"):
@@ -64,8 +64,14 @@ def test_the_switch_routes_only_few_row_cuda_half_precision_matmuls(monkeypatch)
     if torch.cuda.is_available():
         xh, wh = x.cuda().half(), w.cuda().half()
         elementwise.linear(xh, wh)
-        elementwise.linear(torch.randn(17, 8, device="cuda").half(), wh)  # a prefill-sized step: cuBLAS
-        assert calls == [(2, 8)]
+        elementwise.linear(torch.randn(17, 8, device="cuda").half(), wh)  # over the row limit: cuBLAS
+        monkeypatch.setattr(elementwise, "_SMALL_GEMV_ROWS", 64)
+        elementwise.linear(torch.randn(17, 8, device="cuda").half(), wh)  # within the raised limit
+        elementwise.linear(torch.randn(65, 8, device="cuda").half(), wh)  # a prefill-sized step: cuBLAS
+        assert calls == [(2, 8), (17, 8)]
+    monkeypatch.setenv("PAGEDSERVE_SMALL_GEMV_ROWS", "65")
+    with pytest.raises(ValueError, match="PAGEDSERVE_SMALL_GEMV_ROWS"):
+        envs.small_gemv_rows()
 
 
 @pytest.mark.gpu
@@ -73,7 +79,7 @@ def test_the_switch_routes_only_few_row_cuda_half_precision_matmuls(monkeypatch)
 # Llama-8B qkv / down / gate_up, Qwen3-0.6B o_proj, SmolLM2-135M (the bundled model) qkv / down / LM head
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096), (1024, 2048), (960, 576), (576, 1536),
                                  (49152, 576)])
-@pytest.mark.parametrize("rows", [1, 8, 16])
+@pytest.mark.parametrize("rows", [1, 8, 16, 33, 64])  # 33 and 64: the autotuned launch (32- and 64-row tiles)
 def test_gemv_real_shapes_gpu(n, k, rows):
     weight = (torch.randn(n, k, device=DEVICE) * 0.02).bfloat16()
     x = torch.randn(rows, k, device=DEVICE).bfloat16()

@@ -35,7 +35,7 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
          "decode_attention", "decode_attention+splits", "decode_attention+8b", "prefill_attention", "sampling",
-         "gemv", "gemv+bias", "gemv+splitk", "all_reduce_rms_norm", "all_reduce_rms_norm+slot"]
+         "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "all_reduce_rms_norm", "all_reduce_rms_norm+slot"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -167,6 +167,9 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         gemv_mod.gemv(torch.randn(1, 64, dtype=dt), torch.randn(4096, 64, dtype=dt), bias)
     record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, "gemv+splitk")
     gemv_mod.gemv(torch.randn(1, 512, dtype=dt), torch.randn(64, 512, dtype=dt), None, (16, 256, 4, 4, 2))
+    # a batch-64 decode step's tile, with the largest of the autotuned configs (64-wide, 4 stages)
+    record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, "gemv+64rows")
+    gemv_mod.gemv(torch.randn(64, 256, dtype=dt), torch.randn(128, 256, dtype=dt), None, (64, 128, 4, 4))
 
     # Run as one rank (the interpreter has no peer), built as rank 0 of 2 at Llama-8B's hidden size.
     buffer = torch.zeros(fused_mod.buffer_bytes(1 << 16, 1), dtype=torch.uint8)
@@ -188,7 +191,7 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     assert sorted(results) == sorted(NAMES), sorted(results)
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
-    for name in ("gemv", "gemv+bias", "gemv+splitk"):  # the weight prefetch before the wait
+    for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows"):  # the weight prefetch before the wait
         assert "prefetch.global.L2" in results[name]["ptx_head"], name
     # the fused all-reduce: one thread of each program signals (an exchange, release) and polls (an
     # acquire load), at system scope; its rows move in 16-byte vectors, pushes to peers included
