@@ -59,13 +59,14 @@ class TPGroup:
         return x
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                eps: float, slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                                eps: float, slot: int | None = None, prefetch: torch.Tensor | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(RMSNorm(sum of x + residual), sum of x + residual) in one fused launch where the
-        symmetric-memory path takes x; None otherwise (the caller reduces, then norms). `slot`: see
-        SymmMemAllReduce.add_rms_norm."""
+        symmetric-memory path takes x; None otherwise (the caller reduces, then norms). `slot`,
+        `prefetch` (the next matmul's weight): see SymmMemAllReduce.add_rms_norm."""
         if self.custom_all_reduce is None:
             return None
-        return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps, slot)
+        return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps, slot, prefetch)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The ranks' `x` concatenated along `dim`, rank 0 first."""

@@ -153,19 +153,21 @@ class SymmMemAllReduce:
             return self.two_shot(x)
         return None
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float, slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     slot: int | None = None, prefetch: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(RMSNorm(sum of x over the ranks + residual), that sum + residual) in one fused launch, or
         None when `x` is not for it (then reduce and norm apart). Takes what one-shot would take: the
         choice rests on shape, dtype and world size alone, as on every rank. `slot` 0 / 1: callers that
-        never pass the same one twice in a row save a barrier (kernels/all_reduce_rms_norm.py)."""
+        never pass the same one twice in a row save a barrier (kernels/all_reduce_rms_norm.py). `prefetch`:
+        the next matmul's weight, partly prefetched into L2 while the kernel waits (kernels/prefetch.py)."""
         if self.fused_peers is None or self.route(x) is not Algorithm.ONE_SHOT:
             return None
         from kernels import all_reduce_rms_norm as fused_kernel
 
         if not fused_kernel.fits(x, self.fused_peers):
             return None
-        return fused_kernel.all_reduce_add_rms_norm(x, residual, weight, eps, self.fused_peers, slot)
+        return fused_kernel.all_reduce_add_rms_norm(x, residual, weight, eps, self.fused_peers, slot, prefetch)
 
     def _staged(self, x: torch.Tensor) -> torch.Tensor:
         return self._flat[x.dtype][:x.numel()].view(x.shape)  # this rank's buffer, shaped like x

@@ -155,5 +155,14 @@ def small_gemv_rows() -> int:
     return int(value)
 
 
+def prefetch_mb() -> int:
+    """$PAGEDSERVE_PREFETCH_MB (default 32): at most this many MiB of the next matmul's weight are
+    prefetched into L2 by the latency-bound kernel before it (kernels/prefetch.py); 0 turns it off."""
+    value = os.environ.get("PAGEDSERVE_PREFETCH_MB", "32")
+    if not value.isdigit() or int(value) > 1024:
+        raise ValueError(f"PAGEDSERVE_PREFETCH_MB must be an integer from 0 to 1024, not {value!r}")
+    return int(value)
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

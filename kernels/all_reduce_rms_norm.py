@@ -7,7 +7,8 @@ reduced rows written to memory and read back between them. Here it is one launch
 
     rank r, program p (rows p, p + G, p + 2G, ...; G programs on every rank, the same rows everywhere):
       1. push       store its rows of x into region r of the staging slot of every peer's buffer
-      2. barrier    signal program p of every peer ("my rows are in your buffer"), wait for each
+      2. barrier    signal program p of every peer ("my rows are in your buffer"); prefetch part of
+                    the next matmul's weight into L2, if given (kernels/prefetch.py); wait for each
                     peer's signal
       3. reduce     s = x_0 + x_1 + ... (float32, in rank order: rank r's own rows from x, the others
                     from this rank's own buffer, where the peers pushed them), rounded to x's dtype as
@@ -56,7 +57,9 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import SUPPORTED_DTYPES, check_last_dim_contiguous, next_pow2
+from kernels import prefetch
 from kernels.pdl import pdl_prologue, use_pdl
+from kernels.prefetch import prefetch_rows
 from kernels.rms_norm import _num_warps
 
 MAX_PROGRAMS = 128
@@ -96,13 +99,18 @@ def buffer_bytes(data_bytes: int, world_size: int) -> int:
 
 
 @triton.jit
-def _barrier(ptrs, flag_offset, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """Signal `epoch` to program `pid` of every peer, then wait until each has signalled it here."""
+def _signal(ptrs, flag_offset, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Signal `epoch` to program `pid` of every peer."""
     tl.debug_barrier()  # every thread's stores / loads so far come before the release below
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             flags = (tl.load(ptrs + peer) + flag_offset).to(tl.pointer_type(tl.int64))
             tl.atomic_xchg(flags + pid * WORLD + RANK, epoch, sem="release", scope="sys")
+
+
+@triton.jit
+def _wait(ptrs, flag_offset, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Wait until every peer has signalled `epoch` (or later) to this program."""
     mine = (tl.load(ptrs + RANK) + flag_offset).to(tl.pointer_type(tl.int64))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
@@ -113,11 +121,13 @@ def _barrier(ptrs, flag_offset, pid, epoch, RANK: tl.constexpr, WORLD: tl.conste
     tl.debug_barrier()  # ... and every thread's later loads come after the acquire
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pf_rows", "pf_row_bytes", "pf_prefix_lines"])  # one build whatever the weight
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ptrs,
     stride_x, stride_r, num_rows, hidden, slot_offset, region_bytes, flag_offset, epoch_offset, eps,
+    pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines,  # the next matmul's weight (kernels/prefetch.py)
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, END_BARRIER: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
@@ -136,7 +146,10 @@ def _all_reduce_add_rms_norm_kernel(
                 region = tl.load(ptrs + peer) + slot_offset + RANK * region_bytes
                 dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
                 tl.store(dst + row * hidden + cols, x, mask=mask)
-    _barrier(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 2.
+    _signal(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 2.
+    if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
+        prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
+    _wait(ptrs, flag_offset, pid, epoch, RANK, WORLD)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     for row in range(pid, num_rows, num_programs):  # 3.
         offset = row * hidden  # < 2**31: the staging space is at most a few MiB
@@ -158,7 +171,8 @@ def _all_reduce_add_rms_norm_kernel(
         tl.store(out_ptr + offset + cols, (normed * w).to(dtype), mask=mask)
     if END_BARRIER:
         epoch += 1
-        _barrier(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 4.
+        _signal(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 4.
+        _wait(ptrs, flag_offset, pid, epoch, RANK, WORLD)
     tl.store(epoch_ptr, epoch)  # read again only by this program's next launch (stream order)
 
 
@@ -176,11 +190,14 @@ def all_reduce_add_rms_norm(
     eps: float,
     peers: PeerBuffers,
     slot: int | None = None,
+    prefetch_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s + residual) * weight, s + residual) where s is the sum of every rank's x. Collective:
     every rank must call it with the same shapes and slot. `slot` 0 or 1: one barrier instead of two,
     for callers that never pass the same slot twice in a row (see the module docstring); None: slot 2,
-    any order. Inputs are not written; outputs are new contiguous tensors in x's dtype."""
+    any order. Inputs are not written; outputs are new contiguous tensors in x's dtype. `prefetch_weight`:
+    the next matmul's weight, partly prefetched into L2 while the kernel waits for its peers
+    (kernels/prefetch.py)."""
     if slot not in (None, 0, 1):
         raise ValueError(f"slot must be 0, 1 or None, not {slot!r}")
     check_last_dim_contiguous("x", x, 2)
@@ -203,13 +220,16 @@ def all_reduce_add_rms_norm(
         return out, new_residual
     block = next_pow2(hidden)
     pdl = use_pdl(x.device)
-    _all_reduce_add_rms_norm_kernel[(min(num_rows, MAX_PROGRAMS),)](
+    num_programs = min(num_rows, MAX_PROGRAMS)
+    pf = prefetch.plan(prefetch_weight, num_programs, x)
+    _all_reduce_add_rms_norm_kernel[(num_programs,)](
         x, residual, weight, out, new_residual, peers.ptrs,
         x.stride(0), residual.stride(0), num_rows, hidden,
         (2 if slot is None else slot) * peers.world_size * peers.data_bytes, peers.data_bytes,
         staging_bytes(peers.data_bytes, peers.world_size),
         staging_bytes(peers.data_bytes, peers.world_size) + MAX_PROGRAMS * peers.world_size * 8, float(eps),
+        *pf.args(),
         RANK=peers.rank, WORLD=peers.world_size, BLOCK=block, END_BARRIER=slot is None, num_warps=_num_warps(block),
-        USE_PDL=pdl, launch_pdl=pdl,
+        USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, launch_pdl=pdl,
     )
     return out, new_residual

@@ -36,7 +36,9 @@ import triton.language as tl
 
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
                               check_last_dim_contiguous, check_same_device, next_pow2, paged_kv_offsets)
+from kernels import prefetch
 from kernels.pdl import pdl_prologue, use_pdl
+from kernels.prefetch import prefetch_rows
 
 LOG2E = 1.4426950408889634
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity": an empty split never produces inf - inf = nan
@@ -47,7 +49,8 @@ _MAX_SPLITS = 64
 
 # Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
 # for each "divisible by 16" / "equals 1" combination it meets, a second each, mid-run).
-@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ph", "max_splits", "min_partition"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ph", "max_splits", "min_partition", "pf_rows",
+                               "pf_row_bytes", "pf_prefix_lines"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_ids_ptr, query_start_loc_ptr,
     out_ptr, part_ptr, counter_ptr,
@@ -59,14 +62,19 @@ def _decode_split_kernel(
     # accumulator in [:head_dim], the running max at head_dim, the running sum at head_dim + 1
     qk_scale,  # softmax scale * log2(e)
     head_dim, block_size, max_splits, min_partition, num_kv_heads,
+    pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines,  # o_proj's weight (kernels/prefetch.py)
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_GC: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, MAY_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
 ):
-    pdl_prologue(USE_PDL)
     prog = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if PREFETCH:  # before waiting for the kernel before: o_proj's weight into L2 (it reads it next)
+        flat = (prog * tl.num_programs(1) + kv_head) * tl.num_programs(2) + split
+        total = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, flat, total, PF_CHUNK)
+    pdl_prologue(USE_PDL)
     if HAS_SEQ_IDS:  # a decode inside a mixed batch: its sequence, and its row among all the tokens
         seq = tl.load(seq_ids_ptr + prog)
         row = tl.load(query_start_loc_ptr + seq)
@@ -271,6 +279,7 @@ def decode_attention(
     seq_ids: torch.Tensor | None = None,  # [num_decodes] int32: attend only for these sequences ...
     query_start_loc: torch.Tensor | None = None,  # [num_seqs + 1] int32: ... whose query row is here
     launch_config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages): tuning sweeps only
+    prefetch_weight: torch.Tensor | None = None,  # the next matmul's (o_proj's), prefetched into L2
 ) -> torch.Tensor:
     """Attention of each sequence's single query token over its whole paged context. Returns `out`.
 
@@ -310,6 +319,7 @@ def decode_attention(
         counters = _COUNTERS.reserve(query.device, num_programs * num_kv_heads)
     else:  # the kernel writes `out` directly; scratch and counters are unused
         part = counters = out
+    pf = prefetch.plan(prefetch_weight, num_programs * num_kv_heads * max_splits, query)
     _decode_split_kernel[(num_programs, num_kv_heads, max_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
         seq_lens if seq_ids is None else seq_ids, seq_lens if seq_ids is None else query_start_loc,
@@ -319,12 +329,13 @@ def decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
-        scale * LOG2E, head_dim, block_size, max_splits, min_partition, num_kv_heads,
+        scale * LOG2E, head_dim, block_size, max_splits, min_partition, num_kv_heads, *pf.args(),
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         # the combine holds BLOCK_GC x BLOCK_S x BLOCK_D float32 partials: 32 registers a thread (64 spilled)
         BLOCK_GC=block_gc, BLOCK_S=max(2, min(16, 4096 // (block_gc * block_d))),
         HAS_SEQ_IDS=seq_ids is not None, MAY_SPLIT=may_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, num_warps=num_warps, num_stages=num_stages,
+        launch_pdl=pdl,
     )
     return out

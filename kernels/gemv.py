@@ -11,8 +11,9 @@ tiles (W never depends on that kernel), and only then waits for it, before readi
     this kernel            [prefetch W tiles][wait]████████████   (x is read after the wait)
 
     grid = (cdiv(N, BLOCK_N), SPLIT_K)
-    program (n, s):  acc[16, BLOCK_N] = Σ_k x[:, k:k+BLOCK_K] · W[n*BLOCK_N:(n+1)*BLOCK_N, k:k+BLOCK_K]^T
-                     over split s's K range; x padded to 16 rows for tl.dot, float32 accumulation.
+    program (n, s):  acc[BLOCK_M, BLOCK_N] = Σ_k x[:, k:k+BLOCK_K] · W[n*BLOCK_N:(n+1)*BLOCK_N, k:k+BLOCK_K]^T
+                     over split s's K range; x padded to BLOCK_M = 16, 32 or 64 rows for tl.dot,
+                     float32 accumulation. Over 16 rows the launch is autotuned, K unsplit.
     SPLIT_K = 1: one store of the M real rows. SPLIT_K > 1 ($PAGEDSERVE_GEMV_SPLIT_K only): partials
     to float32 scratch, and the column tile's last program to arrive sums them in split order and
     stores y, in the same launch (the pattern of decode_attention's splits). It gives 4096-row
@@ -27,6 +28,12 @@ token). With PDL and the prefetch (session 5, H200, batch 1): Qwen3-0.6B 1.44 ->
 Qwen3's o_proj (6.3 vs 14.2 us) and qkv. So it is the default for models of hidden size <= 2048 under PDL
 (gpu_workers/models/elementwise.small_gemv_default); $PAGEDSERVE_SMALL_GEMV=0/1 forces either way. The
 grid splits N only: on 4096-wide inputs its 128-256 programs do not keep every SM streaming (split-K would).
+
+17-64 rows (session 7, 2 x H200, autotuned, PDL prefetch of W's first 2048 columns): slower than cuBLAS
+on every Llama-8B projection at 16, 32 and 64 rows (TP=2 slices at 64 rows, us with the RMSNorm before
+it: qkv 16.8 vs 11.7, o_proj 9.7 vs 8.6, gate_up 38.7 vs 35.6, down 27.1 vs 20.2), and end to end (8B
+batch 64: TP=1 6.21 vs 5.51 ms a step, TP=2 3.83 vs 3.61). So steps over 16 rows take it only where
+$PAGEDSERVE_SMALL_GEMV_ROWS says so.
 """
 
 from __future__ import annotations
@@ -39,17 +46,11 @@ from ipc import envs
 from kernels.decode_attention import _num_sms, _SplitCounters
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
+from kernels.prefetch import l2_prefetch
 
 MAX_ROWS = 64  # x rows one launch takes (the tl.dot tile's M: 16, 32 or 64)
 _PREFETCH_ROWS_OF_K = 2048  # over 16 rows: the first 2048 columns of each W row are prefetched (see gemv)
 _LINE = 128  # bytes per L2 prefetch (one cache line)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of each address (the result is a dummy: inline asm must return something)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def _gemv_kernel(
         # now; pdl_prologue then waits for that kernel (x is its output) and lets the next one queue.
         lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, k_end - 1)  # in bounds
         safe_rows = w_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_wn  # in-bounds rows
-        _prefetch_l2(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
+        l2_prefetch(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
     pdl_prologue(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)

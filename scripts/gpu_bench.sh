@@ -47,6 +47,7 @@
 #   tp-ab                  2+ GPUs: tp-fused's checks, then this tree vs ./old: all-reduce tables, 8B TP=2 decode
 #   tp-card                2+ GPUs: the fused all-reduce's GPU tests, TP=2 greedy == TP=1, all-reduce table, 8B
 #                          decode TP=1 / TP=2 at batch 1, 64, 256 (for a second card kind)
+#   prefetch-ab            2+ GPUs: the weight prefetch's GPU tests, 8B TP=1 / TP=2 with and without it, greedy check
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
 #   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
@@ -359,6 +360,19 @@ stage_tp-card() {  # 2+ GPUs: the issue-5 rows on whatever card this is: the fus
   run 90 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
   PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --output-len 256 \
     --budget-s 180 --out "$OUT/tp2_8b.json"
+}
+
+stage_prefetch-ab() {  # 2+ GPUs: the weight prefetch (kernels/prefetch.py): the fused all-reduce's and decode
+  # attention's GPU tests, 8B decode TP=1 / TP=2 at batch 1 and 64 with it, at 64 without it, TP=2 float32
+  # greedy == TP=1 (~7 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py \
+    tests/kernels/test_decode_attention.py 2>&1 | tail -5
+  PAGEDSERVE_STEP_TIMING=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 \
+    --output-len 256 --budget-s 150 --out "$OUT/tp2_8b.json"
+  PAGEDSERVE_PREFETCH_MB=0 PAGEDSERVE_STEP_TIMING=1 run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
+    --batch-sizes 64 --output-len 256 --budget-s 100 --out "$OUT/tp2_8b_noprefetch.json"
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
 }
 
 stage_gemm64() {  # 2+ GPUs: the GEMV over 16 rows (autotuned, PDL prefetch): its GPU tests, per projection against

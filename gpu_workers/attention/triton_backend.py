@@ -43,8 +43,9 @@ class TritonAttentionBackend(AttentionBackend):
         return self.attend(query, k_cache, v_cache, meta, scale)
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
-        """Attention only: the step's K/V are already in the caches."""
+               scale: float, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention only: the step's K/V are already in the caches. A decode-only step's kernel also
+        prefetches `prefetch` (o_proj's weight) into L2 (kernels/prefetch.py)."""
         if query.dim() != 3 or query.shape[0] != meta.num_tokens:
             raise ValueError(f"query {tuple(query.shape)} must have meta.num_tokens={meta.num_tokens} rows")
         out = torch.empty_like(query)
@@ -53,7 +54,7 @@ class TritonAttentionBackend(AttentionBackend):
                 raise ValueError(f"is_decode_only needs one token per sequence, got {meta.num_tokens} "
                                  f"tokens for {meta.num_seqs} sequences")
             return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                    meta.max_seq_len, scale, out=out)
+                                    meta.max_seq_len, scale, out=out, prefetch_weight=prefetch)
         if meta.decode_seq_ids is not None:  # mixed: decodes read each KV head once, in the decode kernel
             decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
                              out=out, seq_ids=meta.decode_seq_ids, query_start_loc=meta.query_start_loc)
@@ -80,10 +81,12 @@ class TritonAttentionBackend(AttentionBackend):
             table = torch.zeros(n, context // block_size, dtype=torch.int32, device=device)  # all block 0
             return torch.zeros(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device), qsl, seq_lens, table
 
+        next_weight = torch.zeros(16, 64, dtype=dtype, device=device)  # a decode step prefetches o_proj's weight
         for num_seqs in (1, many):
             for splits in (1, 2):
                 q, qsl, seq_lens, table = batch([1] * num_seqs)
-                decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits)
+                decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,
+                                 prefetch_weight=next_weight)
                 q, qsl, seq_lens, table = batch([1] * num_seqs + [2])  # + a prefill: a mixed batch
                 decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,
                                  seq_ids=torch.arange(num_seqs, dtype=torch.int32, device=device),

@@ -39,13 +39,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(orig_dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False, slot: int | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False, slot: int | None = None,
+        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """partial: x is this rank's partial sums of a row-parallel layer, summed over the ranks first
         (in one launch with the add and the norm where the symmetric-memory all-reduce takes it; `slot`
-        as in TPGroup.all_reduce_add_rms_norm)."""
+        as in TPGroup.all_reduce_add_rms_norm; that launch also prefetches the weight `prefetch` of the
+        matmul after it into L2 while it waits for its peers)."""
         if partial:
-            fused = None if residual is None else self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps, slot)
+            fused = None if residual is None else self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps,
+                                                                                  slot, prefetch)
             if fused is not None:
                 return fused
             x = self.tp.all_reduce(x)
@@ -194,7 +197,8 @@ class Attention(nn.Module):
             # one Triton kernel: q/k norm (Qwen3), RoPE, and the K/V cache write; then attention alone
             q = elementwise.rotary_and_write_kv(self.rotary_emb, positions, q, k, v, k_cache, v_cache,
                                                 meta.slot_mapping, self.q_norm, self.k_norm)
-            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale)
+            # (a decode step's attention also prefetches o_proj's weight into L2: kernels/prefetch.py)
+            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale, prefetch=self.o_proj.weight)
             return self.o_proj(out.reshape(-1, self.q_size))
         if elementwise.use_triton(q):  # one fused Triton kernel: q/k norm (Qwen3) + RoPE
             q, k = elementwise.rotary(self.rotary_emb, positions, q, k, self.q_norm, self.k_norm)

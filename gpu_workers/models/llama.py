@@ -69,10 +69,11 @@ class LlamaDecoderLayer(nn.Module):
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot,
+                                                           self.self_attn.qkv_proj.weight)
         hidden_states = self.self_attn(positions, hidden_states, kv_cache, meta)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, self.attn_partial,
-                                                                self.attn_slot)
+                                                                self.attn_slot, self.mlp.gate_up_proj.weight)
         return self.mlp(hidden_states), residual
 
 

@@ -93,8 +93,9 @@ class _FakeCustom:
         self.calls += 1
         return self.result
 
-    def add_rms_norm(self, x, residual, weight, eps, slot=None):
+    def add_rms_norm(self, x, residual, weight, eps, slot=None, prefetch=None):
         self.calls += 1
+        self.prefetch = prefetch
         return self.result
 
 
@@ -125,7 +126,9 @@ def test_an_rms_norm_after_a_row_parallel_layer_reduces_its_input_fused_or_apart
         declined.tp = TPGroup(0, 2, None, _FakeCustom(None))
     finally:
         distributed.set_tp_group(previous)
-    assert taken(x, residual, partial=True, slot=0) is fused
+    next_weight = torch.empty(16, 8)
+    assert taken(x, residual, partial=True, slot=0, prefetch=next_weight) is fused
+    assert taken.tp.custom_all_reduce.prefetch is next_weight  # handed to the fused kernel to prefetch
     out, new_residual = declined(x.clone(), residual, partial=True)
     reference = RMSNorm(8)
     expected_out, expected_residual = reference(2 * x, residual)
@@ -259,13 +262,15 @@ def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
             if got is not None:
                 _check_fused(got, xs, residual, weight, f"fused {shape} {dtype}")
     outs, fused_calls = [], 0
+    next_weight = torch.randn(4096, 2048, dtype=BF16, device=device)  # prefetched by every other call: no effect
     for i in range(40):
         shape = [(1, HIDDEN), (64, HIDDEN), (8, HIDDEN), (200, HIDDEN)][i % 4]
         inputs = _fused_inputs(shape, BF16, 700 + i, world_size, device)
         xs, residual, weight = inputs
         if comm.route(xs[rank]) is Algorithm.ONE_SHOT:
             slot = None if i == 39 else fused_calls % 2  # the last with two barriers: the graph's starts on 0
-            outs.append((comm.add_rms_norm(xs[rank], residual, weight, 1e-6, slot), inputs))
+            outs.append((comm.add_rms_norm(xs[rank], residual, weight, 1e-6, slot, next_weight if i % 2 else None),
+                         inputs))
             fused_calls += 1
         outs.append(((comm.one_shot if i % 2 else comm.two_shot)(xs[rank]), inputs))
     for i, (got, (xs, residual, weight)) in enumerate(outs):
@@ -309,7 +314,8 @@ def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
     fused_on = comm.fused_peers is not None and comm.route(fused_in[0]) is Algorithm.ONE_SHOT
 
     def forward():  # the fused calls take slots 0, then 1 (a replay ends on 1, the next starts on 0)
-        fused = [comm.add_rms_norm(fused_in[0], fused_in[1], weight, 1e-6, slot) for slot in (0, 1)] if fused_on else []
+        fused = [comm.add_rms_norm(fused_in[0], fused_in[1], weight, 1e-6, slot, static[0] if slot else None)
+                 for slot in (0, 1)] if fused_on else []
         return [_tp_all_reduce(comm, x.clone()) for x in static] + [comm.two_shot(static[1])] + fused
 
     forward()  # warm-up: NCCL's first call outside the capture

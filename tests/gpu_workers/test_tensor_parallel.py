@@ -152,12 +152,14 @@ class _RecordingGroup(TPGroup):
     def __init__(self, calls: list):
         super().__init__(0, 2)
         object.__setattr__(self, "calls", calls)
+        object.__setattr__(self, "prefetches", [])
 
     def all_reduce(self, x):
         return x
 
-    def all_reduce_add_rms_norm(self, x, residual, weight, eps, slot=None):
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, slot=None, prefetch=None):
         self.calls.append(slot)
+        self.prefetches.append(prefetch)
         return None
 
 
@@ -171,7 +173,8 @@ def test_fused_reductions_never_reuse_a_one_barrier_slot_back_to_back(tmp_path, 
     path = make_tiny_checkpoint("llama", tmp_path / "m", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                 intermediate_size=128, num_hidden_layers=2, vocab_size=300, attention_bias=attention_bias)
     calls: list = []
-    previous = set_tp_group(_RecordingGroup(calls))
+    group = _RecordingGroup(calls)
+    previous = set_tp_group(group)
     try:
         model = load_model(path, torch.float32, "cpu", get_attention_backend("torch", torch.device("cpu")))
     finally:
@@ -181,6 +184,13 @@ def test_fused_reductions_never_reuse_a_one_barrier_slot_back_to_back(tmp_path, 
     for _ in range(2):  # two forward passes back to back
         model(ids, torch.arange(3), [None, None], None)
     assert calls == expected * 2
+    # each fused reduction prefetches the weight of the matmul right after it: the MLP's gate_up after
+    # attention, the next layer's qkv after an MLP, nothing after the last layer (the LM head runs later)
+    first, second = model.model.layers
+    after_mlp = [second.self_attn.qkv_proj.weight, None]
+    per_pass = after_mlp if attention_bias else [first.mlp.gate_up_proj.weight, after_mlp[0],
+                                                 second.mlp.gate_up_proj.weight, None]
+    assert [id(w) for w in group.prefetches] == [id(w) for w in per_pass * 2]
 
 
 @pytest.mark.parametrize("vocab, tp", [(VOCAB, 2), (VOCAB, 4), (6, 4)])  # 6 rows over 4 ranks: one holds padding only

@@ -176,3 +176,20 @@ def test_decode_large_shapes_gpu(dtype, tol, head_dim):
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, max(seq_lens), head_dim ** -0.5)
     assert _rel_err(out, _reference_decode(query, dense, head_dim ** -0.5)) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_seqs", [1, 64])
+def test_prefetching_the_next_weight_changes_no_output_gpu(num_seqs):
+    """A decode step's launch prefetches o_proj's weight into L2 (kernels/prefetch.py): a hint, so the
+    outputs are bitwise those of a launch without it."""
+    seq_lens = [(97 * i) % 400 + 1 for i in range(num_seqs)]
+    k_cache, v_cache, block_tables, _ = paged_cache(seq_lens, 16, 4, 128, torch.bfloat16)
+    query = torch.randn(num_seqs, 16, 128, device=DEVICE).bfloat16()
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    o_proj = torch.randn(4096, 2048, device=DEVICE).bfloat16()
+    plain = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 4096, 0.08)
+    with_prefetch = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 4096, 0.08,
+                                     prefetch_weight=o_proj)
+    assert torch.equal(plain, with_prefetch)

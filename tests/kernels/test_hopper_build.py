@@ -34,8 +34,10 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int64: "i64"}
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
-         "decode_attention", "decode_attention+splits", "decode_attention+8b", "prefill_attention", "sampling",
-         "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "all_reduce_rms_norm", "all_reduce_rms_norm+slot"]
+         "decode_attention", "decode_attention+splits", "decode_attention+8b", "decode_attention+prefetch",
+         "prefill_attention", "sampling",
+         "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "all_reduce_rms_norm", "all_reduce_rms_norm+slot",
+         "all_reduce_rms_norm+prefetch"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -56,7 +58,8 @@ for job in json.load(sys.stdin):
     ptx = compiled.asm["ptx"]
     results.append({"name": job["name"], "report": report, "pdl": "griddepcontrol.wait" in ptx,
                     "ptx_head": ptx[:ptx.find("griddepcontrol.wait")],
-                    "ptx": ptx if job["name"].startswith("all_reduce_rms_norm") else ""})
+                    "ptx": ptx if job["name"].startswith("all_reduce_rms_norm") else "",
+                    "prefetches": ptx.count("prefetch.global.L2")})
 print(json.dumps(results))
 """
 
@@ -153,6 +156,11 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     k8, v8, bt8, _ = paged_cache([300], 16, 8, 128, dt)
     decode_mod.decode_attention(torch.randn(1, 32, 128, dtype=dt), k8, v8, bt8, torch.tensor([300], dtype=torch.int32),
                                 4096, 0.1, launch_config=(128, 4, 2))
+    # ... and as a decode step runs it, prefetching o_proj's weight (on only where PDL is: forced here)
+    record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, "decode_attention+prefetch")
+    decode_mod.decode_attention(torch.randn(1, 32, 128, dtype=dt), k8, v8, bt8, torch.tensor([300], dtype=torch.int32),
+                                4096, 0.1, prefetch_weight=torch.randn(64, 256, dtype=dt))
+    jobs[-1]["constants"]["PREFETCH"] = True
     record(monkeypatch, prefill_mod, "_prefill_kernel", jobs, "prefill_attention")
     query_start_loc = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
     prefill_mod.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 1, 0.2)
@@ -179,6 +187,10 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
                                           torch.ones(4096, dtype=dt), 1e-6, peers, slot)
         jobs[-1]["constants"]["WORLD"] = 2
+    record(monkeypatch, fused_mod, "_all_reduce_add_rms_norm_kernel", jobs, "all_reduce_rms_norm+prefetch")
+    fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
+                                      torch.ones(4096, dtype=dt), 1e-6, peers, 0, torch.randn(64, 256, dtype=dt))
+    jobs[-1]["constants"].update(WORLD=2, PREFETCH=True)
 
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
@@ -191,8 +203,13 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     assert sorted(results) == sorted(NAMES), sorted(results)
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
-    for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows"):  # the weight prefetch before the wait
-        assert "prefetch.global.L2" in results[name]["ptx_head"], name
+    for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "decode_attention+prefetch"):
+        assert "prefetch.global.L2" in results[name]["ptx_head"], name  # the weight prefetch before the wait
+    # the fused all-reduce prefetches between its signal and its wait; without a weight, nothing does
+    ptx = results["all_reduce_rms_norm+prefetch"]["ptx"]
+    signal, wait = ptx.find("atom.global.sys.release.exch.b64"), ptx.find("ld.global.sys.acquire.b64")
+    assert signal < ptx.find("prefetch.global.L2") < wait, "the prefetch is not between the signal and the wait"
+    assert results["all_reduce_rms_norm+slot"]["prefetches"] == results["decode_attention+8b"]["prefetches"] == 0
     # the fused all-reduce: one thread of each program signals (an exchange, release) and polls (an
     # acquire load), at system scope; its rows move in 16-byte vectors, pushes to peers included
     for name, barriers in (("all_reduce_rms_norm", 2), ("all_reduce_rms_norm+slot", 1)):
