@@ -17,6 +17,7 @@ from torch import nn
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from gpu_workers.distributed import get_tp_group
 from gpu_workers.models import elementwise
+from ipc import envs
 from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
                                                 RowParallelLinear, default_weight_loader)
 
@@ -179,6 +180,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps)
         self.rotary_emb = rotary_emb  # one instance shared by every layer
         self.attn_backend = attn_backend
+        self.prefetch_o_proj = envs.prefetch_in_attention()
 
     def forward(
         self,
@@ -197,8 +199,9 @@ class Attention(nn.Module):
             # one Triton kernel: q/k norm (Qwen3), RoPE, and the K/V cache write; then attention alone
             q = elementwise.rotary_and_write_kv(self.rotary_emb, positions, q, k, v, k_cache, v_cache,
                                                 meta.slot_mapping, self.q_norm, self.k_norm)
-            # (a decode step's attention also prefetches o_proj's weight into L2: kernels/prefetch.py)
-            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale, prefetch=self.o_proj.weight)
+            # ($PAGEDSERVE_PREFETCH_ATTENTION=1: a decode step's attention also prefetches o_proj's weight)
+            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale,
+                                           prefetch=self.o_proj.weight if self.prefetch_o_proj else None)
             return self.o_proj(out.reshape(-1, self.q_size))
         if elementwise.use_triton(q):  # one fused Triton kernel: q/k norm (Qwen3) + RoPE
             q, k = elementwise.rotary(self.rotary_emb, positions, q, k, self.q_norm, self.k_norm)

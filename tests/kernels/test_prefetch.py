@@ -64,3 +64,15 @@ def test_a_launch_covers_exactly_the_prefix_of_every_row(monkeypatch, num_rows, 
     marked = buf.view(num_rows, row_lines, prefetch.LINE)
     assert (marked[:, :prefix_lines, 0] == 1).all(), "a line of a row's prefix was not prefetched"
     assert marked[:, prefix_lines:].sum() == 0 and marked[:, :, 1:].sum() == 0, "a line past the prefix was"
+
+
+def test_attention_prefetches_o_proj_only_when_asked(monkeypatch):
+    """Off by default: on 2 x H100 it slowed TP=1 batch-64 decode (7.27 -> 7.40 ms a step)."""
+    from ipc import envs
+
+    assert envs.prefetch_in_attention() is False
+    monkeypatch.setenv("PAGEDSERVE_PREFETCH_ATTENTION", "1")
+    assert envs.prefetch_in_attention() is True
+    monkeypatch.setenv("PAGEDSERVE_PREFETCH_ATTENTION", "yes")
+    with pytest.raises(ValueError, match="PAGEDSERVE_PREFETCH_ATTENTION"):
+        envs.prefetch_in_attention()
