@@ -12,6 +12,10 @@ matmul's weight, which the matmul then reads from L2:
     decode attention     [prefetch o_proj W][wait for rotary][attend ...........]
     o_proj (cuBLAS)                                                              [W from L2]
 
+The first is on by default. The second is off ($PAGEDSERVE_PREFETCH_ATTENTION=1): on 2 x H100 its
+prefetch competed with the attention's own K/V reads and slowed TP=1 batch-64 decode (7.27 -> 7.40 ms a
+step), while the first took TP=2 from 4.75 to 4.43 (BENCHMARKS.md, session 7).
+
 What is prefetched is a prefix of every weight row (the first `prefix_lines` 128-byte lines), not the
 first rows: a GEMM's thread blocks each sweep their rows along K together, so a prefix is what they
 all read first. The amount is capped ($PAGEDSERVE_PREFETCH_MB, default 32 of the H100/H200's 50 MB L2;

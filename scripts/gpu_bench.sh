@@ -47,6 +47,7 @@
 #   tp-ab                  2+ GPUs: tp-fused's checks, then this tree vs ./old: all-reduce tables, 8B TP=2 decode
 #   tp-card                2+ GPUs: the fused all-reduce's GPU tests, TP=2 greedy == TP=1, all-reduce table, 8B
 #                          decode TP=1 / TP=2 at batch 1, 64, 256 (for a second card kind)
+#   tp-close               2+ GPUs: 8B-shaped float32 greedy TP=2 == TP=1, 8B decode TP=1 / TP=2 with / without prefetch
 #   prefetch-ab            2+ GPUs: the weight prefetch's GPU tests, 8B TP=1 / TP=2 with and without it, greedy check
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
@@ -360,6 +361,17 @@ stage_tp-card() {  # 2+ GPUs: the issue-5 rows on whatever card this is: the fus
   run 90 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
   PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --output-len 256 \
     --budget-s 180 --out "$OUT/tp2_8b.json"
+}
+
+stage_tp-close() {  # 2+ GPUs: what issue 5 still needs on an H200: TP=2 float32 greedy == TP=1 on the Llama-8B shape
+  # (8 layers) through the fused all-reduce and its prefetch, and 8B decode TP=1 / TP=2 at batch 1 and 64 with
+  # the prefetch (the default) and without it (~8 min)
+  run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_8b_greedy.json"
+  PAGEDSERVE_STEP_TIMING=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 \
+    --output-len 256 --budget-s 150 --out "$OUT/tp2_8b.json"
+  PAGEDSERVE_PREFETCH_MB=0 run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 \
+    --output-len 256 --budget-s 100 --out "$OUT/tp2_8b_noprefetch.json"
 }
 
 stage_prefetch-ab() {  # 2+ GPUs: the weight prefetch (kernels/prefetch.py): the fused all-reduce's and decode
