@@ -56,8 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import SUPPORTED_DTYPES, check_last_dim_contiguous, next_pow2
 from kernels import prefetch
+from kernels.kv_cache import SUPPORTED_DTYPES, check_last_dim_contiguous, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
 from kernels.prefetch import prefetch_rows
 from kernels.rms_norm import _num_warps

@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import prefetch
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
                               check_last_dim_contiguous, check_same_device, next_pow2, paged_kv_offsets)
-from kernels import prefetch
 from kernels.pdl import pdl_prologue, use_pdl
 from kernels.prefetch import prefetch_rows
 

@@ -17,9 +17,9 @@ from torch import nn
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from gpu_workers.distributed import get_tp_group
 from gpu_workers.models import elementwise
-from ipc import envs
 from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
                                                 RowParallelLinear, default_weight_loader)
+from ipc import envs
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32. With `residual`, adds it first and also returns the sum (the new
