@@ -179,8 +179,7 @@ def gemv(
 
     Up to 16 rows the launch takes `config` or `_config`'s; over 16 (a decode batch of 17-64), the
     autotuned one of _WIDE_CONFIGS, with K unsplit, and W's first 2048 columns prefetched before the PDL
-    wait: after the tensor-parallel all-reduce, a latency-bound kernel, most of qkv_proj's weights are
-    in L2 by the time its input is ready."""
+    wait (still slower than cuBLAS on Llama-8B's projections: see the module docstring)."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
