@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
+from ipc import envs
 from kernels import decode_attention, prefill_attention, write_kv_cache
 from kernels.decode_attention import _num_sms, reserve_split_counters
 
@@ -81,7 +82,8 @@ class TritonAttentionBackend(AttentionBackend):
             table = torch.zeros(n, context // block_size, dtype=torch.int32, device=device)  # all block 0
             return torch.zeros(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device), qsl, seq_lens, table
 
-        next_weight = torch.zeros(16, 64, dtype=dtype, device=device)  # a decode step prefetches o_proj's weight
+        # the variant decode steps will run: prefetching o_proj's weight only where the model asks it to
+        next_weight = torch.zeros(16, 64, dtype=dtype, device=device) if envs.prefetch_in_attention() else None
         for num_seqs in (1, many):
             for splits in (1, 2):
                 q, qsl, seq_lens, table = batch([1] * num_seqs)
