@@ -222,12 +222,12 @@ def all_reduce_add_rms_norm(
     pdl = use_pdl(x.device)
     num_programs = min(num_rows, MAX_PROGRAMS)
     pf = prefetch.plan(prefetch_weight, num_programs, x)
+    flag_offset = staging_bytes(peers.data_bytes, peers.world_size)  # flags, then epochs (buffer_bytes)
     _all_reduce_add_rms_norm_kernel[(num_programs,)](
         x, residual, weight, out, new_residual, peers.ptrs,
         x.stride(0), residual.stride(0), num_rows, hidden,
         (2 if slot is None else slot) * peers.world_size * peers.data_bytes, peers.data_bytes,
-        staging_bytes(peers.data_bytes, peers.world_size),
-        staging_bytes(peers.data_bytes, peers.world_size) + MAX_PROGRAMS * peers.world_size * 8, float(eps),
+        flag_offset, flag_offset + MAX_PROGRAMS * peers.world_size * 8, float(eps),
         *pf.args(),
         RANK=peers.rank, WORLD=peers.world_size, BLOCK=block, END_BARRIER=slot is None, num_warps=_num_warps(block),
         USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, launch_pdl=pdl,

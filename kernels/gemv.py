@@ -49,7 +49,7 @@ from kernels.pdl import pdl_prologue, use_pdl
 from kernels.prefetch import l2_prefetch
 
 MAX_ROWS = 64  # x rows one launch takes (the tl.dot tile's M: 16, 32 or 64)
-_PREFETCH_ROWS_OF_K = 2048  # over 16 rows: the first 2048 columns of each W row are prefetched (see gemv)
+_WIDE_PREFETCH_COLS = 2048  # over 16 rows: the first 2048 columns of each W row are prefetched (see gemv)
 _LINE = 128  # bytes per L2 prefetch (one cache line)
 
 
@@ -191,10 +191,12 @@ def gemv(
     pdl = use_pdl(x.device)
     common = dict(HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                   USE_PDL=pdl, LINE_ELEMS=line_elems, launch_pdl=pdl)
-    args = (x, weight, bias if bias is not None else weight, y, y, y, m, n, k, k, x.stride(0), weight.stride(0), y.stride(0))
+    operands = (x, weight, bias if bias is not None else weight, y)
+    strides = (x.stride(0), weight.stride(0), y.stride(0))
     if block_m > 16 and config is None and not envs.triton_interpret():
-        prefetch_k = max(line_elems, min(_PREFETCH_ROWS_OF_K, prev_pow2(k)))
-        _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](*args, SPLIT_K=1, PREFETCH_K=prefetch_k, **common)
+        prefetch_k = max(line_elems, min(_WIDE_PREFETCH_COLS, prev_pow2(k)))
+        _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](  # K unsplit: no scratch, no counters
+            *operands, y, y, m, n, k, k, *strides, SPLIT_K=1, PREFETCH_K=prefetch_k, **common)
         return y
     if config is None and block_m > 16:  # the interpreter: one config (autotuning would time it on the CPU)
         config = (32, 64, 4, 2)
@@ -207,9 +209,9 @@ def gemv(
         counters = _COUNTERS.reserve(x.device, cdiv(n, block_n))
     else:
         part = counters = y  # unused
-    args = args[:4] + (part, counters) + args[6:9] + (k_per_split,) + args[10:]
     _gemv_kernel[(cdiv(n, block_n), split_k)](
-        *args, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH_K=prefetch_tiles * block_k,
+        *operands, part, counters, m, n, k, k_per_split, *strides,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH_K=prefetch_tiles * block_k,
         num_warps=num_warps, num_stages=num_stages, **common,
     )
     return y

@@ -314,6 +314,16 @@ stage_qwen3-ab() {  # batch-1 Qwen3 latency, this tree vs an older one extracted
   PAGEDSERVE_PDL=0 lat latency_qwen3_pdl0 pagedserve "$QWEN" --num-iters 3
 }
 
+tp_checks() {  # 2+ GPUs: the symmetric all-reduce's GPU tests, then TP=2 float32 greedy == TP=1 (small Llama)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+}
+
+ar_bench() {  # 2+ GPUs: one all-reduce's time per path and message size (tp2_ar_bench.json)
+  run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+}
+
 stage_tp-decode() {  # 8B decode TP=1 vs TP=2 (the default all-reduce) at batch 1, 64, 256 (~3 min)
   PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --output-len 256 \
     --budget-s 160 --out "$OUT/tp2_8b.json"
@@ -330,20 +340,16 @@ stage_tp-vs-vllm-8b() {  # the 8B rows of tp-vs-vllm: 256 x (128, 1024), batch 1
 
 stage_tp-fused() {  # 2+ GPUs: the fused all-reduce + RMSNorm: GPU tests, TP=2 float32 greedy == TP=1, per-call
   # timings, then 8B decode TP=1 / TP=2 reduce-then-norm / TP=2 fused at batch 1, 64, 256 (~9 min)
-  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
-  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
-    --out "$OUT/tp2_small_greedy.json"
-  run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  tp_checks
+  ar_bench
   PAGEDSERVE_STEP_TIMING=1 run 290 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-fused \
     --output-len 256 --budget-s 220 --out "$OUT/tp2_8b.json"
 }
 
 stage_tp-ab() {  # 2+ GPUs: the tp-fused checks, then this tree against ./old (git archive REV | tar -x -C old, carried):
   # the all-reduce table of each, and 8B decode TP=1 / TP=2 at batch 1 and 64 here, TP=2 at 64 there (~9 min)
-  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
-  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
-    --out "$OUT/tp2_small_greedy.json"
-  run 90 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  tp_checks
+  ar_bench
   [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" run 90 "$PY" old/scripts/gpu_tp_check.py --tp 2 --all-reduce-bench \
     --skip-greedy --skip-throughput --workdir /tmp/gpu_tp_check_old --out "$OUT/tp2_ar_bench_old.json"
   PAGEDSERVE_STEP_TIMING=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 \
@@ -355,10 +361,8 @@ stage_tp-ab() {  # 2+ GPUs: the tp-fused checks, then this tree against ./old (g
 
 stage_tp-card() {  # 2+ GPUs: the issue-5 rows on whatever card this is: the fused all-reduce's GPU tests, TP=2
   # float32 greedy == TP=1, the all-reduce table, 8B decode TP=1 / TP=2 at batch 1, 64, 256 (~6 min)
-  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
-  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
-    --out "$OUT/tp2_small_greedy.json"
-  run 90 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  tp_checks
+  ar_bench
   PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --output-len 256 \
     --budget-s 180 --out "$OUT/tp2_8b.json"
 }
@@ -409,15 +413,13 @@ stage_gemm-tunable() {  # decode-sized matmuls per GEMM back-end, then 8B decode
 }
 
 stage_tp-final() {  # 4 GPUs: tp-fused's checks (2 and 4 ranks), then 70B TP=4 throughput and a TP=2 profile (~9 min)
-  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -5
-  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
-    --out "$OUT/tp2_small_greedy.json"
+  tp_checks
   PAGEDSERVE_STEP_TIMING=1 run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --compare-fused \
     --output-len 256 --budget-s 150 --out "$OUT/tp2_8b.json"
   model llama-3.1-70b /tmp/pb_llama-3.1-70b
   tp tput_llama70b_tp4_256x128x512_pagedserve pagedserve --model /tmp/pb_llama-3.1-70b --tensor-parallel-size 4 \
     --num-prompts 256 --input-len 128 --output-len 512
-  run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput --out "$OUT/tp2_ar_bench.json"
+  ar_bench
   PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --skip-tp1 \
     --batch-sizes 64 --output-len 256 --out /tmp/tp2_prof.json
 }

@@ -254,7 +254,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         each rank's best (logit, token id) over its own vocabulary rows, [num_tokens, 2] float32 (ids
         below 2**24 are exact), is all-gathered, and the first rank holding the largest wins (ranks
         own ascending id ranges, so that is the lowest id among equal logits). At batch 64 on Llama-8B
-        TP=2 this replaces a [64, 128256] gather and argmax (~90 us a step on an H200) with [64, 2]."""
+        TP=2 this replaces a [64, 128256] gather and argmax with a [64, 2] gather: 3.66 -> 3.63 ms a
+        step on 2 x H200 (BENCHMARKS.md, session 7)."""
         if self.tp.world_size == 1 or self.vocab_size >= 1 << 24:  # the same choice on every rank
             return self.forward(hidden_states).argmax(dim=-1)
         packed = self.local_best(hidden_states)  # [num_tokens, 2]
