@@ -1,7 +1,8 @@
 """Kernel-level profile of a window of worker steps, on when $PAGEDSERVE_TORCH_PROFILER_DIR is set
 (vLLM's VLLM_TORCH_PROFILER_DIR, in spirit): torch.profiler records steps [start, start + count) of
 $PAGEDSERVE_TORCH_PROFILER_STEPS ("start,count", default "100,50"); at the window's end the device
-time per kernel (and CPU time per op) is logged and written to <dir>/worker-<rank>-<pid>.txt. It says
+time per kernel (and CPU time per op) is logged and written to <dir>/worker-<rank>-<pid>.txt, and the
+timeline to <dir>/worker-<rank>-<pid>.trace.json.gz (chrome://tracing, Perfetto). It says
 where a step's GPU time goes (GEMMs, attention, elementwise kernels, collectives) and, with the step
 timer, whether the CPU keeps up."""
 
@@ -47,14 +48,15 @@ class StepProfiler:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.profile.__exit__(None, None, None)
+        profile, self.profile = self.profile, None
+        profile.__exit__(None, None, None)
         sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = self.profile.key_averages().table(sort_by=sort, row_limit=self.rows, max_name_column_width=80)
+        table = profile.key_averages().table(sort_by=sort, row_limit=self.rows, max_name_column_width=80)
         steps = self.steps - self.start
-        self.profile = None
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, f"worker-{self.rank}-{os.getpid()}.txt")
         with open(path, "w") as f:
             f.write(f"{steps} steps from step {self.start}, rank {self.rank}, {self.device}\n{table}\n")
+        profile.export_chrome_trace(path.removesuffix(".txt") + ".trace.json.gz")
         logger.warning("profile of %d steps from step %d (rank %d), also in %s:\n%s", steps, self.start,
                        self.rank, path, table)

@@ -48,6 +48,9 @@
 #   tp-card                2+ GPUs: the fused all-reduce's GPU tests, TP=2 greedy == TP=1, all-reduce table, 8B
 #                          decode TP=1 / TP=2 at batch 1, 64, 256 (for a second card kind)
 #   tp-close               2+ GPUs: 8B-shaped float32 greedy TP=2 == TP=1, 8B decode TP=1 / TP=2 with / without prefetch
+#   tp-prof                2+ GPUs: 8B decode TP=1 / TP=2 at batch 64, then both under the profiler (tables in the log)
+#   verify                 smoke, every kernel test, the symmetric all-reduce tests (2+ GPUs): the final tree's checks
+#   tp-trace               2+ GPUs: 8B TP=2 batch 64 profiled for 20 steps; both ranks' timelines to $OUT
 #   prefetch-ab            2+ GPUs: the weight prefetch's GPU tests, 8B TP=1 / TP=2 with and without it, greedy check
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
@@ -376,6 +379,29 @@ stage_tp-close() {  # 2+ GPUs: what issue 5 still needs on an H200: TP=2 float32
     --output-len 256 --budget-s 150 --out "$OUT/tp2_8b.json"
   PAGEDSERVE_PREFETCH_MB=0 run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 \
     --output-len 256 --budget-s 100 --out "$OUT/tp2_8b_noprefetch.json"
+}
+
+stage_tp-prof() {  # 2+ GPUs: 8B decode TP=1 / TP=2 at batch 64, then both again under the profiler (steps
+  # 100-149 of each engine; the per-kernel tables land in the log) (~4 min)
+  PAGEDSERVE_STEP_TIMING=1 run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 \
+    --output-len 256 --budget-s 100 --out "$OUT/tp2_8b.json"
+  PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
+    --batch-sizes 64 --output-len 256 --budget-s 130 --out /tmp/tp2_prof.json
+}
+
+stage_verify() {  # the final tree's GPU checks: smoke (float32 greedy == transformers), every kernel test, the
+  # symmetric all-reduce tests (2+ GPUs), the fused elementwise path and the sampler kernel (~6 min)
+  stage_smoke
+  run 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/gpu_workers/test_symm_all_reduce.py \
+    tests/gpu_workers/test_elementwise.py tests/gpu_workers/test_sampler_triton.py 2>&1 | tail -25 | tee -a "$OUT/kernels.txt"
+}
+
+stage_tp-trace() {  # 2+ GPUs: 8B TP=2 batch 64 under the profiler for 20 steps; both ranks' timelines
+  # (*.trace.json.gz) to $OUT (~2.5 min)
+  rm -rf /tmp/prof
+  PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof PAGEDSERVE_TORCH_PROFILER_STEPS=100,20 run 150 "$PY" scripts/gpu_tp_check.py \
+    --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 --out /tmp/tp2_prof.json
+  cp /tmp/prof/*.trace.json.gz "$OUT"/
 }
 
 stage_prefetch-ab() {  # 2+ GPUs: the weight prefetch (kernels/prefetch.py): the fused all-reduce's and decode

@@ -33,7 +33,10 @@ def test_counts_triton_compiles_and_keeps_the_previous_hook(monkeypatch):
 
 def test_step_profiler_writes_the_op_table_of_its_window(tiny_checkpoints, monkeypatch, tmp_path):
     """PAGEDSERVE_TORCH_PROFILER_DIR through the real engine: the worker profiles steps 2-4 and
-    writes a table of where their time went (the model's matmuls among the ops)."""
+    writes a table of where their time went (the model's matmuls among the ops) and the timeline."""
+    import gzip
+    import json
+
     from frontend import LLM, SamplingParams
 
     monkeypatch.setenv("PAGEDSERVE_TORCH_PROFILER_DIR", str(tmp_path))
@@ -44,6 +47,9 @@ def test_step_profiler_writes_the_op_table_of_its_window(tiny_checkpoints, monke
     text = report.read_text()
     assert text.startswith("3 steps from step 2, rank 0")
     assert "aten::mm" in text or "aten::addmm" in text or "aten::linear" in text
+    (trace,) = tmp_path.glob("worker-0-*.trace.json.gz")
+    names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
+    assert names & {"aten::mm", "aten::addmm", "aten::linear"}
 
 
 def test_step_profiler_settings_are_checked(monkeypatch):
