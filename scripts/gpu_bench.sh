@@ -49,6 +49,7 @@
 #                          decode TP=1 / TP=2 at batch 1, 64, 256 (for a second card kind)
 #   tp-close               2+ GPUs: 8B-shaped float32 greedy TP=2 == TP=1, 8B decode TP=1 / TP=2 with / without prefetch
 #   tp-prof                2+ GPUs: 8B decode TP=1 / TP=2 at batch 64, then both under the profiler (tables in the log)
+#   pytest                 pytest $PYTEST_ARGS on the GPU machine (the carried wheels' pytest)
 #   verify                 smoke, every kernel test, the symmetric all-reduce tests (2+ GPUs): the final tree's checks
 #   tp-trace               2+ GPUs: 8B TP=2 batch 64 profiled for 20 steps; both ranks' timelines to $OUT
 #   prefetch-ab            2+ GPUs: the weight prefetch's GPU tests, 8B TP=1 / TP=2 with and without it, greedy check
@@ -387,6 +388,10 @@ stage_tp-prof() {  # 2+ GPUs: 8B decode TP=1 / TP=2 at batch 64, then both again
     --output-len 256 --budget-s 100 --out "$OUT/tp2_8b.json"
   PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
     --batch-sizes 64 --output-len 256 --budget-s 130 --out /tmp/tp2_prof.json
+}
+
+stage_pytest() {  # pytest on the GPU machine with the carried wheels: PYTEST_ARGS="tests/... -k ..." (kernels.txt)
+  run 540 "$PY" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:?set PYTEST_ARGS} 2>&1 | tail -25 | tee -a "$OUT/kernels.txt"
 }
 
 stage_verify() {  # the final tree's GPU checks: smoke (float32 greedy == transformers), every kernel test, the

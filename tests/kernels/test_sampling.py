@@ -45,6 +45,33 @@ def top_p_is_ambiguous(logits, temperature, top_k, top_p, min_p, row) -> bool:
     return bool(((mass_before - top_p[row].double()).abs() < 1e-5).any())
 
 
+def top_k_is_tied(logits, temperature, top_k, top_p, min_p, row) -> bool:
+    """True when top-p follows a top-k whose k-th largest logit is tied with the next: there the kernel
+    renormalizes over every tied token (kernels/sampling.py's docstring), the torch path over exactly k.
+    Common in bfloat16 at a real vocabulary's size: ~20 tokens share each value near a top-400 cut."""
+    k = int(top_k[row])
+    if top_p[row] >= 1 or k <= 0:
+        return False
+    y = apply_min_p((logits[row].float() / temperature[row])[None], min_p[row:row + 1])[0]
+    y = y[torch.isfinite(y)].sort(descending=True).values
+    return k < y.numel() and bool(y[k - 1] == y[k])
+
+
+def tied_top_k_kept(logits, temperature, top_k, top_p, min_p, row):
+    """The kernel's kept set of such a row: top-k keeps every token tied with its threshold, then top-p
+    keeps y >= the largest value t whose mass(y >= t), renormalized over those, reaches top_p."""
+    y = logits[row].float() / temperature[row]
+    y = apply_min_p(y[None], min_p[row:row + 1])
+    y = apply_top_k_top_p(y, top_k[row:row + 1], torch.ones(1, device=y.device), num_candidates=0)[0]
+    finite = torch.isfinite(y)
+    values, order = y[finite].sort(descending=True)
+    mass = torch.softmax(y[finite].double(), dim=-1)[order].cumsum(0)
+    distinct, counts = torch.unique_consecutive(values, return_counts=True)
+    mass_at_least = mass[counts.cumsum(0) - 1]  # mass(y >= each distinct value), descending values
+    cut = distinct[int((mass_at_least < top_p[row].double()).sum().clamp(max=distinct.numel() - 1))]
+    return finite & (y >= cut)
+
+
 @pytest.mark.parametrize("dtype,scale,max_candidates", [
     (torch.float32, 2.5, None), (torch.bfloat16, 2.5, None),
     (torch.float32, 12.0, None),  # logits spread past the 32-nat histogram: its open bucket in play
@@ -68,13 +95,37 @@ def test_kept_set_matches_the_torch_filters(dtype, scale, max_candidates, monkey
         if t == 0.0:
             assert out.token_ids[row] == logits[row].float().argmax()  # greedy: the first argmax
             continue
-        assert ref[row, out.token_ids[row]], f"row {row} drew a filtered token"
+        expected = ref[row]
+        if top_k_is_tied(logits, temperature, top_k, top_p, min_p, row):
+            expected = tied_top_k_kept(logits, temperature, top_k, top_p, min_p, row)
+        assert expected[out.token_ids[row]], f"row {row} drew a filtered token"
         if top_p_is_ambiguous(logits, temperature, top_k, top_p, min_p, row):
             continue
         kept = (logits[row].float() / temperature[row] >= out.thresholds[row]) & finite[row]
-        assert torch.equal(kept, ref[row]), (row, kept.sum().item(), ref[row].sum().item())
+        assert torch.equal(kept, expected), (row, kept.sum().item(), expected.sum().item())
         checked += 1
     assert checked >= len(ROW_PARAMS) - 3
+
+
+def test_top_p_after_a_tied_top_k_renormalizes_over_every_tied_token():
+    """Coarse logits (~12 tokens share each value), so every top-k threshold is tied: the kept set is
+    the documented tie-inclusive one, which on some rows differs from the torch path's exactly-k."""
+    g = torch.Generator().manual_seed(5)
+    rows = [(1.0, 5, 0.9, 0.0), (1.0, 20, 0.7, 0.0), (0.8, 50, 0.95, 0.0), (1.0, 100, 0.8, 0.0),
+            (1.2, 30, 0.5, 0.01), (1.0, 64, 0.99, 0.0)]
+    logits = (torch.randint(-12, 12, (len(rows), 300), generator=g).float() / 4).to(DEVICE)
+    temperature, top_k, top_p, min_p = params_tensors(rows)
+    out = sample(logits, temperature, top_k, top_p, min_p, torch.arange(len(rows), device=DEVICE) + 11)
+    ref = reference_kept(logits, temperature, top_k, top_p, min_p)
+    differs = 0
+    for row in range(len(rows)):
+        assert top_k_is_tied(logits, temperature, top_k, top_p, min_p, row)
+        expected = tied_top_k_kept(logits, temperature, top_k, top_p, min_p, row)
+        assert expected[out.token_ids[row]], f"row {row} drew a filtered token"
+        kept = logits[row] / temperature[row] >= out.thresholds[row]
+        assert torch.equal(kept, expected), (row, kept.sum().item(), expected.sum().item())
+        differs += not torch.equal(kept, ref[row])
+    assert differs >= 1  # the case is real: exactly-k renormalization would keep another set
 
 
 def test_top_k_one_and_greedy_rows_give_the_first_argmax():
