@@ -11,8 +11,11 @@ Every filter keeps the tokens at or above one threshold of the scaled logits y =
 The row's kept set is the strictest of them, in vLLM's order (min-p, then top-k, then top-p on the
 renormalized survivors). Ties: every token equal to a threshold is kept, as in the torch path; where
 top-k's threshold is tied, top-p renormalizes over all the tied tokens kept, where the torch path's
-sort counts exactly k of them, so the two can keep different sets on such rows. Each "largest t with F(t) >= target" costs two cheap passes over the row and
-a search over a few candidates:
+sort counts exactly k of them, so the two can keep different sets on such rows (in bfloat16 at a 152k
+vocabulary ~20 tokens share each value near a top-400 cut, so such rows are common there).
+
+Each "largest t with F(t) >= target" costs two cheap passes over the row and a search over a few
+candidates:
 
     1. histogram   bucket each kept y by its distance below the max, 1/8 nat a bucket (32 nats, then
                    one open bucket); counts are exact, a bucket's mass lies within e^(-1/8) of its
