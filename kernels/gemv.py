@@ -46,11 +46,10 @@ from ipc import envs
 from kernels.decode_attention import _num_sms, _SplitCounters
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
-from kernels.prefetch import l2_prefetch
+from kernels.prefetch import LINE, l2_prefetch
 
 MAX_ROWS = 64  # x rows one launch takes (the tl.dot tile's M: 16, 32 or 64)
 _WIDE_PREFETCH_COLS = 2048  # over 16 rows: the first 2048 columns of each W row are prefetched (see gemv)
-_LINE = 128  # bytes per L2 prefetch (one cache line)
 
 
 @triton.jit
@@ -187,7 +186,7 @@ def gemv(
     if m == 0 or n == 0:
         return y
     block_m = max(16, next_pow2(m))
-    line_elems = _LINE // x.element_size()
+    line_elems = LINE // x.element_size()
     pdl = use_pdl(x.device)
     common = dict(HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                   USE_PDL=pdl, LINE_ELEMS=line_elems, launch_pdl=pdl)

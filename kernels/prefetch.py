@@ -62,7 +62,7 @@ def prefetch_rows(ptr, num_rows, row_bytes, prefix_lines, pid, num_programs, CHU
         idx = tl.where(idx < end, idx, start)  # past the share: the share's first line again (a no-op)
         row = idx // prefix_lines
         line = idx - row * prefix_lines
-        l2_prefetch(base + row.to(tl.int64) * row_bytes + line * 128)
+        l2_prefetch(base + row.to(tl.int64) * row_bytes + line * 128)  # 128: LINE
 
 
 class Prefetch(NamedTuple):
