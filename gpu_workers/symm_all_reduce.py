@@ -28,7 +28,9 @@ Invariants:
 Fused with the residual add and RMSNorm (`add_rms_norm`): a row-parallel layer's partial sums are
 reduced by kernels/all_reduce_rms_norm.py, in a second symmetric buffer of its own, together with the
 norm that follows them (one launch instead of two, the reduced rows never written out). It takes
-exactly the messages the one-shot kernel would; others are reduced first, then normed.
+exactly the messages the one-shot kernel would; others are reduced first, then normed. Its ranks poll
+the pushed rows themselves (the flag-free protocol), or with $PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT=0
+signal flags behind a release fence (the A/B baseline).
 
 Set-up (`create_symm_all_reduce`) either succeeds on every rank or is off on every rank: each step's
 outcome is agreed over NCCL before the next, and any failure (import, P2P access, rendezvous, a
@@ -46,6 +48,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ipc import envs
 
 if TYPE_CHECKING:
     from kernels.all_reduce_rms_norm import PeerBuffers
@@ -133,12 +137,16 @@ class SymmMemAllReduce:
         # The fused kernel takes what one-shot takes; each buffer holds a region per rank and slot.
         data_bytes = min(max_bytes, ONE_SHOT_BELOW[world_size] or max_bytes)
         fused_buffer = symm_mem.empty(fused_kernel.buffer_bytes(data_bytes, world_size), dtype=torch.uint8, device=device)
-        fused_buffer.zero_()  # flags and epochs start at 0; peers first signal after the set-up's NCCL steps
-        torch.cuda.synchronize(device)
+        lamport = envs.fused_all_reduce_lamport()
+        if lamport:  # empty slots hold the sentinel, epochs start at 0
+            fused_kernel.init_lamport(fused_buffer, data_bytes, world_size)
+        else:  # flags and epochs start at 0
+            fused_buffer.zero_()
+        torch.cuda.synchronize(device)  # ... before any peer's first push or signal (after the set-up's NCCL steps)
         fused_handle = symm_mem.rendezvous(fused_buffer, group.group_name)
         ptrs = torch.tensor(list(fused_handle.buffer_ptrs), dtype=torch.int64, device=device)
         return cls(buffer, group, rank, world_size, fused_buffer,
-                   fused_kernel.PeerBuffers(ptrs, rank, world_size, data_bytes))
+                   fused_kernel.PeerBuffers(ptrs, rank, world_size, data_bytes, lamport))
 
     def route(self, x: torch.Tensor) -> Algorithm:
         return choose_algorithm(x, self.world_size, self.max_bytes)
@@ -286,7 +294,8 @@ def create_symm_all_reduce(group: dist.ProcessGroup, rank: int, world_size: int,
                     logger.warning("all-reduce over symmetric memory for messages up to %s (one-shot%s%s), "
                                    "NCCL above", _size(max_bytes),
                                    "" if below is None else f" below {_size(below)}, two-shot from there",
-                                   ", fused with the RMSNorm after it" if fused else "")
+                                   "" if comm.fused_peers is None else ", fused with the RMSNorm after it"
+                                   + (", flag-free" if comm.fused_peers.lamport else ", with flags"))
                 return comm
     logger.warning("rank %d: all-reduce over symmetric memory is off, NCCL takes every message: %s", rank,
                    failure or "another rank could not set it up")

@@ -88,6 +88,16 @@ def fused_all_reduce() -> bool:
     return value == "1"
 
 
+def fused_all_reduce_lamport() -> bool:
+    """$PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT: whether the fused all-reduce + RMSNorm polls the pushed
+    rows themselves (empty slots hold a sentinel) rather than flags behind a release fence
+    (kernels/all_reduce_rms_norm.py). On unless "0" (the flags: the A/B baseline)."""
+    value = os.environ.get("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
 def torch_profiler_dir() -> str | None:
     """$PAGEDSERVE_TORCH_PROFILER_DIR: profile a window of worker steps with torch.profiler and write
     the per-kernel table there (gpu_workers/step_profiler.py)."""

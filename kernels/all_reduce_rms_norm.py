@@ -46,6 +46,23 @@ thread's later loads after the wait.
 
 Invariants for callers: every rank calls with the same shapes (and so the same grid), in the same
 order; flags and epochs start zeroed on every rank before any rank's first call.
+
+The flag-free protocol (the engine's default, `PeerBuffers.lamport`, `_lamport_kernel`) drops steps 2
+and 4: the rows are their own flags, so no release fence waits for the pushes to be acknowledged and
+no flag crosses NVLink after them (2 x H200, 512 KiB: 5.3 us a call against 6.4).
+
+    every element of a slot that holds no pushed row is the sentinel (SENTINEL_WORD's bits); pushed
+    rows never contain it (those bit patterns are pushed as +0.0)
+    rank r, program p of MAX_PROGRAMS (always all of them: every program counts every call, so all
+    agree on the slot, epoch % 2):
+      1. push       store its rows of x into region r of the slot of every peer's buffer
+      2. poll       re-load (volatile) each peer's row from its own slot until no element is the sentinel
+      3. reduce     as above, then store the sentinel back where the peers' rows were
+
+Why a slot is empty again before a peer pushes into it: the slot of call k is next used by call k + 2.
+A peer's call k + 2 starts after its call k + 1 ended, which needed this rank's call k + 1 pushes, which
+this rank makes after its call k (and its emptying stores) ended. Every element is loaded and compared
+whole (2 or 4 bytes, written by one store), so a row that is still arriving is never taken early.
 """
 
 from __future__ import annotations
@@ -79,6 +96,9 @@ class PeerBuffers(NamedTuple):
     data_bytes: int
     """Bytes of each source rank's region of each of the 3 staging slots (a multiple of 16): the
     largest message the kernel takes."""
+    lamport: bool = False
+    """The flag-free protocol (the module docstring): the buffers were readied by `init_lamport`, and
+    the `slot` argument is not used."""
 
 
 NUM_SLOTS = 3  # 0 and 1 alternate without a second barrier; 2 (slot=None) has one
@@ -176,6 +196,84 @@ def _all_reduce_add_rms_norm_kernel(
     tl.store(epoch_ptr, epoch)  # read again only by this program's next launch (stream order)
 
 
+SENTINEL_WORD = -2147450880  # 0x80008000 as int32: two bf16/fp16 -0.0, or one float32 denormal
+"""What an empty staging row holds, whatever the dtype: every 2-byte element reads 0x8000 (-0.0) and
+every 4-byte one 0x80008000. Rows are pushed with those bit patterns replaced by +0.0 (-0.0 for 2-byte
+types: the same number; the float32 denormal -4.6e-41: a change far below any rounding step of a sum
+with a residual), so a sentinel element in a slot means "not arrived yet"."""
+
+
+def init_lamport(buffer: torch.Tensor, data_bytes: int, world_size: int) -> None:
+    """Ready a rank's buffer (uint8, `buffer_bytes` long) for the flag-free protocol: the staging slots
+    full of sentinels, the epochs zero. Every rank before any rank's first call."""
+    staging = staging_bytes(data_bytes, world_size)
+    buffer[:staging].view(torch.int32).fill_(SENTINEL_WORD)
+    buffer[staging:].zero_()
+
+
+@triton.jit
+def _sanitized(x, ITYPE: tl.constexpr, SENT: tl.constexpr):
+    """x with every element whose bits are the sentinel's replaced by +0.0."""
+    return tl.where(x.to(ITYPE, bitcast=True) == SENT, tl.zeros_like(x), x)
+
+
+@triton.jit(do_not_specialize=["pf_rows", "pf_row_bytes", "pf_prefix_lines"])
+def _lamport_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ptrs,
+    stride_x, stride_r, num_rows, hidden, region_bytes, epoch_offset, eps,
+    pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines,
+    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, SENT: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
+):
+    """The flag-free protocol: push the (sanitized) rows into slot (epoch % 2) of every peer; poll this
+    rank's own slot until no element is a sentinel (the data is its own flag); sum, add, norm; then
+    write the sentinel back where the peers' rows were. Always MAX_PROGRAMS programs, so every program
+    counts every call and all use the same slot."""
+    pdl_prologue(USE_PDL)
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    dtype = out_ptr.dtype.element_ty
+    my_base = tl.load(ptrs + RANK)
+    epoch_ptr = (my_base + epoch_offset).to(tl.pointer_type(tl.int64)) + pid
+    epoch = tl.load(epoch_ptr)
+    slot_offset = (epoch % 2) * WORLD * region_bytes
+    for row in range(pid, num_rows, num_programs):  # 1. push
+        x = _sanitized(tl.load(x_ptr + row * stride_x + cols, mask=mask), ITYPE, SENT)
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                region = tl.load(ptrs + peer) + slot_offset + RANK * region_bytes
+                dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
+                tl.store(dst + row * hidden + cols, x, mask=mask)
+    if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
+        prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    empty = tl.full([BLOCK], SENT, ITYPE).to(dtype, bitcast=True)
+    for row in range(pid, num_rows, num_programs):  # 2. poll, reduce, norm
+        offset = row * hidden
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            if r == RANK:
+                part = _sanitized(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0), ITYPE, SENT)
+            else:
+                src = tl.multiple_of((my_base + slot_offset + r * region_bytes).to(tl.pointer_type(dtype)), 16)
+                part = tl.load(src + offset + cols, mask=mask, other=0.0, volatile=True)
+                while tl.max((part.to(ITYPE, bitcast=True) == SENT).to(tl.int32), axis=0) > 0:
+                    part = tl.load(src + offset + cols, mask=mask, other=0.0, volatile=True)
+                tl.store(src + offset + cols, empty, mask=mask)  # 3. empty again for the call after next
+            acc += part.to(tl.float32)
+        reduced = acc.to(dtype).to(tl.float32)
+        r_in = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (reduced + r_in).to(dtype)
+        tl.store(residual_out_ptr + offset + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
+        normed = (hf * inv_rms).to(dtype).to(tl.float32)
+        tl.store(out_ptr + offset + cols, (normed * w).to(dtype), mask=mask)
+    tl.store(epoch_ptr, epoch + 1)
+
+
 def fits(x: torch.Tensor, peers: PeerBuffers) -> bool:
     """Whether `x` [num_tokens, hidden] can go through the fused kernel with these buffers. Looks only
     at shape and dtype, which every rank shares: all ranks decide alike."""
@@ -183,21 +281,8 @@ def fits(x: torch.Tensor, peers: PeerBuffers) -> bool:
             and x.numel() * x.element_size() <= peers.data_bytes)
 
 
-def all_reduce_add_rms_norm(
-    x: torch.Tensor,  # [num_tokens, hidden]: this rank's partial sums
-    residual: torch.Tensor,  # [num_tokens, hidden], x's dtype
-    weight: torch.Tensor,  # [hidden], x's dtype
-    eps: float,
-    peers: PeerBuffers,
-    slot: int | None = None,
-    prefetch_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(s + residual) * weight, s + residual) where s is the sum of every rank's x. Collective:
-    every rank must call it with the same shapes and slot. `slot` 0 or 1: one barrier instead of two,
-    for callers that never pass the same slot twice in a row (see the module docstring); None: slot 2,
-    any order. Inputs are not written; outputs are new contiguous tensors in x's dtype. `prefetch_weight`:
-    the next matmul's weight, partly prefetched into L2 while the kernel waits for its peers
-    (kernels/prefetch.py)."""
+def _check_call(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers,
+                slot: int | None) -> None:
     if slot not in (None, 0, 1):
         raise ValueError(f"slot must be 0, 1 or None, not {slot!r}")
     check_last_dim_contiguous("x", x, 2)
@@ -213,6 +298,24 @@ def all_reduce_add_rms_norm(
         raise ValueError(f"data_bytes {peers.data_bytes} must be a multiple of 16")
     if peers.ptrs.shape != (peers.world_size,) or peers.ptrs.dtype != torch.int64 or peers.ptrs.device != x.device:
         raise ValueError(f"peer pointers must be int64 [{peers.world_size}] on {x.device}")
+
+
+def all_reduce_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]: this rank's partial sums
+    residual: torch.Tensor,  # [num_tokens, hidden], x's dtype
+    weight: torch.Tensor,  # [hidden], x's dtype
+    eps: float,
+    peers: PeerBuffers,
+    slot: int | None = None,
+    prefetch_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(s + residual) * weight, s + residual) where s is the sum of every rank's x. Collective:
+    every rank must call it with the same shapes and slot. `slot` (the flags protocol only; the
+    flag-free one picks its own): 0 or 1, one barrier instead of two, for callers that never pass the
+    same slot twice in a row (see the module docstring); None: slot 2, any order. Inputs are not
+    written; outputs are new contiguous tensors in x's dtype. `prefetch_weight`: the next matmul's
+    weight, partly prefetched into L2 while the kernel waits for its peers (kernels/prefetch.py)."""
+    _check_call(x, residual, weight, peers, slot)
     num_rows, hidden = x.shape
     out = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
     new_residual = torch.empty_like(out)
@@ -220,16 +323,25 @@ def all_reduce_add_rms_norm(
         return out, new_residual
     block = next_pow2(hidden)
     pdl = use_pdl(x.device)
+    flag_offset = staging_bytes(peers.data_bytes, peers.world_size)  # flags, then epochs (buffer_bytes)
+    epoch_offset = flag_offset + MAX_PROGRAMS * peers.world_size * 8
+    common = dict(RANK=peers.rank, WORLD=peers.world_size, BLOCK=block, num_warps=_num_warps(block), USE_PDL=pdl,
+                  PF_CHUNK=prefetch.CHUNK, launch_pdl=pdl)
+    if peers.lamport:  # every program, every call (they count calls to pick the slot)
+        pf = prefetch.plan(prefetch_weight, MAX_PROGRAMS, x)
+        wide = x.element_size() == 4
+        _lamport_kernel[(MAX_PROGRAMS,)](
+            x, residual, weight, out, new_residual, peers.ptrs, x.stride(0), residual.stride(0), num_rows, hidden,
+            peers.data_bytes, epoch_offset, float(eps), *pf.args(),
+            ITYPE=tl.int32 if wide else tl.int16, SENT=SENTINEL_WORD if wide else -32768,  # 0x8000: -0.0
+            PREFETCH=pf.enabled, **common)
+        return out, new_residual
     num_programs = min(num_rows, MAX_PROGRAMS)
     pf = prefetch.plan(prefetch_weight, num_programs, x)
-    flag_offset = staging_bytes(peers.data_bytes, peers.world_size)  # flags, then epochs (buffer_bytes)
     _all_reduce_add_rms_norm_kernel[(num_programs,)](
         x, residual, weight, out, new_residual, peers.ptrs,
         x.stride(0), residual.stride(0), num_rows, hidden,
         (2 if slot is None else slot) * peers.world_size * peers.data_bytes, peers.data_bytes,
-        flag_offset, flag_offset + MAX_PROGRAMS * peers.world_size * 8, float(eps),
-        *pf.args(),
-        RANK=peers.rank, WORLD=peers.world_size, BLOCK=block, END_BARRIER=slot is None, num_warps=_num_warps(block),
-        USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, launch_pdl=pdl,
-    )
+        flag_offset, epoch_offset, float(eps), *pf.args(),
+        END_BARRIER=slot is None, PREFETCH=pf.enabled, **common)
     return out, new_residual

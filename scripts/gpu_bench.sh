@@ -53,6 +53,8 @@
 #   verify                 every kernel test, the symmetric all-reduce tests (2+ GPUs): the final tree's GPU tests
 #   tp-trace               2+ GPUs: 8B TP=2 batch 64 profiled for 20 steps; both ranks' timelines to $OUT
 #   prefetch-ab            2+ GPUs: the weight prefetch's GPU tests, 8B TP=1 / TP=2 with and without it, greedy check
+#   lamport-ab             2+ GPUs: the fused all-reduce polling its rows (no flags) vs flags: tests, tables, 8B TP=2 b64
+#   lamport-close          2+ GPUs: GPU tests of both protocols, 8B-shaped float32 greedy, 8B TP=1 / TP=2 b1 + b64, flags b64
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
 #   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
@@ -420,6 +422,39 @@ stage_prefetch-ab() {  # 2+ GPUs: the weight prefetch (kernels/prefetch.py): the
     --batch-sizes 64 --output-len 256 --budget-s 100 --out "$OUT/tp2_8b_noprefetch.json"
   run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
     --out "$OUT/tp2_small_greedy.json"
+}
+
+stage_lamport-ab() {  # 2+ GPUs: the fused all-reduce's flag-free protocol (the default) against the flags
+  # ($PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT=0): its GPU tests, the all-reduce table of each, 8B decode TP=2 batch
+  # 64 alternating, TP=1 once, TP=2 float32 greedy == TP=1 (~8 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -3 \
+    | tee -a "$OUT/kernels.txt"
+  PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT=0 ar_bench
+  run 100 "$PY" scripts/gpu_tp_check.py --tp 2 --all-reduce-bench --skip-greedy --skip-throughput \
+    --out "$OUT/tp2_ar_bench_lamport.json"
+  local lamport
+  for lamport in 0 1 0 1; do
+    echo "== PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT=$lamport"
+    PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT=$lamport run 80 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
+      --skip-tp1 --batch-sizes 64 --output-len 256 --out "/tmp/tp2_lamport$lamport.json"
+  done
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  run 90 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 --output-len 256 \
+    --budget-s 70 --out "$OUT/tp2_8b.json"
+}
+
+stage_lamport-close() {  # 2+ GPUs: the flag-free protocol as the default: the symmetric all-reduce's GPU tests
+  # (both protocols), 8B-shaped float32 greedy TP=2 == TP=1, 8B decode TP=1 / TP=2 at batch 1 and 64, TP=2 batch
+  # 64 with flags (~8 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -3 \
+    | tee -a "$OUT/kernels.txt"
+  run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_8b_greedy.json"
+  run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --budget-s 150 --out "$OUT/tp2_8b.json"
+  PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT=0 run 80 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
+    --skip-tp1 --batch-sizes 64 --output-len 256 --out "$OUT/tp2_8b_flags.json"
 }
 
 stage_gemm64() {  # 2+ GPUs: the GEMV over 16 rows (autotuned, PDL prefetch): its GPU tests, per projection against

@@ -74,6 +74,18 @@ def test_the_switch_rejects_other_values(monkeypatch):
 
 
 @pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+def test_the_fused_all_reduce_polls_its_rows_unless_switched_to_flags(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", raising=False)
+    else:
+        monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", value)
+    assert envs.fused_all_reduce_lamport() is on
+    monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", "yes")
+    with pytest.raises(ValueError, match="PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT must be 0 or 1"):
+        envs.fused_all_reduce_lamport()
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
 def test_the_fused_all_reduce_is_on_unless_switched_off(monkeypatch, value, on):
     if value is None:
         monkeypatch.delenv("PAGEDSERVE_FUSED_ALL_REDUCE", raising=False)
@@ -137,6 +149,8 @@ def test_an_rms_norm_after_a_row_parallel_layer_reduces_its_input_fused_or_apart
 
 
 class _FakeComm:
+    fused_peers = None
+
     def __init__(self, fails: bool):
         self.fails = fails
 
@@ -353,6 +367,7 @@ def _rank_main(rank: int, world_size: int, store: str) -> None:
     comm = create_symm_all_reduce(dist.group.WORLD, rank, world_size, device, peers=range(world_size))
     assert comm is not None, "set-up failed (the warning above says why)"
     assert comm.fused_peers is not None, "the fused all-reduce + RMSNorm was not set up"
+    assert comm.fused_peers.lamport == envs.fused_all_reduce_lamport()
     _eager_checks(comm, rank, world_size, device)
     _fused_checks(comm, rank, world_size, device)
     _graph_checks(comm, rank, world_size, device)
@@ -377,12 +392,14 @@ def _spawn(fn, world_size: int, store: str, extra: tuple = (), timeout_s: float 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size, lamport", [(2, "1"), (4, "1"), (2, "0")])
 def test_symmetric_all_reduce_sums_like_every_rank_expects_eagerly_and_in_cuda_graphs(
-        tmp_path, monkeypatch, world_size):
+        tmp_path, monkeypatch, world_size, lamport):
+    """lamport: the fused kernel's protocol, flag-free (the default) or with flags (the A/B baseline)."""
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs, has {torch.cuda.device_count()}")
     # Children inherit these: NVLink multicast stays off (it can take a shared host's GPUs down).
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         monkeypatch.setenv(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", lamport)
     _spawn(_rank_main, world_size, str(tmp_path / "store"))

@@ -36,9 +36,14 @@ EPS = 1e-6
 
 
 def _inputs(call: int, rows: int, hidden: int, dtype: torch.dtype, world_size: int):
-    """Every rank's partial sums, the residual and the weight of one call (each rank can build all)."""
+    """Every rank's partial sums, the residual and the weight of one call (each rank can build all).
+    Some partial sums are -0.0, and in float32 some are the bits of the flag-free protocol's sentinel."""
     g = torch.Generator().manual_seed(call)
     xs = [torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(world_size)]
+    for x in xs:
+        x.view(-1)[::7] = -0.0
+        if dtype == torch.float32:
+            x.view(-1)[3::11] = torch.tensor([fused.SENTINEL_WORD], dtype=torch.int32).view(torch.float32)
     residual = (2 * torch.randn(rows, hidden, generator=g)).to(dtype)
     weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
     return xs, residual, weight
@@ -64,7 +69,7 @@ def _check(out, new_residual, xs, residual, weight, what):
     torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
-def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, results) -> None:
+def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, results, lamport: bool = False) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     from kernels import all_reduce_rms_norm as kernel  # noqa: F811 - imported under the interpreter
 
@@ -72,7 +77,7 @@ def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, 
     segments = [shared_memory.SharedMemory(name=n) for n in names]
     buffers = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segments]
     peers = kernel.PeerBuffers(torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64),
-                               rank, world_size, DATA_BYTES)
+                               rank, world_size, DATA_BYTES, lamport)
     outs = []
     for call, (rows, hidden, dtype, slot) in enumerate(CALLS):
         xs, residual, weight = _inputs(call, rows, hidden, dtype, world_size)
@@ -81,11 +86,47 @@ def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, 
         assert torch.equal(x, xs[rank]), "the input was modified"
         _check(out, new_residual, xs, residual, weight, f"rank {rank} call {call}")
         outs.append((out.float().numpy(), new_residual.float().numpy()))  # by value: the rank exits
-    flags = buffers[rank][kernel.staging_bytes(DATA_BYTES, world_size):].view(torch.int64)
-    results.put((rank, outs, flags[:max_programs * (world_size + 1)].tolist()))
+    staging = kernel.staging_bytes(DATA_BYTES, world_size)
+    flags = buffers[rank][staging:].view(torch.int64)
+    emptied = bool((buffers[rank][:staging].view(torch.int32) == kernel.SENTINEL_WORD).all())
+    results.put((rank, outs, flags[:max_programs * (world_size + 1)].tolist(), emptied))
     del buffers, flags
     for s in segments:
         s.close()
+
+
+def _run_ranks(world_size: int, max_programs: int, lamport: bool) -> dict:
+    """Start one process per rank over shared-memory buffers (zeroed, or readied for the flag-free
+    protocol) and collect what each got."""
+    ctx = mp.get_context("spawn")
+    size = fused.buffer_bytes(DATA_BYTES, world_size)
+    segments = [shared_memory.SharedMemory(create=True, size=size) for _ in range(world_size)]
+    results = ctx.Queue()
+    procs = []
+    try:
+        for s in segments:
+            buffer = torch.frombuffer(s.buf, dtype=torch.uint8)
+            if lamport:
+                fused.init_lamport(buffer, DATA_BYTES, world_size)
+            else:
+                buffer.zero_()  # the flags must start zeroed
+            del buffer
+        procs = [ctx.Process(target=_rank_main, args=(r, world_size, [s.name for s in segments], max_programs,
+                                                        results, lamport)) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        got = _collect(results, procs, timeout_s=240)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for s in segments:
+            s.close()
+            s.unlink()
+    for rank in range(1, world_size):
+        for (out, res), (out0, res0) in zip(got[rank][0], got[0][0]):
+            assert (out == out0).all() and (res == res0).all(), "ranks got different results"
+    return got
 
 
 def _collect(results, procs, timeout_s: float) -> dict:
@@ -108,37 +149,26 @@ def _collect(results, procs, timeout_s: float) -> dict:
 @cpu_ranks
 @pytest.mark.parametrize("world_size, max_programs", [(2, 2), (3, 1)])
 def test_ranks_in_separate_processes_get_the_same_fused_sums(world_size, max_programs):
-    ctx = mp.get_context("spawn")
-    size = fused.buffer_bytes(DATA_BYTES, world_size)
-    segments = [shared_memory.SharedMemory(create=True, size=size) for _ in range(world_size)]
-    results = ctx.Queue()
-    procs = []
-    try:
-        for s in segments:
-            s.buf[:size] = bytes(size)  # the flags must start zeroed
-        procs = [ctx.Process(target=_rank_main, args=(r, world_size, [s.name for s in segments], max_programs,
-                                                        results)) for r in range(world_size)]
-        for p in procs:
-            p.start()
-        got = _collect(results, procs, timeout_s=240)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for s in segments:
-            s.close()
-            s.unlink()
-    for rank in range(1, world_size):
-        for (out, res), (out0, res0) in zip(got[rank][0], got[0][0]):
-            assert (out == out0).all() and (res == res0).all(), "ranks got different results"
+    got = _run_ranks(world_size, max_programs, lamport=False)
     # Each program counted its barriers (2 for slot None, 1 for slots 0/1, in the calls it took part
     # in), and every peer's last signal to it carries that same count.
     for p in range(max_programs):
         barriers = sum(1 if slot is not None else 2 for rows, _, _, slot in CALLS if p < min(rows, max_programs))
-        for rank, (_, flags) in got.items():
+        for rank, (_, flags, _) in got.items():
             epochs, signals = flags[max_programs * world_size:], flags[:max_programs * world_size]
             assert epochs[p] == barriers, f"rank {rank} program {p}: {epochs[p]} barriers, expected {barriers}"
             assert [signals[p * world_size + s] for s in range(world_size) if s != rank] == [barriers] * (world_size - 1)
+
+
+@cpu_ranks
+@pytest.mark.parametrize("world_size, max_programs", [(2, 2), (3, 1)])
+def test_the_flag_free_protocol_gets_the_same_sums_and_leaves_its_slots_empty(world_size, max_programs):
+    """Sentinel-polling ranks: the same sums (-0.0 and sentinel-patterned inputs included), every program
+    counted every call, and every row a peer pushed was read and emptied again."""
+    got = _run_ranks(world_size, max_programs, lamport=True)
+    for rank, (_, flags, emptied) in got.items():
+        assert flags[max_programs * world_size:] == [len(CALLS)] * max_programs, f"rank {rank}: epochs {flags}"
+        assert emptied, f"rank {rank}: a staging slot still holds pushed rows"
 
 
 @cpu_ranks

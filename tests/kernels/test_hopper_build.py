@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import triton
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction
@@ -37,7 +38,7 @@ NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write
          "decode_attention", "decode_attention+splits", "decode_attention+8b", "decode_attention+prefetch",
          "prefill_attention", "sampling",
          "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "all_reduce_rms_norm", "all_reduce_rms_norm+slot",
-         "all_reduce_rms_norm+prefetch"]
+         "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -48,7 +49,8 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 results = []
 for job in json.load(sys.stdin):
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
-    source = ASTSource(fn, job["signature"], {k: v for k, v in job["constants"].items()},
+    tl_dtype = lambda v: getattr(triton.language, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+    source = ASTSource(fn, job["signature"], {k: tl_dtype(v) for k, v in job["constants"].items()},
                        {(i,): attr for i, attr in job["attrs"]})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=job["options"])
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -94,8 +96,9 @@ def record(monkeypatch, module, kernel_name: str, jobs: list, name: str):
                 signature, constants, attrs = {}, {}, []
                 for i, p in enumerate(jit_params):
                     value = values[p.name]
-                    if p.is_constexpr:
-                        signature[p.name], constants[p.name] = "constexpr", value
+                    if p.is_constexpr:  # a Triton dtype travels as "tl.<name>" (JSON)
+                        is_dtype = isinstance(value, triton.language.dtype)
+                        signature[p.name], constants[p.name] = "constexpr", f"tl.{value}" if is_dtype else value
                         continue
                     # as the launcher specializes: 16-aligned pointers and ints divisible by 16 get
                     # tt.divisibility (vector loads), an int equal to 1 becomes a constant
@@ -191,6 +194,13 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
                                       torch.ones(4096, dtype=dt), 1e-6, peers, 0, torch.randn(64, 256, dtype=dt))
     jobs[-1]["constants"].update(WORLD=2, PREFETCH=True)
+    lamport = peers._replace(lamport=True)
+    for name, ldt in (("all_reduce_rms_norm+lamport", dt), ("all_reduce_rms_norm+lamport_fp32", torch.float32)):
+        fused_mod.init_lamport(buffer, 1 << 16, 1)
+        record(monkeypatch, fused_mod, "_lamport_kernel", jobs, name)
+        fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=ldt), torch.randn(2, 4096, dtype=ldt),
+                                          torch.ones(4096, dtype=ldt), 1e-6, lamport, None, torch.randn(64, 256, dtype=ldt))
+        jobs[-1]["constants"].update(WORLD=2, PREFETCH=True)
 
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
@@ -218,6 +228,14 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         assert ptx.count("ld.global.sys.acquire.b64") == 2 * barriers, name  # the first poll, and the loop's
         assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx, "rows are not vectorized"
         assert ptx.count("ld.global.cg.v4.b32") >= 1 and ptx.count("st.global.v4.b32") >= 3, name
+    # the flag-free protocol: no flags, no fences; it polls the rows themselves with volatile loads (never
+    # hoisted out of the poll loop), 16 bytes at a time, and pushes and empties rows in 16-byte stores
+    for name in ("all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32"):
+        ptx = results[name]["ptx"]
+        assert "atom." not in ptx and ".acquire" not in ptx and ".release" not in ptx and "membar" not in ptx, name
+        assert ptx.count("ld.volatile.global.v4.b32") >= 2, name  # the first poll, and the loop's
+        assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx, "rows are not vectorized"
+        assert ptx.count("st.global.v4.b32") >= 4, name  # push, empty, residual, out
     for name, report in ((name, r["report"]) for name, r in results.items()):
         assert "Used" in report, (name, report)
         assert "spill" not in report.replace(" 0 bytes spill", ""), (name, report)
