@@ -141,6 +141,17 @@ def _wait(ptrs, flag_offset, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr
     tl.debug_barrier()  # ... and every thread's later loads come after the acquire
 
 
+@triton.jit
+def _push_row(x, ptrs, slot_offset, region_bytes, offset, cols, mask, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Store row x (elements `offset` on, of this rank's region) into the slot at `slot_offset` of every
+    peer's buffer. Buffers are 16-byte aligned, and so are their regions."""
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            region = tl.load(ptrs + peer) + slot_offset + RANK * region_bytes
+            dst = tl.multiple_of(region.to(tl.pointer_type(x.dtype)), 16)
+            tl.store(dst + offset + cols, x, mask=mask)
+
+
 @triton.jit(do_not_specialize=["pf_rows", "pf_row_bytes", "pf_prefix_lines"])  # one build whatever the weight
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ptrs,
@@ -158,14 +169,9 @@ def _all_reduce_add_rms_norm_kernel(
     my_base = tl.load(ptrs + RANK)
     epoch_ptr = (my_base + epoch_offset).to(tl.pointer_type(tl.int64)) + pid
     epoch = tl.load(epoch_ptr) + 1
-    # buffers are 16-byte aligned, and so are their regions
     for row in range(pid, num_rows, num_programs):  # 1. push this program's rows to every peer
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask)
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                region = tl.load(ptrs + peer) + slot_offset + RANK * region_bytes
-                dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
-                tl.store(dst + row * hidden + cols, x, mask=mask)
+        _push_row(tl.load(x_ptr + row * stride_x + cols, mask=mask), ptrs, slot_offset, region_bytes, row * hidden,
+                  cols, mask, RANK, WORLD)
     _signal(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 2.
     if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
@@ -241,11 +247,7 @@ def _lamport_kernel(
     slot_offset = (epoch % 2) * WORLD * region_bytes
     for row in range(pid, num_rows, num_programs):  # 1. push
         x = _sanitized(tl.load(x_ptr + row * stride_x + cols, mask=mask), ITYPE, SENT)
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                region = tl.load(ptrs + peer) + slot_offset + RANK * region_bytes
-                dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
-                tl.store(dst + row * hidden + cols, x, mask=mask)
+        _push_row(x, ptrs, slot_offset, region_bytes, row * hidden, cols, mask, RANK, WORLD)
     if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)

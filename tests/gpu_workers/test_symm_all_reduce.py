@@ -73,28 +73,19 @@ def test_the_switch_rejects_other_values(monkeypatch):
         envs.custom_all_reduce("cuda", 1)
 
 
+@pytest.mark.parametrize("name, read, bad", [("PAGEDSERVE_FUSED_ALL_REDUCE", envs.fused_all_reduce, "on"),
+                                             ("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", envs.fused_all_reduce_lamport, "yes")])
 @pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
-def test_the_fused_all_reduce_polls_its_rows_unless_switched_to_flags(monkeypatch, value, on):
+def test_the_fused_all_reduce_and_its_flag_free_protocol_are_on_unless_switched_off(monkeypatch, name, read, bad,
+                                                                                   value, on):
     if value is None:
-        monkeypatch.delenv("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", raising=False)
+        monkeypatch.delenv(name, raising=False)
     else:
-        monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", value)
-    assert envs.fused_all_reduce_lamport() is on
-    monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT", "yes")
-    with pytest.raises(ValueError, match="PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT must be 0 or 1"):
-        envs.fused_all_reduce_lamport()
-
-
-@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
-def test_the_fused_all_reduce_is_on_unless_switched_off(monkeypatch, value, on):
-    if value is None:
-        monkeypatch.delenv("PAGEDSERVE_FUSED_ALL_REDUCE", raising=False)
-    else:
-        monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE", value)
-    assert envs.fused_all_reduce() is on
-    monkeypatch.setenv("PAGEDSERVE_FUSED_ALL_REDUCE", "on")
-    with pytest.raises(ValueError, match="PAGEDSERVE_FUSED_ALL_REDUCE must be 0 or 1"):
-        envs.fused_all_reduce()
+        monkeypatch.setenv(name, value)
+    assert read() is on
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
+        read()
 
 
 class _FakeCustom:
