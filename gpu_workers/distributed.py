@@ -68,6 +68,17 @@ class TPGroup:
             return None
         return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps, slot, prefetch)
 
+    def embedding_rms_norm(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int,
+                           weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(RMSNorm(e), e) for e the embedding of input_ids, this rank holding rows [vocab_start,
+        vocab_start + len(table)) of a vocab-parallel table: lookup, all-reduce and norm in one launch
+        where the symmetric-memory path takes the message; None otherwise (see
+        SymmMemAllReduce.embedding_rms_norm)."""
+        if self.custom_all_reduce is None:
+            return None
+        return self.custom_all_reduce.embedding_rms_norm(input_ids, table, vocab_start, weight, eps, prefetch)
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The ranks' `x` concatenated along `dim`, rank 0 first."""
         if self.world_size == 1:

@@ -27,7 +27,9 @@ Invariants:
 
 Fused with the residual add and RMSNorm (`add_rms_norm`): a row-parallel layer's partial sums are
 reduced by kernels/all_reduce_rms_norm.py, in a second symmetric buffer of its own, together with the
-norm that follows them (one launch instead of two, the reduced rows never written out). It takes
+norm that follows them (one launch instead of two, the reduced rows never written out). The same
+kernel takes the vocab-parallel embedding (`embedding_rms_norm`): the lookup in this rank's slice of the
+table, the all-reduce and the first layer's norm, in one launch. It takes
 exactly the messages the one-shot kernel would; others are reduced first, then normed. Its ranks poll
 the pushed rows themselves (the flag-free protocol), or with $PAGEDSERVE_FUSED_ALL_REDUCE_LAMPORT=0
 signal flags behind a release fence (the A/B baseline).
@@ -176,6 +178,23 @@ class SymmMemAllReduce:
         if not fused_kernel.fits(x, self.fused_peers):
             return None
         return fused_kernel.all_reduce_add_rms_norm(x, residual, weight, eps, self.fused_peers, slot, prefetch)
+
+    def embedding_rms_norm(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int, weight: torch.Tensor,
+                           eps: float, prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(RMSNorm(e), e) for e the embedding of input_ids in a vocab-parallel table (this rank's slice
+        `table`, from row `vocab_start`): the lookup, the all-reduce of the ranks' lookups and the norm
+        in one launch; or None where `add_rms_norm` would decline a message of that size (then look up,
+        reduce and norm apart)."""
+        from kernels import all_reduce_rms_norm as fused_kernel
+
+        rows, (_, hidden) = input_ids.shape[0], table.shape
+        if (self.fused_peers is None or not table.is_cuda
+                or pick_algorithm(rows * hidden * table.element_size(), table.dtype, self.world_size,
+                                  self.max_bytes) is not Algorithm.ONE_SHOT
+                or not fused_kernel.fits_rows(rows, hidden, table.dtype, self.fused_peers)):
+            return None
+        return fused_kernel.embedding_all_reduce_rms_norm(input_ids, table, vocab_start, weight, eps,
+                                                          self.fused_peers, prefetch)
 
     def _staged(self, x: torch.Tensor) -> torch.Tensor:
         return self._flat[x.dtype][:x.numel()].view(x.shape)  # this rank's buffer, shaped like x

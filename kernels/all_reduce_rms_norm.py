@@ -17,6 +17,12 @@ reduced rows written to memory and read back between them. Here it is one launch
       4. barrier    (slot 2 only) signal again ("done reading my slot"), wait for each peer: when the
                     kernel ends, no peer will push into a slot that this rank still reads
 
+The same launch also starts a forward pass (`embedding_all_reduce_rms_norm`, GATHER): with a
+vocab-parallel embedding each rank's partial sums are the rows of its table slice for the ids it holds
+and zeros for the others', so the kernel reads those rows itself (x is the table slice, row i that of
+ids[i]) and norms the sum with no residual (HAS_RESIDUAL off): lookup, all-reduce and the first layer's
+input norm in one launch (unfused: ~7 small torch ops for the masked lookup, then an all-reduce and a norm).
+
 Pushing (remote stores, then one release) rather than pulling (local stores, a barrier, then remote
 loads) takes one NVLink round trip out of the critical path: the loads of step 3 are local.
 
@@ -152,13 +158,44 @@ def _push_row(x, ptrs, slot_offset, region_bytes, offset, cols, mask, RANK: tl.c
             tl.store(dst + offset + cols, x, mask=mask)
 
 
+@triton.jit
+def _x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER: tl.constexpr):
+    """Row `row` of this rank's partial sums: x's row; or (GATHER, x the rank's slice of a vocab-parallel
+    embedding table) the table row of token `row`'s id, zeros where the id is another rank's."""
+    if GATHER:
+        local = tl.load(ids_ptr + row).to(tl.int64) - vocab_start
+        inside = (local >= 0) & (local < vocab_rows)
+        src = x_ptr + tl.where(inside, local, 0) * stride_x
+        return tl.load(src + cols, mask=mask & inside, other=0.0)
+    else:
+        return tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+
+
+@triton.jit
+def _add_norm_store(acc, residual_ptr, stride_r, weight, out_ptr, residual_out_ptr, offset, row, cols, mask, hidden,
+                    eps, HAS_RESIDUAL: tl.constexpr):
+    """The tail of both kernels for one row: the float32 sum `acc` rounded as an all-reduce's output
+    would be, plus the residual (HAS_RESIDUAL) is the new residual; its RMSNorm times `weight` the output."""
+    dtype = out_ptr.dtype.element_ty
+    h = acc.to(dtype)  # what an all-reduce would have returned
+    if HAS_RESIDUAL:
+        r_in = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (h.to(tl.float32) + r_in).to(dtype)
+    tl.store(residual_out_ptr + offset + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
+    normed = (hf * inv_rms).to(dtype).to(tl.float32)  # rounded before scaling, like kernels.rms_norm
+    tl.store(out_ptr + offset + cols, (normed * weight).to(dtype), mask=mask)
+
+
 @triton.jit(do_not_specialize=["pf_rows", "pf_row_bytes", "pf_prefix_lines"])  # one build whatever the weight
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ptrs,
     stride_x, stride_r, num_rows, hidden, slot_offset, region_bytes, flag_offset, epoch_offset, eps,
+    ids_ptr, vocab_start, vocab_rows,  # GATHER: x is an embedding table slice, the rows are ids' (_x_row)
     pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines,  # the next matmul's weight (kernels/prefetch.py)
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, END_BARRIER: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
+    GATHER: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
@@ -170,8 +207,8 @@ def _all_reduce_add_rms_norm_kernel(
     epoch_ptr = (my_base + epoch_offset).to(tl.pointer_type(tl.int64)) + pid
     epoch = tl.load(epoch_ptr) + 1
     for row in range(pid, num_rows, num_programs):  # 1. push this program's rows to every peer
-        _push_row(tl.load(x_ptr + row * stride_x + cols, mask=mask), ptrs, slot_offset, region_bytes, row * hidden,
-                  cols, mask, RANK, WORLD)
+        x = _x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER)
+        _push_row(x, ptrs, slot_offset, region_bytes, row * hidden, cols, mask, RANK, WORLD)
     _signal(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 2.
     if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
@@ -182,19 +219,13 @@ def _all_reduce_add_rms_norm_kernel(
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
             if r == RANK:
-                part = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+                part = _x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER)
             else:  # .cg: through L2, past this SM's L1 (a peer wrote these rows)
                 src = tl.multiple_of((my_base + slot_offset + r * region_bytes).to(tl.pointer_type(dtype)), 16)
                 part = tl.load(src + offset + cols, mask=mask, other=0.0, cache_modifier=".cg")
             acc += part.to(tl.float32)
-        reduced = acc.to(dtype).to(tl.float32)  # what an all-reduce would have returned
-        r_in = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (reduced + r_in).to(dtype)
-        tl.store(residual_out_ptr + offset + cols, h, mask=mask)
-        hf = h.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
-        normed = (hf * inv_rms).to(dtype).to(tl.float32)  # rounded before scaling, like kernels.rms_norm
-        tl.store(out_ptr + offset + cols, (normed * w).to(dtype), mask=mask)
+        _add_norm_store(acc, residual_ptr, stride_r, w, out_ptr, residual_out_ptr, offset, row, cols, mask, hidden,
+                        eps, HAS_RESIDUAL)
     if END_BARRIER:
         epoch += 1
         _signal(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 4.
@@ -227,9 +258,11 @@ def _sanitized(x, ITYPE: tl.constexpr, SENT: tl.constexpr):
 def _lamport_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ptrs,
     stride_x, stride_r, num_rows, hidden, region_bytes, epoch_offset, eps,
+    ids_ptr, vocab_start, vocab_rows,
     pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, SENT: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr, GATHER: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH: tl.constexpr,
+    PF_CHUNK: tl.constexpr,
 ):
     """The flag-free protocol: push the (sanitized) rows into slot (epoch % 2) of every peer; poll this
     rank's own slot until no element is a sentinel (the data is its own flag); sum, add, norm; then
@@ -246,7 +279,7 @@ def _lamport_kernel(
     epoch = tl.load(epoch_ptr)
     slot_offset = (epoch % 2) * WORLD * region_bytes
     for row in range(pid, num_rows, num_programs):  # 1. push
-        x = _sanitized(tl.load(x_ptr + row * stride_x + cols, mask=mask), ITYPE, SENT)
+        x = _sanitized(_x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER), ITYPE, SENT)
         _push_row(x, ptrs, slot_offset, region_bytes, row * hidden, cols, mask, RANK, WORLD)
     if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
@@ -257,7 +290,8 @@ def _lamport_kernel(
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
             if r == RANK:
-                part = _sanitized(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0), ITYPE, SENT)
+                x = _x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER)
+                part = _sanitized(x, ITYPE, SENT)
             else:
                 src = tl.multiple_of((my_base + slot_offset + r * region_bytes).to(tl.pointer_type(dtype)), 16)
                 part = tl.load(src + offset + cols, mask=mask, other=0.0, volatile=True)
@@ -265,41 +299,38 @@ def _lamport_kernel(
                     part = tl.load(src + offset + cols, mask=mask, other=0.0, volatile=True)
                 tl.store(src + offset + cols, empty, mask=mask)  # 3. empty again for the call after next
             acc += part.to(tl.float32)
-        reduced = acc.to(dtype).to(tl.float32)
-        r_in = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (reduced + r_in).to(dtype)
-        tl.store(residual_out_ptr + offset + cols, h, mask=mask)
-        hf = h.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
-        normed = (hf * inv_rms).to(dtype).to(tl.float32)
-        tl.store(out_ptr + offset + cols, (normed * w).to(dtype), mask=mask)
+        _add_norm_store(acc, residual_ptr, stride_r, w, out_ptr, residual_out_ptr, offset, row, cols, mask, hidden,
+                        eps, HAS_RESIDUAL)
     tl.store(epoch_ptr, epoch + 1)
 
 
+def fits_rows(num_rows: int, hidden: int, dtype: torch.dtype, peers: PeerBuffers) -> bool:
+    """Whether a message of [num_rows, hidden] `dtype` can go through the fused kernel with these
+    buffers. Looks only at shape and dtype, which every rank shares: all ranks decide alike."""
+    return (dtype in SUPPORTED_DTYPES and 0 < hidden <= MAX_HIDDEN
+            and num_rows * hidden * dtype.itemsize <= peers.data_bytes)
+
+
 def fits(x: torch.Tensor, peers: PeerBuffers) -> bool:
-    """Whether `x` [num_tokens, hidden] can go through the fused kernel with these buffers. Looks only
-    at shape and dtype, which every rank shares: all ranks decide alike."""
-    return (x.dim() == 2 and x.dtype in SUPPORTED_DTYPES and 0 < x.shape[1] <= MAX_HIDDEN
-            and x.numel() * x.element_size() <= peers.data_bytes)
+    """`fits_rows` for x [num_tokens, hidden]."""
+    return x.dim() == 2 and fits_rows(x.shape[0], x.shape[1], x.dtype, peers)
 
 
-def _check_call(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers,
-                slot: int | None) -> None:
+def _check_peers(x: torch.Tensor, peers: PeerBuffers, rows: int, hidden: int, slot: int | None) -> None:
     if slot not in (None, 0, 1):
         raise ValueError(f"slot must be 0, 1 or None, not {slot!r}")
-    check_last_dim_contiguous("x", x, 2)
-    check_last_dim_contiguous("residual", residual, 2)
-    if not fits(x, peers):
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit the fused all-reduce "
+    if not fits_rows(rows, hidden, x.dtype, peers):
+        raise ValueError(f"[{rows}, {hidden}] {x.dtype} does not fit the fused all-reduce "
                          f"({peers.data_bytes} staging bytes, hidden <= {MAX_HIDDEN}, dtypes {SUPPORTED_DTYPES})")
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"residual must be {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
-    if weight.shape != (x.shape[1],) or weight.dtype != x.dtype or weight.stride(0) != 1:
-        raise ValueError(f"weight must be a contiguous [{x.shape[1]}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
     if peers.data_bytes % 16:
         raise ValueError(f"data_bytes {peers.data_bytes} must be a multiple of 16")
     if peers.ptrs.shape != (peers.world_size,) or peers.ptrs.dtype != torch.int64 or peers.ptrs.device != x.device:
         raise ValueError(f"peer pointers must be int64 [{peers.world_size}] on {x.device}")
+
+
+def _check_weight(weight: torch.Tensor, x: torch.Tensor, hidden: int) -> None:
+    if weight.shape != (hidden,) or weight.dtype != x.dtype or weight.stride(0) != 1:
+        raise ValueError(f"weight must be a contiguous [{hidden}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
 
 
 def all_reduce_add_rms_norm(
@@ -317,8 +348,43 @@ def all_reduce_add_rms_norm(
     same slot twice in a row (see the module docstring); None: slot 2, any order. Inputs are not
     written; outputs are new contiguous tensors in x's dtype. `prefetch_weight`: the next matmul's
     weight, partly prefetched into L2 while the kernel waits for its peers (kernels/prefetch.py)."""
-    _check_call(x, residual, weight, peers, slot)
-    num_rows, hidden = x.shape
+    check_last_dim_contiguous("x", x, 2)
+    check_last_dim_contiguous("residual", residual, 2)
+    _check_peers(x, peers, *x.shape, slot)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual must be {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+    _check_weight(weight, x, x.shape[1])
+    return _launch(x, residual, weight, eps, peers, slot, prefetch_weight, x.shape[0], None, 0)
+
+
+def embedding_all_reduce_rms_norm(
+    input_ids: torch.Tensor,  # [num_tokens] int32 / int64
+    table: torch.Tensor,  # [rows, hidden]: this rank's rows [vocab_start, vocab_start + rows) of the embedding
+    vocab_start: int,
+    weight: torch.Tensor,  # [hidden], the table's dtype
+    eps: float,
+    peers: PeerBuffers,
+    prefetch_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(e) * weight, e) where e is the embedding of input_ids summed over the ranks' slices of a
+    vocab-parallel table (each id's row from the rank that holds it, zeros elsewhere): the lookup, its
+    all-reduce and the first layer's input norm in one launch. Collective like all_reduce_add_rms_norm
+    (slot None); ids outside every rank's rows embed as zeros."""
+    check_last_dim_contiguous("table", table, 2)
+    if input_ids.dim() != 1 or input_ids.dtype not in (torch.int32, torch.int64) or input_ids.device != table.device:
+        raise ValueError(f"input_ids must be int32 / int64 [num_tokens] on {table.device}, got "
+                         f"{tuple(input_ids.shape)} {input_ids.dtype} on {input_ids.device}")
+    hidden = table.shape[1]
+    _check_peers(table, peers, input_ids.shape[0], hidden, None)
+    _check_weight(weight, table, hidden)
+    return _launch(table, None, weight, eps, peers, None, prefetch_weight, input_ids.shape[0], input_ids.contiguous(),
+                   vocab_start)
+
+
+def _launch(x, residual, weight, eps, peers, slot, prefetch_weight, num_rows, ids, vocab_start):
+    """One launch of the fused kernel of `peers`' protocol: x's rows (ids None), else the rows of x (a
+    table slice) that `ids` name; residual None: nothing added."""
+    hidden = x.shape[1]
     out = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
     new_residual = torch.empty_like(out)
     if num_rows == 0:
@@ -327,23 +393,25 @@ def all_reduce_add_rms_norm(
     pdl = use_pdl(x.device)
     flag_offset = staging_bytes(peers.data_bytes, peers.world_size)  # flags, then epochs (buffer_bytes)
     epoch_offset = flag_offset + MAX_PROGRAMS * peers.world_size * 8
+    rows_args = (x.stride(0), x.stride(0) if residual is None else residual.stride(0), num_rows, hidden)
+    gather_args = (x if ids is None else ids, vocab_start, x.shape[0])
     common = dict(RANK=peers.rank, WORLD=peers.world_size, BLOCK=block, num_warps=_num_warps(block), USE_PDL=pdl,
-                  PF_CHUNK=prefetch.CHUNK, launch_pdl=pdl)
+                  GATHER=ids is not None, HAS_RESIDUAL=residual is not None, PF_CHUNK=prefetch.CHUNK, launch_pdl=pdl)
+    residual = x if residual is None else residual  # unread without HAS_RESIDUAL
     if peers.lamport:  # every program, every call (they count calls to pick the slot)
         pf = prefetch.plan(prefetch_weight, MAX_PROGRAMS, x)
         wide = x.element_size() == 4
         _lamport_kernel[(MAX_PROGRAMS,)](
-            x, residual, weight, out, new_residual, peers.ptrs, x.stride(0), residual.stride(0), num_rows, hidden,
-            peers.data_bytes, epoch_offset, float(eps), *pf.args(),
+            x, residual, weight, out, new_residual, peers.ptrs, *rows_args,
+            peers.data_bytes, epoch_offset, float(eps), *gather_args, *pf.args(),
             ITYPE=tl.int32 if wide else tl.int16, SENT=SENTINEL_WORD if wide else -32768,  # 0x8000: -0.0
             PREFETCH=pf.enabled, **common)
         return out, new_residual
     num_programs = min(num_rows, MAX_PROGRAMS)
     pf = prefetch.plan(prefetch_weight, num_programs, x)
     _all_reduce_add_rms_norm_kernel[(num_programs,)](
-        x, residual, weight, out, new_residual, peers.ptrs,
-        x.stride(0), residual.stride(0), num_rows, hidden,
+        x, residual, weight, out, new_residual, peers.ptrs, *rows_args,
         (2 if slot is None else slot) * peers.world_size * peers.data_bytes, peers.data_bytes,
-        flag_offset, epoch_offset, float(eps), *pf.args(),
+        flag_offset, epoch_offset, float(eps), *gather_args, *pf.args(),
         END_BARRIER=slot is None, PREFETCH=pf.enabled, **common)
     return out, new_residual

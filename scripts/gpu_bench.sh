@@ -55,6 +55,8 @@
 #   prefetch-ab            2+ GPUs: the weight prefetch's GPU tests, 8B TP=1 / TP=2 with and without it, greedy check
 #   lamport-ab             2+ GPUs: the fused all-reduce polling its rows (no flags) vs flags: tests, tables, 8B TP=2 b64
 #   lamport-close          2+ GPUs: GPU tests of both protocols, 8B-shaped float32 greedy, 8B TP=1 / TP=2 b1 + b64, flags b64
+#   embed-ab               2+ GPUs: the embedding fused with its all-reduce and norm vs ./old: tests, 8B TP=2 b64 A/B, TP=1 / TP=2
+#   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
 #   tp-final               4 GPUs: tp-fused's tests and 8B rows, 70B TP=4 256 x (128, 512), a TP=2 batch-64 profile
@@ -457,6 +459,32 @@ stage_lamport-close() {  # 2+ GPUs: the flag-free protocol as the default: the s
     --skip-tp1 --batch-sizes 64 --output-len 256 --out "$OUT/tp2_8b_flags.json"
 }
 
+stage_embed-ab() {  # 2+ GPUs: the embedding's lookup + all-reduce + first norm fused (this tree) against the tree in
+  # ./old (git archive REV | tar -x -C old, carried): the symmetric all-reduce's GPU tests, 8B TP=2 batch 64
+  # alternating, TP=1 / TP=2 at batch 1 and 64 here, TP=2 float32 greedy == TP=1, batch 64 without prefetch (~9 min)
+  # AB_ONLY=1: the alternating runs alone (AB_TREES, default "new old new old")
+  [ "${AB_ONLY:-0}" = 1 ] || run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py \
+    2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  local tree
+  for tree in ${AB_TREES:-new old new old}; do
+    echo "== tree $tree"
+    if [ "$tree" = new ]; then
+      run 80 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 \
+        --out "/tmp/tp2_embed_new.json"
+    elif [ -d old/scripts ]; then
+      PYTHONPATH="$root/old:/tmp/site" run 80 "$PY" old/scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
+        --skip-tp1 --batch-sizes 64 --output-len 256 --workdir /tmp/gpu_tp_check_old --out "/tmp/tp2_embed_old.json"
+    fi
+  done
+  [ "${AB_ONLY:-0}" = 1 ] && return 0
+  run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --budget-s 150 --out "$OUT/tp2_8b.json"
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  PAGEDSERVE_PREFETCH_MB=0 run 80 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --skip-tp1 \
+    --batch-sizes 64 --output-len 256 --out "$OUT/tp2_8b_noprefetch.json"
+}
+
 stage_gemm64() {  # 2+ GPUs: the GEMV over 16 rows (autotuned, PDL prefetch): its GPU tests, per projection against
   # cuBLAS, then 8B decode TP=1 / TP=2 at batch 64 with cuBLAS and with it (~8 min)
   run 200 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
@@ -488,6 +516,19 @@ stage_tp-final() {  # 4 GPUs: tp-fused's checks (2 and 4 ranks), then 70B TP=4 t
   ar_bench
   PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --skip-tp1 \
     --batch-sizes 64 --output-len 256 --out /tmp/tp2_prof.json
+}
+
+stage_tp4-close() {  # 4 GPUs: the final tree's TP=4 checks: the symmetric all-reduce's GPU tests (2 and 4 ranks,
+  # both protocols), TP=4 float32 greedy == TP=1, 70B TP=4 256 x (128, 512), then 8B TP=1 / TP=2 at batch 1 and 64 (~8 min)
+  run 200 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py 2>&1 | tail -3 \
+    | tee -a "$OUT/kernels.txt"
+  run 120 "$PY" scripts/gpu_tp_check.py --size small --tp 4 --skip-throughput --dtype float32 \
+    --out "$OUT/tp4_small_greedy.json"
+  model llama-3.1-70b /tmp/pb_llama-3.1-70b
+  tp tput_llama70b_tp4_256x128x512_pagedserve pagedserve --model /tmp/pb_llama-3.1-70b --tensor-parallel-size 4 \
+    --num-prompts 256 --input-len 128 --output-len 512
+  run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --budget-s 150 --out "$OUT/tp2_8b.json"
 }
 
 stage_tp() {

@@ -62,15 +62,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(self, positions, hidden_states, residual, kv_cache, meta):
-        """hidden_states: the embedding (first layer, residual None), else the previous layer's MLP
-        output, partial sums when mlp_partial (every layer alike). Returns this layer's MLP output
-        (partial likewise) and the residual stream."""
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot,
-                                                           self.self_attn.qkv_proj.weight)
+        """hidden_states: the previous layer's MLP output, partial sums when mlp_partial (every layer
+        alike). Returns this layer's MLP output (partial likewise) and the residual stream."""
+        hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot,
+                                                       self.self_attn.qkv_proj.weight)
+        return self.forward_normed(positions, hidden_states, residual, kv_cache, meta)
+
+    def forward_normed(self, positions, hidden_states, residual, kv_cache, meta):
+        """The layer after its input norm: hidden_states is input_layernorm's output (the first
+        layer's comes from the embedding, normed with its lookup)."""
         hidden_states = self.self_attn(positions, hidden_states, kv_cache, meta)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, self.attn_partial,
                                                                 self.attn_slot, self.mlp.gate_up_proj.weight)
@@ -110,9 +110,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        first = self.layers[0]
+        hidden_states, residual = self.embed_tokens.forward_norm(input_ids, first.input_layernorm,
+                                                                 first.self_attn.qkv_proj.weight)
+        hidden_states, residual = first.forward_normed(positions, hidden_states, residual, kv_caches[0], meta)
+        for layer, kv_cache in zip(self.layers[1:], kv_caches[1:], strict=True):
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, meta)
         last = self.layers[-1]
         hidden_states, _ = self.norm(hidden_states, residual, last.mlp_partial, last.mlp_slot)

@@ -237,6 +237,18 @@ class VocabParallelEmbedding(nn.Module):
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(out)
 
+    def forward_norm(self, input_ids: torch.Tensor, norm: nn.Module, prefetch: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(e), e) for e the embedding of input_ids, `norm` the first layer's RMSNorm. With tensor
+        parallelism the lookup, the all-reduce and the norm are one launch where the symmetric-memory
+        path takes them (it also prefetches `prefetch`, the first matmul's weight, into L2)."""
+        if self.tp.world_size > 1:
+            fused = self.tp.embedding_rms_norm(input_ids, self.weight, self.vocab_start, norm.weight, norm.eps, prefetch)
+            if fused is not None:
+                return fused
+        embedded = self(input_ids)
+        return norm(embedded), embedded
+
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection with the embedding's vocabulary split (so a tied head is the same table);

@@ -101,6 +101,11 @@ class _FakeCustom:
         self.prefetch = prefetch
         return self.result
 
+    def embedding_rms_norm(self, input_ids, table, vocab_start, weight, eps, prefetch=None):
+        self.calls += 1
+        self.prefetch, self.vocab_start = prefetch, vocab_start
+        return self.result
+
 
 def test_tp_group_uses_the_custom_result_or_falls_back_to_the_collective(monkeypatch):
     reduced_in_place = []
@@ -137,6 +142,31 @@ def test_an_rms_norm_after_a_row_parallel_layer_reduces_its_input_fused_or_apart
     expected_out, expected_residual = reference(2 * x, residual)
     torch.testing.assert_close(new_residual, expected_residual)
     torch.testing.assert_close(out, expected_out)
+
+
+def test_the_embedding_is_looked_up_reduced_and_normed_fused_or_apart(monkeypatch):
+    """VocabParallelEmbedding.forward_norm returns the fused (norm, embedding) where the custom path
+    takes it; otherwise it looks up this rank's rows, all-reduces and norms, as the first layer did."""
+    from gpu_workers.models.layers import RMSNorm
+    from gpu_workers.models.parallel_layers import VocabParallelEmbedding
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda x, group=None: x.mul_(2))  # rank 1 has the same
+    fused = (torch.zeros(3, 8), torch.ones(3, 8))
+    previous = distributed.set_tp_group(TPGroup(1, 2, None, _FakeCustom(fused)))
+    try:
+        taken, declined, norm = VocabParallelEmbedding(10, 8), VocabParallelEmbedding(10, 8), RMSNorm(8)
+        declined.tp = TPGroup(1, 2, None, _FakeCustom(None))
+    finally:
+        distributed.set_tp_group(previous)
+    for emb in (taken, declined):
+        emb.weight.data.copy_(torch.randn(5, 8))
+    ids, first_weight = torch.tensor([7, 2, 9]), torch.empty(16, 8)
+    assert taken.forward_norm(ids, norm, first_weight) is fused
+    assert taken.tp.custom_all_reduce.prefetch is first_weight and taken.tp.custom_all_reduce.vocab_start == 5
+    out, embedded = declined.forward_norm(ids, norm, first_weight)
+    expected = 2 * torch.stack([declined.weight[2], torch.zeros(8), declined.weight[4]])  # id 2 is rank 0's
+    torch.testing.assert_close(embedded, expected)
+    torch.testing.assert_close(out, norm(expected))
 
 
 class _FakeComm:
@@ -255,6 +285,18 @@ def _check_fused(got, xs, residual, weight, what: str) -> None:
         _assert_same_on_every_rank(t, what)
 
 
+def _embed_call(comm: SymmMemAllReduce, rank: int, world_size: int, device, rows: int, dtype, step: int):
+    """The fused embedding lookup + all-reduce + RMSNorm of `rows` ids, with what to check it against:
+    (got, (each rank's lookup, a zero residual, the weight))."""
+    from tests.kernels.test_all_reduce_rms_norm import _embed_inputs, _embed_partials
+
+    ids, tables, weight = _embed_inputs(step, rows, HIDDEN, dtype, world_size)
+    got = comm.embedding_rms_norm(ids.to(device), tables[rank].to(device), rank * tables[0].shape[0],
+                                  weight.to(device), 1e-6)
+    return got, ([p.to(device) for p in _embed_partials(ids, tables)], torch.zeros(rows, HIDDEN, dtype=dtype,
+                                                                                    device=device), weight.to(device))
+
+
 def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
     """The fused all-reduce + add + RMSNorm on every message one-shot takes (and only those), then
     back to back with the plain kernels, without waiting in between, its one-barrier slots 0 and 1
@@ -266,6 +308,11 @@ def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
             assert (got is None) == (comm.route(xs[rank]) is not Algorithm.ONE_SHOT), (shape, dtype)
             if got is not None:
                 _check_fused(got, xs, residual, weight, f"fused {shape} {dtype}")
+        for rows in (1, 64, 4096):  # the last is a prefill's: too large for the fused kernel
+            got, (xs, residual, weight) = _embed_call(comm, rank, world_size, device, rows, dtype, 600 + rows)
+            assert (got is None) == (comm.route(xs[rank]) is not Algorithm.ONE_SHOT), (rows, dtype)
+            if got is not None:
+                _check_fused(got, xs, residual, weight, f"fused embedding of {rows} ids, {dtype}")
     outs, fused_calls = [], 0
     next_weight = torch.randn(4096, 2048, dtype=BF16, device=device)  # prefetched by every other call: no effect
     for i in range(40):
@@ -278,6 +325,8 @@ def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
                          inputs))
             fused_calls += 1
         outs.append(((comm.one_shot if i % 2 else comm.two_shot)(xs[rank]), inputs))
+        if i % 5 == 4:  # the embedding's (any slot order: it takes slot None with flags)
+            outs.append(_embed_call(comm, rank, world_size, device, 32, BF16, 800 + i))
     for i, (got, (xs, residual, weight)) in enumerate(outs):
         if isinstance(got, tuple):
             _check_fused(got, xs, residual, weight, f"back-to-back fused call {i}")
@@ -318,9 +367,17 @@ def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
     weight = torch.zeros(HIDDEN, dtype=BF16, device=device)
     fused_on = comm.fused_peers is not None and comm.route(fused_in[0]) is Algorithm.ONE_SHOT
 
+    # the embedding's lookup + all-reduce + norm first, as a forward pass starts: fixed tables, new ids
+    from tests.kernels.test_all_reduce_rms_norm import _embed_inputs, _embed_partials
+
+    _, tables, emb_weight = _embed_inputs(1400, 8, HIDDEN, BF16, world_size)
+    emb_table, emb_ids = tables[rank].to(device), torch.zeros(8, dtype=torch.int64, device=device)
+    emb_weight = emb_weight.to(device)
+
     def forward():  # the fused calls take slots 0, then 1 (a replay ends on 1, the next starts on 0)
-        fused = [comm.add_rms_norm(fused_in[0], fused_in[1], weight, 1e-6, slot, static[0] if slot else None)
-                 for slot in (0, 1)] if fused_on else []
+        fused = [comm.embedding_rms_norm(emb_ids, emb_table, rank * emb_table.shape[0], emb_weight, 1e-6)] + [
+            comm.add_rms_norm(fused_in[0], fused_in[1], weight, 1e-6, slot, static[0] if slot else None)
+            for slot in (0, 1)] if fused_on else []
         return [_tp_all_reduce(comm, x.clone()) for x in static] + [comm.two_shot(static[1])] + fused
 
     forward()  # warm-up: NCCL's first call outside the capture
@@ -336,8 +393,13 @@ def _graph_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
         if fused_on:
             xs_f, residual, w = _fused_inputs((8, HIDDEN), BF16, 1500 + replay, world_size, device)
             fused_in[0].copy_(xs_f[rank]), fused_in[1].copy_(residual), weight.copy_(w)
+            ids = torch.randint(0, len(tables) * tables[0].shape[0], (8,), generator=torch.Generator().manual_seed(replay))
+            emb_ids.copy_(ids)
         graph.replay()
         if fused_on:
+            _check_fused(graph_outs[-3], [p.to(device) for p in _embed_partials(ids, tables)],
+                         torch.zeros(8, HIDDEN, dtype=BF16, device=device), emb_weight,
+                         f"graph replay {replay} fused embedding")
             for slot in (0, 1):
                 _check_fused(graph_outs[-2 + slot], xs_f, residual, w, f"graph replay {replay} fused, slot {slot}")
         for out, xs in zip(graph_outs, inputs + [inputs[1]]):

@@ -26,11 +26,14 @@ from tests.triton_env import INTERPRET
 cpu_ranks = pytest.mark.skipif(not INTERPRET, reason="CPU ranks under the interpreter; the GPU run is "
                                "tests/gpu_workers/test_symm_all_reduce.py")
 
+EMBED = "embed"
 CALLS = [(5, 64, torch.float32, None), (3, 200, torch.bfloat16, 0), (3, 200, torch.bfloat16, 1),
-         (1, 64, torch.float32, 0), (5, 64, torch.float16, None), (5, 64, torch.float16, 1),
-         (5, 64, torch.float32, 0), (2, 64, torch.float32, 1)]
+         (4, 64, torch.bfloat16, EMBED), (1, 64, torch.float32, 0), (5, 64, torch.float16, None),
+         (5, 64, torch.float16, 1), (5, 64, torch.float32, 0), (2, 64, torch.float32, 1), (5, 64, torch.float32, EMBED)]
 """(rows, hidden, dtype, slot) of the calls each rank makes back to back: slots 0 and 1 (one barrier)
-never twice in a row, slot None (two barriers) anywhere; 5 rows over 2 programs loops."""
+never twice in a row, slot None (two barriers) anywhere; 5 rows over 2 programs loops. EMBED: an
+embedding lookup in a vocab-parallel table, then the all-reduce and the norm (slot None, no residual)."""
+VOCAB = 11  # the EMBED calls' vocabulary, split over the ranks (the last rank's slice padded with zero rows)
 DATA_BYTES = 4096
 EPS = 1e-6
 
@@ -47,6 +50,34 @@ def _inputs(call: int, rows: int, hidden: int, dtype: torch.dtype, world_size: i
     residual = (2 * torch.randn(rows, hidden, generator=g)).to(dtype)
     weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
     return xs, residual, weight
+
+
+def _embed_inputs(call: int, rows: int, hidden: int, dtype: torch.dtype, world_size: int):
+    """(ids, every rank's table slice, the weight) of an EMBED call; the ids name rows of every
+    rank, repeat some, and one is past the vocabulary (a zero row of the last slice). The table has
+    -0.0 entries, and in float32 the sentinel's bits."""
+    g = torch.Generator().manual_seed(call)
+    per_rank = -(-VOCAB // world_size)
+    table = torch.randn(per_rank * world_size, hidden, generator=g).to(dtype)
+    table[VOCAB:] = 0
+    table.view(-1)[::5] = -0.0
+    if dtype == torch.float32:
+        table.view(-1)[2::9] = torch.tensor([fused.SENTINEL_WORD], dtype=torch.int32).view(torch.float32)
+    ids = torch.randint(0, VOCAB, (rows,), generator=g)
+    ids[0] = per_rank * world_size - 1  # past VOCAB when the slices are padded
+    weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
+    return ids, list(table.split(per_rank)), weight
+
+
+def _embed_partials(ids, tables):
+    """What each rank's lookup contributes: its rows for its ids, zeros for the others'."""
+    per_rank = tables[0].shape[0]
+    partials = []
+    for rank, table in enumerate(tables):
+        local = ids - rank * per_rank
+        inside = (local >= 0) & (local < per_rank)
+        partials.append(torch.where(inside[:, None], table[local.clamp(0, per_rank - 1)], torch.zeros(())).to(table.dtype))
+    return partials
 
 
 def reference(xs, residual, weight, eps):
@@ -80,10 +111,18 @@ def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, 
                                rank, world_size, DATA_BYTES, lamport)
     outs = []
     for call, (rows, hidden, dtype, slot) in enumerate(CALLS):
-        xs, residual, weight = _inputs(call, rows, hidden, dtype, world_size)
-        x = xs[rank].clone()
-        out, new_residual = kernel.all_reduce_add_rms_norm(x, residual, weight, EPS, peers, slot)
-        assert torch.equal(x, xs[rank]), "the input was modified"
+        if slot == EMBED:
+            ids, tables, weight = _embed_inputs(call, rows, hidden, dtype, world_size)
+            table = tables[rank].clone()
+            out, new_residual = kernel.embedding_all_reduce_rms_norm(ids, table, rank * table.shape[0], weight, EPS,
+                                                                     peers)
+            assert torch.equal(table, tables[rank]), "the table was modified"
+            xs, residual = _embed_partials(ids, tables), torch.zeros(rows, hidden, dtype=dtype)
+        else:
+            xs, residual, weight = _inputs(call, rows, hidden, dtype, world_size)
+            x = xs[rank].clone()
+            out, new_residual = kernel.all_reduce_add_rms_norm(x, residual, weight, EPS, peers, slot)
+            assert torch.equal(x, xs[rank]), "the input was modified"
         _check(out, new_residual, xs, residual, weight, f"rank {rank} call {call}")
         outs.append((out.float().numpy(), new_residual.float().numpy()))  # by value: the rank exits
     staging = kernel.staging_bytes(DATA_BYTES, world_size)
@@ -153,7 +192,7 @@ def test_ranks_in_separate_processes_get_the_same_fused_sums(world_size, max_pro
     # Each program counted its barriers (2 for slot None, 1 for slots 0/1, in the calls it took part
     # in), and every peer's last signal to it carries that same count.
     for p in range(max_programs):
-        barriers = sum(1 if slot is not None else 2 for rows, _, _, slot in CALLS if p < min(rows, max_programs))
+        barriers = sum(1 if slot in (0, 1) else 2 for rows, _, _, slot in CALLS if p < min(rows, max_programs))
         for rank, (_, flags, _) in got.items():
             epochs, signals = flags[max_programs * world_size:], flags[:max_programs * world_size]
             assert epochs[p] == barriers, f"rank {rank} program {p}: {epochs[p]} barriers, expected {barriers}"

@@ -38,7 +38,8 @@ NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write
          "decode_attention", "decode_attention+splits", "decode_attention+8b", "decode_attention+prefetch",
          "prefill_attention", "sampling",
          "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "all_reduce_rms_norm", "all_reduce_rms_norm+slot",
-         "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32"]
+         "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32",
+         "all_reduce_rms_norm+embedding"]
 
 _COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -201,6 +202,12 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=ldt), torch.randn(2, 4096, dtype=ldt),
                                           torch.ones(4096, dtype=ldt), 1e-6, lamport, None, torch.randn(64, 256, dtype=ldt))
         jobs[-1]["constants"].update(WORLD=2, PREFETCH=True)
+    # the embedding's lookup + all-reduce + norm, as a forward pass starts (one id past the table's slice)
+    fused_mod.init_lamport(buffer, 1 << 16, 1)
+    record(monkeypatch, fused_mod, "_lamport_kernel", jobs, "all_reduce_rms_norm+embedding")
+    fused_mod.embedding_all_reduce_rms_norm(torch.tensor([3, 70_000]), torch.randn(128, 4096, dtype=dt), 0,
+                                            torch.ones(4096, dtype=dt), 1e-6, lamport, torch.randn(64, 256, dtype=dt))
+    jobs[-1]["constants"].update(WORLD=2, PREFETCH=True)
 
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
@@ -230,7 +237,7 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         assert ptx.count("ld.global.cg.v4.b32") >= 1 and ptx.count("st.global.v4.b32") >= 3, name
     # the flag-free protocol: no flags, no fences; it polls the rows themselves with volatile loads (never
     # hoisted out of the poll loop), 16 bytes at a time, and pushes and empties rows in 16-byte stores
-    for name in ("all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32"):
+    for name in ("all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32", "all_reduce_rms_norm+embedding"):
         ptx = results[name]["ptx"]
         assert "atom." not in ptx and ".acquire" not in ptx and ".release" not in ptx and "membar" not in ptx, name
         assert ptx.count("ld.volatile.global.v4.b32") >= 2, name  # the first poll, and the loop's
