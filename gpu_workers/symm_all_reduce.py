@@ -171,12 +171,10 @@ class SymmMemAllReduce:
         choice rests on shape, dtype and world size alone, as on every rank. `slot` 0 / 1: callers that
         never pass the same one twice in a row save a barrier (kernels/all_reduce_rms_norm.py). `prefetch`:
         the next matmul's weight, partly prefetched into L2 while the kernel waits (kernels/prefetch.py)."""
-        if self.fused_peers is None or self.route(x) is not Algorithm.ONE_SHOT:
+        if x.dim() != 2 or not self._fused_takes(*x.shape, x.dtype, x.device):
             return None
         from kernels import all_reduce_rms_norm as fused_kernel
 
-        if not fused_kernel.fits(x, self.fused_peers):
-            return None
         return fused_kernel.all_reduce_add_rms_norm(x, residual, weight, eps, self.fused_peers, slot, prefetch)
 
     def embedding_rms_norm(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int, weight: torch.Tensor,
@@ -185,16 +183,21 @@ class SymmMemAllReduce:
         `table`, from row `vocab_start`): the lookup, the all-reduce of the ranks' lookups and the norm
         in one launch; or None where `add_rms_norm` would decline a message of that size (then look up,
         reduce and norm apart)."""
+        if not self._fused_takes(input_ids.shape[0], table.shape[1], table.dtype, table.device):
+            return None
         from kernels import all_reduce_rms_norm as fused_kernel
 
-        rows, (_, hidden) = input_ids.shape[0], table.shape
-        if (self.fused_peers is None or not table.is_cuda
-                or pick_algorithm(rows * hidden * table.element_size(), table.dtype, self.world_size,
-                                  self.max_bytes) is not Algorithm.ONE_SHOT
-                or not fused_kernel.fits_rows(rows, hidden, table.dtype, self.fused_peers)):
-            return None
         return fused_kernel.embedding_all_reduce_rms_norm(input_ids, table, vocab_start, weight, eps,
                                                           self.fused_peers, prefetch)
+
+    def _fused_takes(self, rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the fused kernel takes a [rows, hidden] message: what one-shot would take, and what its
+        buffers hold. Shape, dtype and world size alone, as on every rank."""
+        from kernels import all_reduce_rms_norm as fused_kernel
+
+        return (self.fused_peers is not None and device.type == "cuda"
+                and pick_algorithm(rows * hidden * dtype.itemsize, dtype, self.world_size, self.max_bytes)
+                is Algorithm.ONE_SHOT and fused_kernel.fits_rows(rows, hidden, dtype, self.fused_peers))
 
     def _staged(self, x: torch.Tensor) -> torch.Tensor:
         return self._flat[x.dtype][:x.numel()].view(x.shape)  # this rank's buffer, shaped like x
