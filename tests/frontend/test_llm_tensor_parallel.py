@@ -1,7 +1,8 @@
 """Tensor parallelism end to end: LLM(tensor_parallel_size=N) with one worker process per rank
 (gloo on CPU), compared with transformers' greedy output, which TP=1 reproduces exactly
-(tests/frontend/test_llm.py). Also: a dead rank kills the engine cleanly, and two "nodes" on
-loopback (node 0: LLM; node 1: python -m gpu_workers.node) serve as one engine.
+(tests/frontend/test_llm.py); sampled outputs, logprobs and penalties equal one rank's. Also: a dead
+rank kills the engine cleanly, and two "nodes" on loopback (node 0: LLM; node 1: python -m
+gpu_workers.node) serve as one engine.
 
 Engine starts dominate the run time (each rank imports torch on a 2-core CI machine), so each test
 starts one engine and covers a different split: Llama with KV heads split (tp 2), Qwen2 with KV
@@ -54,12 +55,44 @@ def test_greedy_on_four_ranks_with_replicated_kv_heads_matches_a_single_rank(tp_
     assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], GREEDY.max_tokens)
 
 
-def test_greedy_on_two_ranks_matches_then_a_dead_rank_ends_the_engine(tp_checkpoints):
-    # One engine for both checks: each start costs seconds of CI time on two cores.
+# Every way the sampling rank uses logits gathered from the vocab shards (greedy tokens alone take
+# each rank's best instead): seeded top-p/top-k sampling with logprobs, penalties over the token
+# history, n > 1, logit_bias with min_tokens, prompt logprobs.
+SAMPLED = [
+    SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=10, logprobs=3),
+    SamplingParams(temperature=1.0, seed=3, max_tokens=8, presence_penalty=0.5, frequency_penalty=0.3,
+                   repetition_penalty=1.2),
+    SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=8, min_tokens=4, logit_bias={5: 3.0}, logprobs=2, prompt_logprobs=2),
+]
+
+
+def _assert_same_samples(got, want) -> None:
+    """Same tokens and texts; logprobs equal up to float32 sums taken in another order (the
+    vocab-parallel LM head and the row-parallel layers add the ranks' partial sums)."""
+    for a, b in zip(got, want):
+        assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+        assert [o.text for o in a.outputs] == [o.text for o in b.outputs]
+        pairs = [(x.logprobs, y.logprobs) for x, y in zip(a.outputs, b.outputs)]
+        for rows_a, rows_b in pairs + [(a.prompt_logprobs, b.prompt_logprobs)]:
+            assert (rows_a is None) == (rows_b is None)
+            for ra, rb in zip(rows_a or [], rows_b or []):
+                assert (ra is None) == (rb is None)
+                if ra is not None:
+                    assert ra.keys() == rb.keys()
+                    assert all(abs(ra[t].logprob - rb[t].logprob) < 1e-4 and ra[t].rank == rb[t].rank for t in ra)
+    assert got[3].outputs[0].logprobs and got[3].prompt_logprobs[1]  # the checks above had rows to compare
+
+
+def test_two_ranks_match_one_greedy_and_sampled_then_a_dead_rank_ends_the_engine(tp_checkpoints):
+    # One engine for all three checks: each start costs seconds of CI time on two cores.
     path = tp_checkpoints["llama"]
+    with LLM(path, max_model_len=128) as single:
+        want = single.generate(PROMPTS, SAMPLED, use_tqdm=False)
     llm = LLM(path, max_model_len=128, tensor_parallel_size=2)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert token_ids(outs) == hf_greedy(path, [o.prompt_token_ids for o in outs], GREEDY.max_tokens)
+    _assert_same_samples(llm.generate(PROMPTS, SAMPLED, use_tqdm=False), want)
 
     procs = _engine_processes(llm)
     rank1 = [p for p in procs if p.cmdline()[-1] == "1" and "gpu_workers" in " ".join(p.cmdline())]
