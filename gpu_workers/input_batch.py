@@ -147,6 +147,18 @@ class StepInputs(NamedTuple):
     the device, to copy there before the forward; None when every input token is known."""
 
 
+def host_to_device(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.tensor(data, dtype=dtype) on `device` without waiting for the GPU. On CUDA a plain
+    torch.tensor(data, device=...) or .to(device) copies from pageable memory and synchronizes the
+    stream: the host would stall until the step's forward pass, queued before it, had run, and the
+    next step could not be prepared meanwhile. Staged in pinned memory instead (the caching host
+    allocator keeps that block until the copy has run), the copy is queued like a kernel."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class HostStaging:
     """Reused host buffers (pinned on CUDA) through which a step's index arrays reach the device in
     one copy per dtype. Before refilling, wait for the previous copy: a step that samples nothing

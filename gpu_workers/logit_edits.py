@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gpu_workers.input_batch import host_to_device
+
 if TYPE_CHECKING:
     from gpu_workers.sampler import SamplingBatch
 
@@ -37,8 +39,8 @@ def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate
     if not entries:
         return logits
     rows, cols, values = zip(*entries)
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-    values_t = torch.tensor(values, dtype=logits.dtype, device=logits.device)  # [num_entries]
+    index = (host_to_device(rows, torch.int64, logits.device), host_to_device(cols, torch.int64, logits.device))
+    values_t = host_to_device(values, logits.dtype, logits.device)  # [num_entries]
     return logits.index_put(index, values_t, accumulate=accumulate)  # [S, V]
 
 
@@ -66,9 +68,9 @@ def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.devi
     max_len = max(map(len, token_ids), default=0)
     if max_len == 0:
         return counts
-    padded = torch.tensor([ids + [0] * (max_len - len(ids)) for ids in token_ids],
-                          dtype=torch.int64).to(device)  # [S, max_len]
-    lengths = torch.tensor([len(ids) for ids in token_ids]).to(device)  # [S]
+    padded = host_to_device([ids + [0] * (max_len - len(ids)) for ids in token_ids], torch.int64,
+                            device)  # [S, max_len]
+    lengths = host_to_device([len(ids) for ids in token_ids], torch.int64, device)  # [S]
     valid = torch.arange(max_len, device=device)[None, :] < lengths[:, None]  # [S, max_len]
     valid &= (padded >= 0) & (padded < vocab_size)
     return counts.scatter_add_(1, padded.clamp(0, vocab_size - 1), valid.float())  # [S, V]

@@ -13,7 +13,7 @@ from gpu_workers.cuda_graph import CUDAGraphRunner
 from gpu_workers.step_profiler import StepProfiler
 from gpu_workers.step_timer import StepTimer
 from gpu_workers.input_batch import (BlockTable, CachedRequestState, HostStaging, StepInputs,
-                                     greedy_without_processors, prepare_inputs)
+                                     greedy_without_processors, host_to_device, prepare_inputs)
 from gpu_workers.loader import load_hf_config, load_model
 from gpu_workers.models import elementwise
 from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
@@ -274,7 +274,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
                 if num_rows > len(reqs):  # a request forking into n outputs
                     index = [i for i, r in enumerate(reqs) for _ in range(r.num_samples)]
-                    logits = logits[torch.tensor(index).to(self.device, non_blocking=True)]  # [num_rows, vocab]
+                    logits = logits[host_to_device(index, torch.int64, self.device)]  # [num_rows, vocab]
                 if plain_greedy:
                     token_ids, logprobs = logits.argmax(dim=-1), [None] * num_rows
                 else:

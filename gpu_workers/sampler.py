@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from gpu_workers.input_batch import host_to_device
 from gpu_workers.logit_edits import apply_logit_bias_and_blocks, apply_penalties
 from ipc import envs
 from ipc.messages import Logprobs
@@ -109,14 +110,14 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, rows: list[RowInfo], device: torch.device | str) -> SamplingBatch:
-        """Gathers the rows' parameters into device tensors (two host-to-device copies in all)."""
+        """Gathers the rows' parameters into device tensors (two host-to-device copies in all, queued
+        without waiting for the GPU)."""
         params = [row.sampling_params for row in rows]
         top_ks = [p.top_k if p.top_k > 0 else 0 for p in params]  # -1 and 0 both disable
-        floats = torch.tensor(
+        floats = host_to_device(
             [[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
-              p.repetition_penalty] for p in params],
-            dtype=torch.float32,
-        ).reshape(len(params), 6).T.contiguous().to(device)  # [6, S]
+              p.repetition_penalty] for p in params], torch.float32, device,
+        ).reshape(len(params), 6).T.contiguous()  # [6, S]
         temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(0)
         greedy = [p.greedy for p in params]
         no_repetition = all(p.repetition_penalty == 1.0 for p in params)
@@ -124,7 +125,7 @@ class SamplingBatch:
         return cls(
             temperature=temperature,
             top_p=top_p,
-            top_k=torch.tensor(top_ks, dtype=torch.int32).to(device),
+            top_k=host_to_device(top_ks, torch.int32, device),
             min_p=min_p,
             presence_penalty=presence,
             frequency_penalty=frequency,
@@ -206,7 +207,7 @@ class Sampler:
         logprobs: list[Logprobs | None] = [None] * batch.num_rows
         if raw_logprobs is not None:
             rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
-            index = torch.tensor(rows, device=logits.device)
+            index = host_to_device(rows, torch.int64, logits.device)
             gathered = gather_logprobs(raw_logprobs[index], token_ids[index],
                                        [batch.num_logprobs[i] for i in rows])
             for row, entry in zip(rows, gathered):
@@ -257,7 +258,7 @@ class Sampler:
         rows = [i for i, seed in enumerate(batch.seeds) if seed is not None]
         if rows:
             values = [row_seed(batch.seeds[i], batch.output_indices[i], batch.positions[i]) for i in rows]
-            seeds[torch.tensor(rows).to(self.device)] = torch.tensor(values).to(self.device)
+            seeds[host_to_device(rows, torch.int64, self.device)] = host_to_device(values, torch.int64, self.device)
         return seeds  # [S]
 
 

@@ -56,6 +56,8 @@
 #   lamport-ab             2+ GPUs: the fused all-reduce polling its rows (no flags) vs flags: tests, tables, 8B TP=2 b64
 #   lamport-close          2+ GPUs: GPU tests of both protocols, 8B-shaped float32 greedy, 8B TP=1 / TP=2 b1 + b64, flags b64
 #   embed-ab               2+ GPUs: the embedding fused with its all-reduce and norm vs ./old: tests, 8B TP=2 b64 A/B, TP=1 / TP=2
+#   tp-sampled             2+ GPUs: 8B TP=1 / TP=2 decode at batch 1 and 64, greedy and sampled (temperature, top-p)
+#   sampled-ab             2+ GPUs: the sampler without host syncs vs ./old: tests, bench_sampling, 8B TP=1 / TP=2 greedy + sampled
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
@@ -516,6 +518,27 @@ stage_tp-final() {  # 4 GPUs: tp-fused's checks (2 and 4 ranks), then 70B TP=4 t
   ar_bench
   PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --skip-tp1 \
     --batch-sizes 64 --output-len 256 --out /tmp/tp2_prof.json
+}
+
+stage_tp-sampled() {  # 2+ GPUs: 8B decode TP=1 / TP=2 at batch 1 and 64, greedy and with temperature 0.8 and
+  # top-p 0.95 (the full logits all-gathered, the sampler kernel) (~5 min)
+  run 330 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --sampled --budget-s 250 --out "$OUT/tp2_8b_sampled.json"
+}
+
+stage_sampled-ab() {  # the sampler queued without host syncs (this tree) against the tree in ./old: the sampler's
+  # GPU tests here, the no-sync test in ./old too (copy it there: old must fail it), bench_sampling at Llama-3's
+  # vocabulary, then 8B TP=1 / TP=2 decode at batch 1 and 64, greedy and sampled, in each tree (~8 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_sampler.py tests/gpu_workers/test_sampler_triton.py \
+    2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  [ -d old/tests ] && (cd old && PYTHONPATH="$root/old:/tmp/site" run 100 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/gpu_workers/test_sampler.py -k queued 2>&1 | tail -3 | tee -a "$OUT/kernels.txt")
+  run 120 "$PY" scripts/bench_sampling.py --vocab 128256 --batch-sizes 1 64
+  run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --sampled --budget-s 130 --out "$OUT/tp2_8b_sampled.json"
+  [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" run 150 "$PY" old/scripts/gpu_tp_check.py --size 8b --tp 2 \
+    --skip-greedy --batch-sizes 1 64 --output-len 256 --sampled --budget-s 130 --workdir /tmp/gpu_tp_check_old \
+    --out "$OUT/tp2_8b_sampled_old.json"
 }
 
 stage_tp4-close() {  # 4 GPUs: the final tree's TP=4 checks: the symmetric all-reduce's GPU tests (2 and 4 ranks,

@@ -121,10 +121,15 @@ def environment(overrides: dict[str, str]):
                 os.environ[k] = v
 
 
-def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int, output_len: int) -> dict:
+SAMPLED = dict(temperature=0.8, top_p=0.95)  # --sampled: what a chat client typically asks for
+
+
+def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int, output_len: int,
+                      sampled: bool = False) -> dict:
     """Output tokens per second of `batch` requests decoding `output_len` tokens each; the prefill
     is measured separately (max_tokens=1) and subtracted, each the best of a few runs. After the untimed warm-up of each batch the
-    prompts are in the prefix cache, equally for both timed runs."""
+    prompts are in the prefix cache, equally for both timed runs. With `sampled`, the decode is also
+    timed with SAMPLED's temperature and top-p (the full logits gathered, the sampler kernel)."""
     results = {}
     with LLM(path, dtype="bfloat16", tensor_parallel_size=tp, load_format="dummy", max_model_len=2048,
              gpu_memory_utilization=0.85, max_num_seqs=max(batch_sizes)) as llm:
@@ -140,6 +145,10 @@ def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int
             decode_s = total_s - prefill_s
             results[batch] = {"decode_tok_s": batch * (output_len - 1) / decode_s,
                               "ms_per_step": decode_s / (output_len - 1) * 1000, "prefill_s": prefill_s}
+            if sampled:
+                sampled_s = best_of(2, lambda: llm.generate(
+                    prompts, SamplingParams(**SAMPLED, max_tokens=output_len, ignore_eos=True), use_tqdm=False))
+                results[batch]["sampled_ms_per_step"] = (sampled_s - prefill_s) / (output_len - 1) * 1000
             print(f"TP={tp} batch={batch}:", results[batch], flush=True)
     return results
 
@@ -172,7 +181,7 @@ def run_throughput(path: str, runs: list[Run], args, out: dict, save) -> None:
         try:
             with environment(run.env):
                 out[run.label]["batches"] = decode_throughput(path, run.tp, args.batch_sizes, args.input_len,
-                                                              args.output_len)
+                                                              args.output_len, args.sampled)
         except Exception as e:  # noqa: BLE001 - one failed engine must not cost the other runs' numbers
             traceback.print_exc()
             out[run.label]["error"] = f"{type(e).__name__}: {e}"
@@ -289,6 +298,8 @@ def parse_args():
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--skip-greedy", action="store_true")
+    p.add_argument("--sampled", action="store_true",
+                   help=f"also time each decode with {SAMPLED} (sampled_ms_per_step)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-tp1", action="store_true", help="no TP=1 throughput baseline (always so for 70b)")
     p.add_argument("--compare-all-reduce", action="store_true",

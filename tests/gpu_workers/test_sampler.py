@@ -285,3 +285,32 @@ def test_build_converts_params():
     assert batch.seeds == [None, 3, None]
     assert not batch.all_greedy and not batch.all_random and not batch.no_penalties
     assert batch.max_top_k == 5 and not batch.top_p_within_top_k and not batch.no_top_p
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_a_sampled_step_is_queued_without_waiting_for_the_gpu(use_triton):
+    """The worker samples right after it queues the step's forward pass: a host-device sync in the
+    sampler would hold the host until that forward had run, and the host's work for the next step
+    would then add to the GPU's instead of overlapping it. Every sampling feature but logprobs (which
+    the host reads now) must stay queued. (The sampler before this test failed it: its parameter
+    tensors were copied from pageable memory.)"""
+    params = [SamplingParams(temperature=0.8, top_p=0.95),
+              SamplingParams(temperature=1.0, top_k=20, seed=3),
+              SamplingParams(temperature=0.7, min_p=0.05, logit_bias={7: 2.0}),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.2, repetition_penalty=1.1),
+              SamplingParams(temperature=0.9, min_tokens=4)]
+    rows = [RowInfo(p, [1, 2, 3], [4, 4, 5], 0, [0, 9] if p.min_tokens else []) for p in params]
+    logits = torch.randn(len(params), 32000, device="cuda")
+    sampler = Sampler(device="cuda", use_triton=use_triton)
+    sampler.warm_up(32000, torch.float32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
+    try:
+        token_ids, logprobs = sampler.sample(logits, SamplingBatch.build(rows, "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logprobs == [None] * len(params)
+    tokens = token_ids.tolist()
+    assert tokens[3] == int(logits[3].argmax()) and tokens[5] not in (0, 9)
