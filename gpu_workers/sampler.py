@@ -45,6 +45,15 @@ _MASK64 = (1 << 64) - 1
 logger = logging.getLogger(__name__)
 
 
+def use_top_p_search(device: torch.device) -> bool:
+    """$PAGEDSERVE_TOP_P_SEARCH (see ipc/envs.py): top-p's threshold by the kernels/top_p.py search
+    instead of a vocabulary sort, by default on CUDA; on CPU when set to 1 under the interpreter."""
+    setting = envs.top_p_search()
+    if setting == "0":
+        return False
+    return device.type == "cuda" or (setting == "1" and envs.triton_interpret())
+
+
 def use_triton_sampling(device: torch.device) -> bool:
     """$PAGEDSERVE_TRITON_SAMPLING=1 (see ipc/envs.py): the Triton kernel on CUDA, and on CPU under the
     interpreter; torch ops otherwise (the default: faster on an H200 up to batch 64)."""
@@ -166,19 +175,30 @@ class Sampler:
     the next step before they reach the host).
     """
 
-    def __init__(self, seed: int = 0, device: torch.device | str = "cpu", use_triton: bool | None = None) -> None:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu", use_triton: bool | None = None,
+                 top_p_search: bool | None = None) -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._row_generator = torch.Generator(device=self.device)  # re-seeded for each seeded row
         self.use_triton = use_triton_sampling(self.device) if use_triton is None else use_triton
         """Random rows go through kernels/sampling.py (else the torch stages below)."""
+        self.top_p_search = use_top_p_search(self.device) if top_p_search is None else top_p_search
+        """The torch stages take top-p's threshold from kernels/top_p.py where they would sort the
+        whole vocabulary (top-p on a row without top-k)."""
 
     def warm_up(self, vocab_size: int, logits_dtype: torch.dtype = torch.bfloat16) -> None:
-        """Compile the sampling kernel for both logit dtypes it sees (the model's, and float32 once
-        penalties or a logit bias apply), so no compile lands in a user's step, and check its kept sets
-        against the torch filters on this device. Should it not build, or disagree, log the error and
-        keep the torch path."""
+        """Compile the sampling kernels, so no compile lands in a user's step: the top-p search, and
+        the Triton sampler for both logit dtypes it sees (the model's, and float32 once penalties or a
+        logit bias apply), whose kept sets are also checked against the torch filters on this device.
+        Should a kernel not build, or disagree, log the error and keep the torch path."""
+        if self.top_p_search:
+            try:
+                _check_top_p_search(vocab_size, self.device)
+            except Exception:  # noqa: BLE001 - any failure: the sort still filters correctly
+                logger.exception("the top-p search kernel failed its start-up check; top-p sorts the "
+                                 "vocabulary instead (set PAGEDSERVE_TOP_P_SEARCH=0 to skip this check)")
+                self.top_p_search = False
         if not self.use_triton:
             return
         try:
@@ -230,9 +250,15 @@ class Sampler:
         if not batch.no_min_p:
             logits = apply_min_p(logits, batch.min_p)
         if not (batch.no_top_k and batch.no_top_p):
-            num_candidates = batch.max_top_k if (batch.no_top_p or batch.top_p_within_top_k) else 0
-            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, num_candidates,
-                                       batch.no_top_p)
+            full_sort = not (batch.no_top_p or batch.top_p_within_top_k)
+            if full_sort and self.top_p_search:  # top-k alone by `topk`, then top-p by the search
+                if not batch.no_top_k:
+                    logits = apply_top_k_top_p(logits, batch.top_k, torch.ones_like(batch.top_p),
+                                               batch.max_top_k, no_top_p=True)
+                logits = apply_top_p_by_search(logits, batch.top_p)
+            else:
+                logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, 0 if full_sort else batch.max_top_k,
+                                           batch.no_top_p)
         probs = torch.softmax(logits, dim=-1)  # [S, V]; filtered tokens are exactly 0
         q = self._exponential_noise(probs.shape, batch)  # [S, V]
         sampled = probs.div_(q).argmax(dim=-1)  # [S]
@@ -316,6 +342,30 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     max_logits = logits.amax(dim=-1, keepdim=True)  # [S, 1]
     threshold = max_logits + torch.log(min_p)[:, None]  # [S, 1]
     return logits.masked_fill(logits < threshold, float("-inf"))  # [S, V]
+
+
+def apply_top_p_by_search(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """apply_top_k_top_p's top-p alone (top_k 0), its threshold from kernels/top_p.py: no sort."""
+    from kernels.top_p import top_p_thresholds
+
+    threshold = top_p_thresholds(logits.contiguous(), top_p)  # [S]
+    return logits.masked_fill(logits < threshold[:, None], float("-inf"))  # [S, V]
+
+
+def _check_top_p_search(vocab_size: int, device: torch.device) -> None:
+    """Raises unless kernels/top_p.py keeps, on fixed random rows, the tokens the sort keeps (rows
+    where rounding could tip top-p either way are skipped). Compiles the kernels as it goes."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(4, vocab_size, generator=gen) * torch.tensor([[0.5], [2.0], [4.0], [8.0]])  # [4, V]
+    top_p = torch.tensor([0.5, 0.9, 0.95, 0.99])
+    ref = torch.isfinite(apply_top_k_top_p(y, torch.zeros(4, dtype=torch.int32), top_p, 0))  # [4, V]
+    got = torch.isfinite(apply_top_p_by_search(y.to(device), top_p.to(device))).cpu()
+    for row in range(4):
+        probs = torch.softmax(y[row].double(), -1).sort(descending=True).values
+        tipping = ((probs.cumsum(0) - probs - top_p[row].double()).abs() < 1e-5).any()
+        if not (torch.equal(ref[row], got[row]) or tipping):
+            raise RuntimeError(f"row {row}: the top-p search keeps {int(got[row].sum())} tokens, the sort "
+                               f"{int(ref[row].sum())}")
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

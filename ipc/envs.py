@@ -127,6 +127,16 @@ def triton_sampling() -> str | None:
     return {"": None, "0": "torch", "1": "triton"}[value]
 
 
+def top_p_search() -> str:
+    """$PAGEDSERVE_TOP_P_SEARCH: how the torch sampling path finds top-p's threshold. Unset: by
+    kernels/top_p.py's search on CUDA, by a vocabulary sort on CPU. "1": the search on CPU too, under
+    $TRITON_INTERPRET=1 (tests). "0": the sort everywhere."""
+    value = os.environ.get("PAGEDSERVE_TOP_P_SEARCH", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_TOP_P_SEARCH must be 0 or 1, not {value!r}")
+    return value
+
+
 def pdl() -> bool:
     """$PAGEDSERVE_PDL: launch the decode path's Triton kernels with programmatic dependent launch
     (kernels/pdl.py; NVIDIA sm_90+). On unless "0" (H200: Llama-8B batch 1 4.80 -> 4.74 ms a token)."""

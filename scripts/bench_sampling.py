@@ -1,5 +1,6 @@
-"""The sampler's random rows: the Triton kernel (kernels/sampling.py, the CUDA default) vs the torch
-stages (the CPU path), at real vocabularies, batch sizes and filter settings.
+"""The sampler's random rows: the torch stages sorting for top-p, the same with top-p's threshold from
+kernels/top_p.py (the CUDA default), and the Triton kernel (kernels/sampling.py, opt-in), at real
+vocabularies, batch sizes and filter settings.
 
     python scripts/bench_sampling.py                       # CUDA, bf16 logits
     TRITON_INTERPRET=1 python scripts/bench_sampling.py --device cpu --vocab 2000 --batch-sizes 2 --iters 1
@@ -40,6 +41,21 @@ def time_call(fn, iters: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
+def time_gpu(fn, iters: int) -> float:
+    """GPU microseconds per call alone: the calls are queued behind a ~100 ms sleep kernel, so the
+    host's launch time (overlapped with the forward pass in the engine) is out of the measure."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(200_000_000)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -48,18 +64,25 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
     device = torch.device(args.device)
-    samplers = {"torch": Sampler(device=device, use_triton=False), "triton": Sampler(device=device, use_triton=True)}
-    print(f"{'vocab':>7} {'batch':>5} {'setting':24} {'torch us':>9} {'triton us':>9} {'speed-up':>8}")
+    samplers = {"torch": Sampler(device=device, use_triton=False, top_p_search=False),
+                "search": Sampler(device=device, use_triton=False, top_p_search=True),
+                "triton": Sampler(device=device, use_triton=True)}
+    print("us per call (host launch or GPU, whichever is longer), then GPU alone [in brackets]; torch: the\n"
+          "torch path sorting for top-p, search: the same with kernels/top_p.py (the CUDA default), triton:\n"
+          "kernels/sampling.py")
+    print(f"{'vocab':>7} {'batch':>5} {'setting':24} " + "".join(f"{p:>20}" for p in samplers))
     for vocab in args.vocab:
         for batch_size in args.batch_sizes:
             logits = (torch.randn(batch_size, vocab, device=device) * 3).to(torch.bfloat16)
             for name, params in SETTINGS.items():
                 rows = [RowInfo(params, [1], [], 0, [], position=i) for i in range(batch_size)]
                 batch = SamplingBatch.build(rows, device)
-                us = {path: time_call(lambda s=s: s.sample(logits, batch), args.iters, device)
-                      for path, s in samplers.items()}
-                print(f"{vocab:7} {batch_size:5} {name:24} {us['torch']:9.1f} {us['triton']:9.1f} "
-                      f"{us['torch'] / us['triton']:7.2f}x", flush=True)
+                cells = []
+                for s in samplers.values():
+                    us = time_call(lambda s=s: s.sample(logits, batch), args.iters, device)
+                    gpu = time_gpu(lambda s=s: s.sample(logits, batch), 20) if device.type == "cuda" else float("nan")
+                    cells.append(f"{us:9.1f} [{gpu:7.1f}]")
+                print(f"{vocab:7} {batch_size:5} {name:24} " + "".join(f"{c:>20}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@
 #   embed-ab               2+ GPUs: the embedding fused with its all-reduce and norm vs ./old: tests, 8B TP=2 b64 A/B, TP=1 / TP=2
 #   tp-sampled             2+ GPUs: 8B TP=1 / TP=2 decode at batch 1 and 64, greedy and sampled (temperature, top-p)
 #   sampled-ab             2+ GPUs: the sampler without host syncs vs ./old: tests, bench_sampling, 8B TP=1 / TP=2 greedy + sampled
+#   top-p                  2+ GPUs: the top-p search's tests, bench_sampling, 8B TP=1 / TP=2 greedy + sampled, sampled with the sort
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
@@ -539,6 +540,18 @@ stage_sampled-ab() {  # the sampler queued without host syncs (this tree) agains
   [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" run 150 "$PY" old/scripts/gpu_tp_check.py --size 8b --tp 2 \
     --skip-greedy --batch-sizes 1 64 --output-len 256 --sampled --budget-s 130 --workdir /tmp/gpu_tp_check_old \
     --out "$OUT/tp2_8b_sampled_old.json"
+}
+
+stage_top-p() {  # top-p's threshold by kernels/top_p.py's search: its GPU tests and the sampler's, bench_sampling at
+  # Llama-3's vocabulary (sort / search / Triton kernel), 8B TP=1 / TP=2 decode greedy and sampled (temperature 0.8,
+  # top-p 0.95), then sampled with the sort (PAGEDSERVE_TOP_P_SEARCH=0) at batch 64 (~8 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_top_p.py tests/gpu_workers/test_sampler.py \
+    tests/gpu_workers/test_sampler_triton.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  run 150 "$PY" scripts/bench_sampling.py --vocab 128256 --batch-sizes 1 64 256 --iters 30 2>&1 | tee -a "$OUT/kernels.txt"
+  run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --sampled --budget-s 130 --out "$OUT/tp2_8b_sampled.json"
+  PAGEDSERVE_TOP_P_SEARCH=0 run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 \
+    --output-len 256 --sampled --budget-s 100 --out "$OUT/tp2_8b_sampled_sort.json"
 }
 
 stage_tp4-close() {  # 4 GPUs: the final tree's TP=4 checks: the symmetric all-reduce's GPU tests (2 and 4 ranks,

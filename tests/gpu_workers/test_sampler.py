@@ -10,10 +10,11 @@ import torch
 from gpu_workers.logit_edits import apply_logit_bias_and_blocks, apply_penalties
 from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs, row_seed
 from ipc.sampling_params import SamplingParams
+from tests.triton_env import DEVICE
 
 
 def make_batch(params: list[SamplingParams], outputs=None, prompts=None, output_indices=None,
-               blocked=None) -> SamplingBatch:
+               blocked=None, device: str = "cpu") -> SamplingBatch:
     num_rows = len(params)
     outputs = outputs or [[] for _ in range(num_rows)]
     prompts = prompts or [[1, 2, 3] for _ in range(num_rows)]
@@ -21,7 +22,7 @@ def make_batch(params: list[SamplingParams], outputs=None, prompts=None, output_
     blocked = blocked or [[] for _ in range(num_rows)]
     rows = [RowInfo(p, prompt, out, index, block)
             for p, prompt, out, index, block in zip(params, prompts, outputs, output_indices, blocked)]
-    return SamplingBatch.build(rows, "cpu")
+    return SamplingBatch.build(rows, device)
 
 
 def reference_filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -114,6 +115,25 @@ def test_filters_follow_renormalized_distribution(cases):
     for i, p in enumerate(cases):
         counts = torch.bincount(tokens[i], minlength=vocab_size)
         assert_follows(counts, reference_filtered_probs(row_logits[i], p))
+
+
+def test_top_p_search_keeps_what_the_sort_keeps_in_a_mixed_batch(monkeypatch):
+    """On CUDA the torch path takes top-p's threshold from kernels/top_p.py's search (run here by the
+    interpreter) where the CPU sorts the vocabulary: the same kept sets, so the same draws from the
+    same generator. Logits of few distinct values put each top-p cut between tie groups, far from
+    where rounding could tip it."""
+    import kernels.top_p
+
+    calls = []
+    search_fn = kernels.top_p.top_p_thresholds
+    monkeypatch.setattr(kernels.top_p, "top_p_thresholds", lambda *a: calls.append(1) or search_fn(*a))
+    params = FILTER_CASES * 3  # top-p rows without a top_k: the batch needs the full sort
+    logits = (torch.randint(-4, 5, (len(params), 3000)).float() * 0.9).to(DEVICE)  # [S, V]
+    seed = int(torch.randint(0, 2**31, ()))
+    batch = make_batch(params, device=DEVICE)
+    by_sort = Sampler(seed=seed, device=DEVICE, top_p_search=False)(logits, batch)
+    by_search = Sampler(seed=seed, device=DEVICE, top_p_search=True)(logits, batch)
+    assert calls and by_search.token_ids == by_sort.token_ids
 
 
 def test_seeded_rows_reproducible_across_batches_and_orders():
