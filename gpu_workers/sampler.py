@@ -16,13 +16,16 @@ a seeded row draws its q from a generator seeded with mix(seed, output_index, po
 request gives the same tokens whatever else is in the batch, in any row order, and after preemption
 recomputes it; outputs of an n > 1 request differ through output_index.
 
-On CUDA the random rows' stages (temperature to the draw) run as one Triton kernel instead
-(kernels/sampling.py: thresholds by pivot search, no vocabulary sort, a Gumbel race on Philox noise
-keyed by the same mix(seed, output_index, position), or by a fresh engine-generator draw when
-unseeded). The same seed gives the same tokens within a path, not across the two. The torch code here
-is the CPU path and the kernel's reference; `use_triton_sampling` says which runs.
+The torch stages run by default, on CUDA too, where top-p takes its threshold from kernels/top_p.py
+instead of sorting the vocabulary (a row without top_k; `use_top_p_search`): the same kept set, found
+by a search over many programs a row. With $PAGEDSERVE_TRITON_SAMPLING=1 the random rows' stages
+(temperature to the draw) run as one Triton kernel instead (kernels/sampling.py: thresholds by pivot
+search, one program a row, a Gumbel race on Philox noise keyed by the same mix(seed, output_index,
+position), or by a fresh engine-generator draw when unseeded). The same seed gives the same tokens
+within a path, not across the two. `use_triton_sampling` says which runs.
 
-Everything stays on the device until the final `.tolist()`: only ids and small metadata leave the worker.
+Everything stays on the device until the final `.tolist()`: only ids and small metadata leave the worker,
+and nothing but logprobs waits for the GPU (host lists reach it through pinned memory, `host_to_device`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -135,15 +136,17 @@ def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
     assert row["best"]["us"] == min(cell["us"] for cell in row["grid"])  # the best of every (splits, tile) pair
 
 
-def test_bench_sampling_times_both_paths_for_every_setting():
-    """The CPU smoke mode of the sampling benchmark prints, per filter setting, both paths' times."""
+def test_bench_sampling_times_every_path_for_every_setting():
+    """The CPU smoke mode of the sampling benchmark prints, per filter setting, the three paths' times
+    (sort, top-p search, Triton kernel; GPU-alone times are nan without a GPU)."""
     run = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_sampling.py"), "--device", "cpu",
                           "--vocab", "300", "--batch-sizes", "1", "--iters", "1"], check=True, timeout=120,
                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
-    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    rows = [line for line in run.stdout.splitlines() if line.split()[:2] == ["300", "1"]]
     assert len(rows) == 5
     for row in rows:
-        assert row[:2] == ["300", "1"] and float(row[-3]) > 0 and float(row[-2]) > 0, row
+        times = [float(t) for t in re.findall(r"([0-9.]+) \[", row)]
+        assert len(times) == 3 and all(t > 0 for t in times), row
 
 
 def test_bench_scheduler_schedules_every_running_request_each_step(tmp_path):
