@@ -317,11 +317,17 @@ def _check_kernel_against_torch(vocab_size: int, dtype: torch.dtype, device: tor
                  min_p.to(device), torch.arange(len(_CHECK_ROWS), device=device))
     kept = y >= out.thresholds.cpu()[:, None]  # [R, V]
     for row, (ref, got) in enumerate(zip(kept_ref, kept)):
-        probs = torch.softmax(before_top_p[row].double(), -1).sort(descending=True).values
-        tipping = ((probs.cumsum(0) - probs - top_p[row].double()).abs() < 1e-5).any()
-        if not (torch.equal(ref, got) or (top_p[row] < 1 and tipping)) or not ref[out.token_ids[row].item()]:
+        tipping = top_p[row] < 1 and _near_top_p_cut(before_top_p[row], top_p[row].item())
+        if not (torch.equal(ref, got) or tipping) or not ref[out.token_ids[row].item()]:
             raise RuntimeError(f"row {row} {_CHECK_ROWS[row]}: the kernel keeps {int(got.sum())} tokens, "
                                f"torch {int(ref.sum())}; drew token {out.token_ids[row].item()}")
+
+
+def _near_top_p_cut(y: torch.Tensor, top_p: float) -> bool:
+    """Some token of row y [V] has a probability mass before it within rounding of top_p: float32
+    paths may keep that token or not, and both are right (the start-up checks skip such rows)."""
+    probs = torch.softmax(y.double(), -1).sort(descending=True).values
+    return bool(((probs.cumsum(0) - probs - top_p).abs() < 1e-5).any())
 
 
 def row_seed(seed: int, output_index: int, position: int) -> int:
@@ -364,9 +370,7 @@ def _check_top_p_search(vocab_size: int, device: torch.device) -> None:
     ref = torch.isfinite(apply_top_k_top_p(y, torch.zeros(4, dtype=torch.int32), top_p, 0))  # [4, V]
     got = torch.isfinite(apply_top_p_by_search(y.to(device), top_p.to(device))).cpu()
     for row in range(4):
-        probs = torch.softmax(y[row].double(), -1).sort(descending=True).values
-        tipping = ((probs.cumsum(0) - probs - top_p[row].double()).abs() < 1e-5).any()
-        if not (torch.equal(ref[row], got[row]) or tipping):
+        if not (torch.equal(ref[row], got[row]) or _near_top_p_cut(y[row], top_p[row].item())):
             raise RuntimeError(f"row {row}: the top-p search keeps {int(got[row].sum())} tokens, the sort "
                                f"{int(ref[row].sum())}")
 

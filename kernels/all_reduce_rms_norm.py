@@ -311,11 +311,6 @@ def fits_rows(num_rows: int, hidden: int, dtype: torch.dtype, peers: PeerBuffers
             and num_rows * hidden * dtype.itemsize <= peers.data_bytes)
 
 
-def fits(x: torch.Tensor, peers: PeerBuffers) -> bool:
-    """`fits_rows` for x [num_tokens, hidden]."""
-    return x.dim() == 2 and fits_rows(x.shape[0], x.shape[1], x.dtype, peers)
-
-
 def _check_peers(x: torch.Tensor, peers: PeerBuffers, rows: int, hidden: int, slot: int | None) -> None:
     if slot not in (None, 0, 1):
         raise ValueError(f"slot must be 0, 1 or None, not {slot!r}")

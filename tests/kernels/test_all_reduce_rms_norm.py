@@ -223,9 +223,9 @@ def test_one_rank_reduces_to_add_and_norm(monkeypatch):
 
 def test_messages_that_do_not_fit_are_refused_alike_on_every_rank():
     peers = fused.PeerBuffers(torch.zeros(2, dtype=torch.int64), 0, 2, DATA_BYTES)
-    assert fused.fits(torch.zeros(8, 64), peers)  # 2048 bytes
-    assert not fused.fits(torch.zeros(8, 256), peers)  # 8 KiB > DATA_BYTES
-    assert not fused.fits(torch.zeros(8, 64, dtype=torch.int32), peers)
+    assert fused.fits_rows(8, 64, torch.float32, peers)  # 2048 bytes
+    assert not fused.fits_rows(8, 256, torch.float32, peers)  # 8 KiB > DATA_BYTES
+    assert not fused.fits_rows(8, 64, torch.int32, peers)
     with pytest.raises(ValueError, match="slot must be 0, 1 or None"):
         fused.all_reduce_add_rms_norm(torch.zeros(8, 64), torch.zeros(8, 64), torch.ones(64), EPS, peers, 2)
     with pytest.raises(ValueError, match="does not fit the fused all-reduce"):
