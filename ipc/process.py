@@ -1,7 +1,10 @@
 """Starting, watching and stopping the engine's child processes.
 
-Children are started with `python -m <package> <config-json> ...` (subprocess, not multiprocessing), so
-the parent's __main__ is never re-imported and a user's script needs no `if __name__ == "__main__"`.
+Children run `<package>/__main__.py` with `<config-json> ...` as arguments in a fresh interpreter
+(subprocess, not multiprocessing), so the parent's __main__ is never re-imported and a user's script
+needs no `if __name__ == "__main__"`. They import the parent's own tree: `python -m` would put the
+working directory first on sys.path, where a folder named like one of our packages (a user's
+`frontend/`, another checkout) would shadow ours in the children only.
 Every child asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), so no process outlives
 the one that started it, even after a SIGKILL.
 """
@@ -23,13 +26,19 @@ _PR_SET_PDEATHSIG = 1
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+# `python -m module` without the working directory ahead of PYTHONPATH (-c puts "" at sys.path[0]).
+_RUN_MODULE = ("import runpy, sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+               "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+
+
 def spawn(module: str, args: list[str], name: str) -> subprocess.Popen:
-    """Start `python -m module *args` with our packages importable and our pid as its parent."""
+    """Start `module` as __main__ with `args` (sys.argv[1:]), our packages importable ahead of anything
+    in the working directory, and our pid as its parent."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
     env["PAGEDSERVE_PARENT_PID"] = str(os.getpid())
     env["PAGEDSERVE_PROCESS_NAME"] = name
-    return subprocess.Popen([sys.executable, "-m", module, *args], env=env)
+    return subprocess.Popen([sys.executable, "-c", _RUN_MODULE, module, *args], env=env)
 
 
 def init_child(name: str, die_with_parent: bool = True) -> None:
