@@ -16,13 +16,18 @@ a seeded row draws its q from a generator seeded with mix(seed, output_index, po
 request gives the same tokens whatever else is in the batch, in any row order, and after preemption
 recomputes it; outputs of an n > 1 request differ through output_index.
 
-The torch stages run by default, on CUDA too, where top-p takes its threshold from kernels/top_p.py
-instead of sorting the vocabulary (a row without top_k; `use_top_p_search`): the same kept set, found
-by a search over many programs a row. With $PAGEDSERVE_TRITON_SAMPLING=1 the random rows' stages
-(temperature to the draw) run as one Triton kernel instead (kernels/sampling.py: thresholds by pivot
-search, one program a row, a Gumbel race on Philox noise keyed by the same mix(seed, output_index,
-position), or by a fresh engine-generator draw when unseeded). The same seed gives the same tokens
-within a path, not across the two. `use_triton_sampling` says which runs.
+The torch stages run by default, on CUDA too, where two kernels stand in for the costliest of them:
+top-p takes its threshold from kernels/top_p.py instead of sorting the vocabulary (a row without
+top_k; `use_top_p_search`), the same kept set found by a search over many programs a row; and the
+draw is kernels/gumbel.py's race (`use_gumbel_race`): argmax(y + Gumbel noise) over the kept tokens,
+the same distribution as the exponential race, in one read of the logits (of the raw logits in their
+own dtype, scaled in the kernel, for a row with temperature alone), its noise keyed like the Triton
+kernel's below. With $PAGEDSERVE_TRITON_SAMPLING=1 the random rows' stages (temperature to the draw)
+run as one Triton kernel instead (kernels/sampling.py: thresholds by pivot search, one program a row,
+a Gumbel race on Philox noise keyed by the same mix(seed, output_index, position), or by a fresh
+engine-generator draw when unseeded); `use_triton_sampling` says which runs. A seed's tokens are the
+same on either GPU path wherever they keep the same tokens; torch's exponential race (the CPU's)
+draws other tokens for the same seed.
 
 Everything stays on the device until the final `.tolist()`: only ids and small metadata leave the worker,
 and nothing but logprobs waits for the GPU (host lists reach it through pinned memory, `host_to_device`).
@@ -52,6 +57,15 @@ def use_top_p_search(device: torch.device) -> bool:
     """$PAGEDSERVE_TOP_P_SEARCH (see ipc/envs.py): top-p's threshold by the kernels/top_p.py search
     instead of a vocabulary sort, by default on CUDA; on CPU when set to 1 under the interpreter."""
     setting = envs.top_p_search()
+    if setting == "0":
+        return False
+    return device.type == "cuda" or (setting == "1" and envs.triton_interpret())
+
+
+def use_gumbel_race(device: torch.device) -> bool:
+    """$PAGEDSERVE_GUMBEL_RACE (see ipc/envs.py): random rows drawn by kernels/gumbel.py, by default on
+    CUDA; on CPU when set to 1 under the interpreter."""
+    setting = envs.gumbel_race()
     if setting == "0":
         return False
     return device.type == "cuda" or (setting == "1" and envs.triton_interpret())
@@ -179,7 +193,7 @@ class Sampler:
     """
 
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu", use_triton: bool | None = None,
-                 top_p_search: bool | None = None) -> None:
+                 top_p_search: bool | None = None, race: bool | None = None) -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -189,6 +203,9 @@ class Sampler:
         self.top_p_search = use_top_p_search(self.device) if top_p_search is None else top_p_search
         """The torch stages take top-p's threshold from kernels/top_p.py where they would sort the
         whole vocabulary (top-p on a row without top-k)."""
+        self.race = use_gumbel_race(self.device) if race is None else race
+        """The torch stages draw with kernels/gumbel.py (one read of the kept logits) instead of a
+        softmax, exponential noise and an argmax."""
 
     def warm_up(self, vocab_size: int, logits_dtype: torch.dtype = torch.bfloat16) -> None:
         """Compile the sampling kernels, so no compile lands in a user's step: the top-p search, and
@@ -202,6 +219,13 @@ class Sampler:
                 logger.exception("the top-p search kernel failed its start-up check; top-p sorts the "
                                  "vocabulary instead (set PAGEDSERVE_TOP_P_SEARCH=0 to skip this check)")
                 self.top_p_search = False
+        if self.race:
+            try:
+                _check_gumbel_race(vocab_size, logits_dtype, self.device)
+            except Exception:  # noqa: BLE001 - any failure: torch's race still draws correctly
+                logger.exception("the Gumbel race kernel failed its start-up check; random rows are drawn by "
+                                 "torch ops instead (set PAGEDSERVE_GUMBEL_RACE=0 to skip this check)")
+                self.race = False
         if not self.use_triton:
             return
         try:
@@ -221,7 +245,7 @@ class Sampler:
         wants_logprobs = any(k is not None for k in batch.num_logprobs)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None  # [S, V]
         edits_logits = any(batch.logit_bias) or any(batch.blocked_token_ids) or not batch.no_penalties
-        if edits_logits or not self.use_triton:  # the kernel reads bf16 logits itself
+        if edits_logits or not (self.use_triton or self.race):  # the kernels read bf16 logits themselves
             logits = logits.float()  # [S, V]
         logits = apply_logit_bias_and_blocks(logits, batch.logit_bias, batch.blocked_token_ids)
         if not batch.no_penalties:
@@ -249,7 +273,12 @@ class Sampler:
         greedy = None if batch.all_random else logits.argmax(dim=-1)  # [S]
         is_greedy = batch.temperature < _GREEDY_EPS  # [S]
         temperature = torch.where(is_greedy, 1.0, batch.temperature)  # [S]; avoids dividing by 0
-        logits = logits / temperature[:, None]  # [S, V]
+        if self.race and batch.no_min_p and batch.no_top_k and batch.no_top_p:  # temperature alone
+            from kernels.gumbel import gumbel_race
+
+            sampled = gumbel_race(logits, self._row_seeds(batch), temperature)  # scales the logits itself
+            return sampled if batch.all_random else torch.where(is_greedy, greedy, sampled)
+        logits = logits / temperature[:, None]  # [S, V] float32, whatever the logits' dtype
         if not batch.no_min_p:
             logits = apply_min_p(logits, batch.min_p)
         if not (batch.no_top_k and batch.no_top_p):
@@ -262,9 +291,14 @@ class Sampler:
             else:
                 logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, 0 if full_sort else batch.max_top_k,
                                            batch.no_top_p)
-        probs = torch.softmax(logits, dim=-1)  # [S, V]; filtered tokens are exactly 0
-        q = self._exponential_noise(probs.shape, batch)  # [S, V]
-        sampled = probs.div_(q).argmax(dim=-1)  # [S]
+        if self.race:
+            from kernels.gumbel import gumbel_race
+
+            sampled = gumbel_race(logits, self._row_seeds(batch))  # [S]
+        else:
+            probs = torch.softmax(logits, dim=-1)  # [S, V]; filtered tokens are exactly 0
+            q = self._exponential_noise(probs.shape, batch)  # [S, V]
+            sampled = probs.div_(q).argmax(dim=-1)  # [S]
         return sampled if batch.all_random else torch.where(is_greedy, greedy, sampled)
 
     def _exponential_noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
@@ -359,6 +393,25 @@ def apply_top_p_by_search(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Te
 
     threshold = top_p_thresholds(logits.contiguous(), top_p)  # [S]
     return logits.masked_fill(logits < threshold[:, None], float("-inf"))  # [S, V]
+
+
+def _check_gumbel_race(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Raises unless kernels/gumbel.py, on fixed random rows, draws a kept token, and the only kept
+    token of a row where one stands alone (the rest -inf, or 40 nats below). Compiles it as it goes."""
+    from kernels.gumbel import gumbel_race
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, vocab_size, generator=gen)  # [4, V]
+    only = torch.randint(0, vocab_size, (4,), generator=gen)
+    x[0] = float("-inf")
+    x[1] -= 50
+    x[[0, 1], only[:2]] = 10.0
+    x = x.to(dtype)
+    threshold = torch.tensor([float("-inf"), float("-inf"), 0.5, float("-inf")])
+    seeds = torch.randint(0, 1 << 62, (4,), generator=gen)
+    got = gumbel_race(x.to(device), seeds.to(device), torch.ones(4, device=device), threshold.to(device)).tolist()
+    if got[:2] != only[:2].tolist() or not x[2, got[2]] >= 0.5 or not 0 <= got[3] < vocab_size:
+        raise RuntimeError(f"the Gumbel race drew {got}; expected {only[:2].tolist()} first, then a token >= 0.5")
 
 
 def _check_top_p_search(vocab_size: int, device: torch.device) -> None:

@@ -137,6 +137,16 @@ def top_p_search() -> str:
     return value
 
 
+def gumbel_race() -> str:
+    """$PAGEDSERVE_GUMBEL_RACE: how the torch sampling path draws a random row's token. Unset: by
+    kernels/gumbel.py's race on CUDA, by torch's exponential race on CPU. "1": the kernel on CPU too,
+    under $TRITON_INTERPRET=1 (tests). "0": torch everywhere."""
+    value = os.environ.get("PAGEDSERVE_GUMBEL_RACE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_GUMBEL_RACE must be 0 or 1, not {value!r}")
+    return value
+
+
 def pdl() -> bool:
     """$PAGEDSERVE_PDL: launch the decode path's Triton kernels with programmatic dependent launch
     (kernels/pdl.py; NVIDIA sm_90+). On unless "0" (H200: Llama-8B batch 1 4.80 -> 4.74 ms a token)."""

@@ -1,6 +1,7 @@
-"""The sampler's random rows: the torch stages sorting for top-p, the same with top-p's threshold from
-kernels/top_p.py (the CUDA default), and the Triton kernel (kernels/sampling.py, opt-in), at real
-vocabularies, batch sizes and filter settings.
+"""The sampler's random rows at real vocabularies, batch sizes and filter settings, by four paths: the
+torch stages sorting for top-p and drawing by torch's exponential race; the same with top-p's threshold
+from kernels/top_p.py; that with the draw by kernels/gumbel.py (the CUDA default); the Triton kernel
+(kernels/sampling.py, opt-in).
 
     python scripts/bench_sampling.py                       # CUDA, bf16 logits
     TRITON_INTERPRET=1 python scripts/bench_sampling.py --device cpu --vocab 2000 --batch-sizes 2 --iters 1
@@ -64,12 +65,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
     device = torch.device(args.device)
-    samplers = {"torch": Sampler(device=device, use_triton=False, top_p_search=False),
-                "search": Sampler(device=device, use_triton=False, top_p_search=True),
+    samplers = {"sort": Sampler(device=device, use_triton=False, top_p_search=False, race=False),
+                "search": Sampler(device=device, use_triton=False, top_p_search=True, race=False),
+                "search+race": Sampler(device=device, use_triton=False, top_p_search=True, race=True),
                 "triton": Sampler(device=device, use_triton=True)}
-    print("us per call (host launch or GPU, whichever is longer), then GPU alone [in brackets]; torch: the\n"
-          "torch path sorting for top-p, search: the same with kernels/top_p.py (the CUDA default), triton:\n"
-          "kernels/sampling.py")
+    print("us per call (host launch or GPU, whichever is longer), then GPU alone [in brackets]; sort: the\n"
+          "torch path sorting for top-p, drawing by torch's exponential race; search: top-p by kernels/top_p.py;\n"
+          "search+race: drawn by kernels/gumbel.py too (the CUDA default); triton: kernels/sampling.py")
     print(f"{'vocab':>7} {'batch':>5} {'setting':24} " + "".join(f"{p:>20}" for p in samplers))
     for vocab in args.vocab:
         for batch_size in args.batch_sizes:

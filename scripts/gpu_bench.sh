@@ -59,6 +59,8 @@
 #   tp-sampled             2+ GPUs: 8B TP=1 / TP=2 decode at batch 1 and 64, greedy and sampled (temperature, top-p)
 #   sampled-ab             2+ GPUs: the sampler without host syncs vs ./old: tests, bench_sampling, 8B TP=1 / TP=2 greedy + sampled
 #   top-p                  2+ GPUs: the top-p search's tests, bench_sampling, 8B TP=1 / TP=2 greedy + sampled, sampled with the sort
+#   race                   one GPU: the Gumbel-race draw vs ./old: sampling GPU tests, bench_sampling, 8B TP=1 greedy /
+#                          top-p / temperature-alone decode A/B
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
@@ -117,6 +119,15 @@ run() {
   [ $rc -eq 0 ] || echo "!! FAILED (exit $rc): $*"
   return 0
 }
+
+# /tmp/pb_old_py ARGS...: python in the tree extracted to ./old, from inside it: the engine's child processes of that
+# tree (`python -m` before the spawn fix) import from the working directory first, so run from here they
+# would load this tree's code.
+# (A script, not a function: `run` hands its command to timeout.)
+printf '#!/usr/bin/env bash\ncd "%s/old" && PYTHONPATH="%s/old:/tmp/site" exec "%s" "$@"\n' "$root" "$root" "$PY" > /tmp/pb_old_py
+# /tmp/pb_tree_py DIR ARGS...: the same in any tree extracted to ./DIR
+printf '#!/usr/bin/env bash\nd="%s/$1"; shift\ncd "$d" && PYTHONPATH="$d:/tmp/site" exec "%s" "$@"\n' "$root" "$PY" > /tmp/pb_tree_py
+chmod +x /tmp/pb_old_py /tmp/pb_tree_py
 
 collect() {  # collect NAME: append the run's JSON summary to $OUT/results.jsonl
   [ -f "$RUNS/$1.json" ] && sed "s/^{/{\"run\": \"$1\", /" "$RUNS/$1.json" >> "$OUT/results.jsonl"
@@ -318,7 +329,7 @@ stage_qwen3-ab() {  # batch-1 Qwen3 latency, this tree vs an older one extracted
   model qwen3-0.6b "$QWEN"
   lat latency_qwen3_pagedserve pagedserve "$QWEN" --num-iters 3
   if [ -d old/scripts ]; then
-    PYTHONPATH="$root/old:/tmp/site" run 300 "$PY" old/scripts/bench_latency.py --backend pagedserve --model "$QWEN" \
+    run 300 /tmp/pb_old_py scripts/bench_latency.py --backend pagedserve --model "$QWEN" \
       --load-format "$LOAD" --dtype bfloat16 --input-len 128 --output-len 512 --num-iters 3 --output-json "$RUNS/latency_qwen3_old.json"
     collect latency_qwen3_old
   fi
@@ -361,11 +372,11 @@ stage_tp-ab() {  # 2+ GPUs: the tp-fused checks, then this tree against ./old (g
   # the all-reduce table of each, and 8B decode TP=1 / TP=2 at batch 1 and 64 here, TP=2 at 64 there (~9 min)
   tp_checks
   ar_bench
-  [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" run 90 "$PY" old/scripts/gpu_tp_check.py --tp 2 --all-reduce-bench \
+  [ -d old/scripts ] && run 90 /tmp/pb_old_py scripts/gpu_tp_check.py --tp 2 --all-reduce-bench \
     --skip-greedy --skip-throughput --workdir /tmp/gpu_tp_check_old --out "$OUT/tp2_ar_bench_old.json"
   PAGEDSERVE_STEP_TIMING=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 \
     --output-len 256 --budget-s 150 --out "$OUT/tp2_8b.json"
-  [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" PAGEDSERVE_STEP_TIMING=1 run 100 "$PY" old/scripts/gpu_tp_check.py \
+  [ -d old/scripts ] && PAGEDSERVE_STEP_TIMING=1 run 100 /tmp/pb_old_py scripts/gpu_tp_check.py \
     --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 --budget-s 80 \
     --workdir /tmp/gpu_tp_check_old --out "$OUT/tp2_8b_old.json"
 }
@@ -475,7 +486,7 @@ stage_embed-ab() {  # 2+ GPUs: the embedding's lookup + all-reduce + first norm 
       run 80 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 \
         --out "/tmp/tp2_embed_new.json"
     elif [ -d old/scripts ]; then
-      PYTHONPATH="$root/old:/tmp/site" run 80 "$PY" old/scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
+      run 80 /tmp/pb_old_py scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy \
         --skip-tp1 --batch-sizes 64 --output-len 256 --workdir /tmp/gpu_tp_check_old --out "/tmp/tp2_embed_old.json"
     fi
   done
@@ -537,7 +548,7 @@ stage_sampled-ab() {  # the sampler queued without host syncs (this tree) agains
   run 120 "$PY" scripts/bench_sampling.py --vocab 128256 --batch-sizes 1 64
   run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 1 64 --output-len 256 \
     --sampled --budget-s 130 --out "$OUT/tp2_8b_sampled.json"
-  [ -d old/scripts ] && PYTHONPATH="$root/old:/tmp/site" run 150 "$PY" old/scripts/gpu_tp_check.py --size 8b --tp 2 \
+  [ -d old/scripts ] && run 150 /tmp/pb_old_py scripts/gpu_tp_check.py --size 8b --tp 2 \
     --skip-greedy --batch-sizes 1 64 --output-len 256 --sampled --budget-s 130 --workdir /tmp/gpu_tp_check_old \
     --out "$OUT/tp2_8b_sampled_old.json"
 }
@@ -552,6 +563,33 @@ stage_top-p() {  # top-p's threshold by kernels/top_p.py's search: its GPU tests
     --sampled --budget-s 130 --out "$OUT/tp2_8b_sampled.json"
   PAGEDSERVE_TOP_P_SEARCH=0 run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-greedy --batch-sizes 64 \
     --output-len 256 --sampled --budget-s 100 --out "$OUT/tp2_8b_sampled_sort.json"
+}
+
+stage_race() {  # one GPU: the draw by kernels/gumbel.py (the torch path's default on CUDA) against the tree in ./old:
+  # the sampling tests on the GPU, bench_sampling (4 paths), 8B TP=1 decode at batch 1 and 64, greedy, temperature 0.8 +
+  # top-p 0.95, temperature 1 alone, and top-p with a seed per request, in each tree of AB_TREES (default "new old
+  # new"; each older tree gets this tree's gpu_tp_check.py first; RACE_BATCHES: the batch sizes, default "1 64";
+  # RACE_BENCH=0: no tests, no bench) (~9 min)
+  if [ "${RACE_BENCH:-1}" = 1 ]; then
+    run 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gumbel.py tests/gpu_workers/test_sampler.py \
+      tests/gpu_workers/test_sampler_triton.py tests/kernels/test_top_p.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+    run 150 "$PY" scripts/bench_sampling.py --vocab 128256 --batch-sizes 1 64 256 --iters 30 2>&1 | tee -a "$OUT/kernels.txt"
+  fi
+  local RACE_BATCHES="${RACE_BATCHES:-1 64}"
+  local tree i=0
+  for tree in ${AB_TREES:-new old new}; do  # "new": this tree; any other name: the tree extracted to ./NAME
+    i=$((i + 1))
+    echo "== tree $tree"
+    if [ "$tree" = new ]; then
+      run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes $RACE_BATCHES \
+        --output-len 256 --sampled --budget-s 140 --out "$OUT/tp1_8b_$i$tree.json"
+    elif [ -d "$tree/scripts" ]; then
+      cp scripts/gpu_tp_check.py "$tree/scripts/gpu_tp_check.py"  # the same settings timed in every tree
+      run 150 /tmp/pb_tree_py "$tree" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+        --batch-sizes $RACE_BATCHES --output-len 256 --sampled --budget-s 140 --workdir "/tmp/gpu_tp_check_$tree" \
+        --out "$OUT/tp1_8b_$i$tree.json"
+    fi
+  done
 }
 
 stage_tp4-close() {  # 4 GPUs: the final tree's TP=4 checks: the symmetric all-reduce's GPU tests (2 and 4 ranks,

@@ -122,6 +122,7 @@ def environment(overrides: dict[str, str]):
 
 
 SAMPLED = dict(temperature=0.8, top_p=0.95)  # --sampled: what a chat client typically asks for
+TEMPERATURE = dict(temperature=1.0)  # --sampled, too: the OpenAI API's defaults (temperature 1, top_p 1)
 
 
 def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int, output_len: int,
@@ -129,7 +130,8 @@ def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int
     """Output tokens per second of `batch` requests decoding `output_len` tokens each; the prefill
     is measured separately (max_tokens=1) and subtracted, each the best of a few runs. After the untimed warm-up of each batch the
     prompts are in the prefix cache, equally for both timed runs. With `sampled`, the decode is also
-    timed with SAMPLED's temperature and top-p (the full logits gathered, the sampler kernel)."""
+    timed with SAMPLED's temperature and top-p, with TEMPERATURE's alone, and with SAMPLED and a seed
+    per request (the full logits gathered, the sampler)."""
     results = {}
     with LLM(path, dtype="bfloat16", tensor_parallel_size=tp, load_format="dummy", max_model_len=2048,
              gpu_memory_utilization=0.85, max_num_seqs=max(batch_sizes)) as llm:
@@ -149,6 +151,13 @@ def decode_throughput(path: str, tp: int, batch_sizes: list[int], input_len: int
                 sampled_s = best_of(2, lambda: llm.generate(
                     prompts, SamplingParams(**SAMPLED, max_tokens=output_len, ignore_eos=True), use_tqdm=False))
                 results[batch]["sampled_ms_per_step"] = (sampled_s - prefill_s) / (output_len - 1) * 1000
+                temperature_s = best_of(2, lambda: llm.generate(
+                    prompts, SamplingParams(**TEMPERATURE, max_tokens=output_len, ignore_eos=True), use_tqdm=False))
+                results[batch]["temperature_ms_per_step"] = (temperature_s - prefill_s) / (output_len - 1) * 1000
+                seeded = [SamplingParams(**SAMPLED, seed=1000 + i, max_tokens=output_len, ignore_eos=True)
+                          for i in range(batch)]
+                seeded_s = best_of(2, lambda: llm.generate(prompts, seeded, use_tqdm=False))
+                results[batch]["seeded_ms_per_step"] = (seeded_s - prefill_s) / (output_len - 1) * 1000
             print(f"TP={tp} batch={batch}:", results[batch], flush=True)
     return results
 
@@ -299,7 +308,8 @@ def parse_args():
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--skip-greedy", action="store_true")
     p.add_argument("--sampled", action="store_true",
-                   help=f"also time each decode with {SAMPLED} (sampled_ms_per_step)")
+                   help=f"also time each decode with {SAMPLED} (sampled_ms_per_step), {TEMPERATURE} "
+                        "(temperature_ms_per_step) and the first with a seed per request (seeded_ms_per_step)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-tp1", action="store_true", help="no TP=1 throughput baseline (always so for 70b)")
     p.add_argument("--compare-all-reduce", action="store_true",

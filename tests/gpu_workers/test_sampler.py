@@ -136,6 +136,37 @@ def test_top_p_search_keeps_what_the_sort_keeps_in_a_mixed_batch(monkeypatch):
     assert calls and by_search.token_ids == by_sort.token_ids
 
 
+def test_the_gumbel_race_draws_what_the_triton_kernel_draws():
+    """On CUDA the torch path draws with kernels/gumbel.py's race (run here by the interpreter), keyed
+    like the Triton sampler's one-program race: for the same engine seed the two paths draw the very
+    same tokens, row by row, seeded or not, and whether the batch has filters (the race reads the
+    filtered float32 logits) or temperature alone (it reads the model's bf16 logits and scales them).
+    Logits: 256 distinct values 1/8 apart (exact in bf16) above a far tail, so no tie sits at a cut."""
+    from gpu_workers.sampler import _near_top_p_cut
+
+    vocab = 5000  # two of the race's chunks
+    filtered = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.0, top_k=30, seed=11),
+                SamplingParams(temperature=0.7, min_p=0.05), SamplingParams(temperature=0.0),
+                SamplingParams(temperature=1.2, top_k=100, top_p=0.8, min_p=0.01, seed=5),
+                SamplingParams(temperature=0.9)]
+    alone = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, seed=2), SamplingParams(temperature=0.0)]
+    for params in (filtered, alone):
+        logits = -40 - 3 * torch.rand(len(params), vocab)  # [S, V]
+        for i, row in enumerate(logits):
+            while True:  # top-p cuts away from rounding distance of a token's mass-before
+                row[:] = -40 - 3 * torch.rand(vocab)
+                row[torch.randperm(vocab)[:256]] = 8 - 0.125 * torch.arange(256.0)
+                p = params[i]
+                if p.top_p >= 1 or not _near_top_p_cut(row / p.temperature, p.top_p):
+                    break
+        logits = logits.to(torch.bfloat16).to(DEVICE)
+        seed = int(torch.randint(0, 2**31, ()))
+        batch = make_batch(params, outputs=[[3] * i for i in range(len(params))], device=DEVICE)
+        race = Sampler(seed=seed, device=DEVICE, use_triton=False, top_p_search=True, race=True)
+        triton = Sampler(seed=seed, device=DEVICE, use_triton=True)
+        assert race(logits, batch).token_ids == triton(logits, batch).token_ids
+
+
 def test_seeded_rows_reproducible_across_batches_and_orders():
     vocab_size = 50_000
     seeded_logits = torch.randn(vocab_size) * 0.5  # flat enough that a repeat is a coincidence
@@ -329,8 +360,13 @@ def test_a_sampled_step_is_queued_without_waiting_for_the_gpu(use_triton):
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
     try:
         token_ids, logprobs = sampler.sample(logits, SamplingBatch.build(rows, "cuda"))
+        torch.cuda.set_sync_debug_mode("default")
+        # Temperature alone (the OpenAI API's default sampling): the race reads the logits unscaled.
+        alone = [RowInfo(SamplingParams(temperature=t, seed=seed), [1], [2], 0, []) for t, seed in ((0.8, None), (1.0, 4))]
+        alone_ids, _ = sampler.sample(logits[:2], SamplingBatch.build(alone, "cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logprobs == [None] * len(params)
     tokens = token_ids.tolist()
     assert tokens[3] == int(logits[3].argmax()) and tokens[5] not in (0, 9)
+    assert all(0 <= t < 32000 for t in alone_ids.tolist())

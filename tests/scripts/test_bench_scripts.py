@@ -137,8 +137,8 @@ def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
 
 
 def test_bench_sampling_times_every_path_for_every_setting():
-    """The CPU smoke mode of the sampling benchmark prints, per filter setting, the three paths' times
-    (sort, top-p search, Triton kernel; GPU-alone times are nan without a GPU)."""
+    """The CPU smoke mode of the sampling benchmark prints, per filter setting, the four paths' times
+    (sort, top-p search, search + Gumbel race, Triton kernel; GPU-alone times are nan without a GPU)."""
     run = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_sampling.py"), "--device", "cpu",
                           "--vocab", "300", "--batch-sizes", "1", "--iters", "1"], check=True, timeout=120,
                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -146,7 +146,7 @@ def test_bench_sampling_times_every_path_for_every_setting():
     assert len(rows) == 5
     for row in rows:
         times = [float(t) for t in re.findall(r"([0-9.]+) \[", row)]
-        assert len(times) == 3 and all(t > 0 for t in times), row
+        assert len(times) == 4 and all(t > 0 for t in times), row
 
 
 def test_bench_scheduler_schedules_every_running_request_each_step(tmp_path):
