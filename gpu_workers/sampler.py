@@ -21,8 +21,8 @@ top-p takes its threshold from kernels/top_p.py instead of sorting the vocabular
 top_k; `use_top_p_search`), the same kept set found by a search over many programs a row; and the
 draw is kernels/gumbel.py's race (`use_gumbel_race`): argmax(y + Gumbel noise) over the kept tokens,
 the same distribution as the exponential race, in one read of the logits (of the raw logits in their
-own dtype, scaled in the kernel, for a row with temperature alone), its noise keyed like the Triton
-kernel's below. With $PAGEDSERVE_TRITON_SAMPLING=1 the random rows' stages (temperature to the draw)
+own dtype, scaled in the kernel, for a row with temperature alone; with top-p's threshold applied in
+the race, not by a masked copy), its noise keyed like the Triton kernel's below. With $PAGEDSERVE_TRITON_SAMPLING=1 the random rows' stages (temperature to the draw)
 run as one Triton kernel instead (kernels/sampling.py: thresholds by pivot search, one program a row,
 a Gumbel race on Philox noise keyed by the same mix(seed, output_index, position), or by a fresh
 engine-generator draw when unseeded); `use_triton_sampling` says which runs. A seed's tokens are the
@@ -279,6 +279,7 @@ class Sampler:
             sampled = gumbel_race(logits, self._row_seeds(batch), temperature)  # scales the logits itself
             return sampled if batch.all_random else torch.where(is_greedy, greedy, sampled)
         logits = logits / temperature[:, None]  # [S, V] float32, whatever the logits' dtype
+        threshold = None  # [S]: top-p's cut, left to the race to apply (no masked copy of the logits)
         if not batch.no_min_p:
             logits = apply_min_p(logits, batch.min_p)
         if not (batch.no_top_k and batch.no_top_p):
@@ -287,14 +288,19 @@ class Sampler:
                 if not batch.no_top_k:
                     logits = apply_top_k_top_p(logits, batch.top_k, torch.ones_like(batch.top_p),
                                                batch.max_top_k, no_top_p=True)
-                logits = apply_top_p_by_search(logits, batch.top_p)
+                if self.race:
+                    from kernels.top_p import top_p_thresholds
+
+                    threshold = top_p_thresholds(logits, batch.top_p)  # [S]; -inf where top_p >= 1
+                else:
+                    logits = apply_top_p_by_search(logits, batch.top_p)
             else:
                 logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, 0 if full_sort else batch.max_top_k,
                                            batch.no_top_p)
         if self.race:
             from kernels.gumbel import gumbel_race
 
-            sampled = gumbel_race(logits, self._row_seeds(batch))  # [S]
+            sampled = gumbel_race(logits, self._row_seeds(batch), threshold=threshold)  # [S]
         else:
             probs = torch.softmax(logits, dim=-1)  # [S, V]; filtered tokens are exactly 0
             q = self._exponential_noise(probs.shape, batch)  # [S, V]

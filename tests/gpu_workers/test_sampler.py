@@ -145,10 +145,14 @@ def test_the_gumbel_race_draws_what_the_triton_kernel_draws():
     from gpu_workers.sampler import _near_top_p_cut
 
     vocab = 5000  # two of the race's chunks
+    # Cuts that drop most of the mass (top-p 0.3, top-k 3): a race that ignored one would draw a dropped
+    # token on most such rows, and there are eight of them.
     filtered = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.0, top_k=30, seed=11),
                 SamplingParams(temperature=0.7, min_p=0.05), SamplingParams(temperature=0.0),
                 SamplingParams(temperature=1.2, top_k=100, top_p=0.8, min_p=0.01, seed=5),
-                SamplingParams(temperature=0.9)]
+                SamplingParams(temperature=0.9)] + [
+                SamplingParams(temperature=2.0, top_p=0.3, seed=s) for s in range(4)] + [
+                SamplingParams(temperature=2.0, top_k=3, seed=s) for s in range(4)]
     alone = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, seed=2), SamplingParams(temperature=0.0)]
     for params in (filtered, alone):
         logits = -40 - 3 * torch.rand(len(params), vocab)  # [S, V]
