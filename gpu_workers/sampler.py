@@ -22,8 +22,9 @@ top_k; `use_top_p_search`), the same kept set found by a search over many progra
 draw is kernels/gumbel.py's race (`use_gumbel_race`): argmax(y + Gumbel noise) over the kept tokens,
 the same distribution as the exponential race, in one read of the logits (of the raw logits in their
 own dtype, scaled in the kernel, for a row with temperature alone; with top-p's threshold applied in
-the race, not by a masked copy), its noise keyed like the Triton kernel's below. With $PAGEDSERVE_TRITON_SAMPLING=1 the random rows' stages (temperature to the draw)
-run as one Triton kernel instead (kernels/sampling.py: thresholds by pivot search, one program a row,
+the race, not by a masked copy), its noise keyed like the Triton kernel's below. With
+$PAGEDSERVE_TRITON_SAMPLING=1 the random rows' stages (temperature to the draw) run as one Triton
+kernel instead (kernels/sampling.py: thresholds by pivot search, one program a row,
 a Gumbel race on Philox noise keyed by the same mix(seed, output_index, position), or by a fresh
 engine-generator draw when unseeded); `use_triton_sampling` says which runs. A seed's tokens are the
 same on either GPU path wherever they keep the same tokens; torch's exponential race (the CPU's)
@@ -402,8 +403,11 @@ def apply_top_p_by_search(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Te
 
 
 def _check_gumbel_race(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Raises unless kernels/gumbel.py, on fixed random rows, draws a kept token, and the only kept
-    token of a row where one stands alone (the rest -inf, or 40 nats below). Compiles it as it goes."""
+    """Raises unless kernels/gumbel.py, on fixed random rows, draws the only token a row keeps (the rest
+    -inf, or 60 nats below it, or under the row's threshold), and some token of a row that keeps all.
+    Compiles, as it goes, every variant `Sampler._sample` launches: the model's logits scaled by the
+    kernel (temperature alone), float32 ones so (after penalties or a logit bias), and float32 scaled
+    logits with top-p's threshold or without one."""
     from kernels.gumbel import gumbel_race
 
     gen = torch.Generator().manual_seed(0)
@@ -411,13 +415,18 @@ def _check_gumbel_race(vocab_size: int, dtype: torch.dtype, device: torch.device
     only = torch.randint(0, vocab_size, (4,), generator=gen)
     x[0] = float("-inf")
     x[1] -= 50
-    x[[0, 1], only[:2]] = 10.0
-    x = x.to(dtype)
-    threshold = torch.tensor([float("-inf"), float("-inf"), 0.5, float("-inf")])
-    seeds = torch.randint(0, 1 << 62, (4,), generator=gen)
-    got = gumbel_race(x.to(device), seeds.to(device), torch.ones(4, device=device), threshold.to(device)).tolist()
-    if got[:2] != only[:2].tolist() or not x[2, got[2]] >= 0.5 or not 0 <= got[3] < vocab_size:
-        raise RuntimeError(f"the Gumbel race drew {got}; expected {only[:2].tolist()} first, then a token >= 0.5")
+    x[2] = 4 + 0.5 * x[2].sigmoid()  # all but one token under the threshold 5, with most of the mass
+    x[[0, 1, 2], only[:3]] = 10.0
+    threshold = torch.tensor([float("-inf"), float("-inf"), 5.0, float("-inf")], device=device)
+    seeds = torch.randint(0, 1 << 62, (4,), generator=gen).to(device)
+    ones = torch.ones(4, device=device)
+    for x_dtype, temperature, cut in ((dtype, ones, None), (torch.float32, ones, None),
+                                      (torch.float32, None, threshold), (torch.float32, None, None)):
+        got = gumbel_race(x.to(x_dtype).to(device), seeds, temperature, cut).tolist()
+        want = only[:3 if cut is not None else 2].tolist()
+        if got[:len(want)] != want or not 0 <= got[3] < vocab_size:
+            raise RuntimeError(f"the Gumbel race ({x_dtype}, temperature {temperature is not None}, threshold "
+                               f"{cut is not None}) drew {got}; expected {want} first")
 
 
 def _check_top_p_search(vocab_size: int, device: torch.device) -> None:

@@ -171,6 +171,23 @@ def test_the_gumbel_race_draws_what_the_triton_kernel_draws():
         assert race(logits, batch).token_ids == triton(logits, batch).token_ids
 
 
+def test_warm_up_keeps_the_race_and_drops_one_that_ignores_its_threshold(monkeypatch, caplog):
+    import kernels.gumbel
+
+    sampler = Sampler(device=DEVICE, use_triton=False, top_p_search=False, race=True)
+    sampler.warm_up(vocab_size=3000, logits_dtype=torch.bfloat16)
+    assert sampler.race
+    real = kernels.gumbel.gumbel_race
+    monkeypatch.setattr(kernels.gumbel, "gumbel_race", lambda x, seeds, temperature=None, threshold=None:
+                        real(x, seeds, temperature))
+    sampler.warm_up(vocab_size=3000, logits_dtype=torch.bfloat16)
+    assert not sampler.race and "PAGEDSERVE_GUMBEL_RACE" in caplog.text
+    logits = torch.randn(2, 3000, device=DEVICE)
+    out = sampler(logits, make_batch([SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0)],
+                                     device=DEVICE))
+    assert out.token_ids == logits.argmax(-1).tolist()  # drawn by torch's race
+
+
 def test_seeded_rows_reproducible_across_batches_and_orders():
     vocab_size = 50_000
     seeded_logits = torch.randn(vocab_size) * 0.5  # flat enough that a repeat is a coincidence
