@@ -61,6 +61,8 @@
 #   top-p                  2+ GPUs: the top-p search's tests, bench_sampling, 8B TP=1 / TP=2 greedy + sampled, sampled with the sort
 #   race                   one GPU: the Gumbel-race draw vs ./old: sampling GPU tests, bench_sampling, 8B TP=1 greedy /
 #                          top-p / temperature-alone decode A/B
+#   tp2-ab                 2+ GPUs: 8B TP=2 decode b1 + b64 in each tree of AB_TREES (e.g. the graph-tail branch in ./gt)
+#   top-p-pivots           one GPU: the top-p search's time at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py)
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
 #   gemm-tunable           bench_gemm.py (cuBLAS / cuBLASLt / TunableOp), 8B TP=1 / TP=2 batch 64 with TunableOp off / on
@@ -575,21 +577,39 @@ stage_race() {  # one GPU: the draw by kernels/gumbel.py (the torch path's defau
       tests/gpu_workers/test_sampler_triton.py tests/kernels/test_top_p.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
     run 150 "$PY" scripts/bench_sampling.py --vocab 128256 --batch-sizes 1 64 256 --iters 30 2>&1 | tee -a "$OUT/kernels.txt"
   fi
-  local RACE_BATCHES="${RACE_BATCHES:-1 64}"
-  local tree i=0
-  for tree in ${AB_TREES:-new old new}; do  # "new": this tree; any other name: the tree extracted to ./NAME
+  ab_decode 1 "${RACE_BATCHES:-1 64}" --sampled
+}
+
+# ab_decode TP "BATCHES" [FLAGS...]: 8B decode (gpu_tp_check.py --skip-tp1 --skip-greedy, 256 tokens) at tensor-
+# parallel size TP in each tree of AB_TREES (default "new old new"): "new" is this tree, any other name the tree
+# extracted to ./NAME (git archive REV | tar -x -C NAME, carried), run from inside it with this tree's
+# gpu_tp_check.py, so every tree times the same settings.
+ab_decode() {
+  local tp=$1 batches=$2 tree i=0; shift 2
+  for tree in ${AB_TREES:-new old new}; do
     i=$((i + 1))
     echo "== tree $tree"
     if [ "$tree" = new ]; then
-      run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes $RACE_BATCHES \
-        --output-len 256 --sampled --budget-s 140 --out "$OUT/tp1_8b_$i$tree.json"
+      run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp "$tp" --skip-tp1 --skip-greedy --batch-sizes $batches \
+        --output-len 256 --budget-s 140 --out "$OUT/tp${tp}_8b_$i$tree.json" "$@"
     elif [ -d "$tree/scripts" ]; then
-      cp scripts/gpu_tp_check.py "$tree/scripts/gpu_tp_check.py"  # the same settings timed in every tree
-      run 150 /tmp/pb_tree_py "$tree" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
-        --batch-sizes $RACE_BATCHES --output-len 256 --sampled --budget-s 140 --workdir "/tmp/gpu_tp_check_$tree" \
-        --out "$OUT/tp1_8b_$i$tree.json"
+      cp scripts/gpu_tp_check.py "$tree/scripts/gpu_tp_check.py"
+      run 150 /tmp/pb_tree_py "$tree" scripts/gpu_tp_check.py --size 8b --tp "$tp" --skip-tp1 --skip-greedy \
+        --batch-sizes $batches --output-len 256 --budget-s 140 --workdir "/tmp/gpu_tp_check_$tree" \
+        --out "$OUT/tp${tp}_8b_$i$tree.json" "$@"
     fi
   done
+}
+
+stage_tp2-ab() {  # 2+ GPUs: 8B TP=2 decode at batch 1 and 64 in each tree of AB_TREES (e.g. AB_TREES="new gt new gt"
+  # with the graph-tail branch in ./gt: git archive graph-tail | tar -x -C gt), then TP=1 here for the ratio (~7 min)
+  ab_decode 2 "1 64"
+  run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --budget-s 110 --out "$OUT/tp1_8b.json"
+}
+
+stage_top-p-pivots() {  # one GPU: kernels/top_p.py's search at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py) (~1 min)
+  run 150 "$PY" scripts/bench_top_p.py 2>&1 | tee -a "$OUT/kernels.txt"
 }
 
 stage_tp4-close() {  # 4 GPUs: the final tree's TP=4 checks: the symmetric all-reduce's GPU tests (2 and 4 ranks,

@@ -149,6 +149,17 @@ def test_bench_sampling_times_every_path_for_every_setting():
         assert len(times) == 4 and all(t > 0 for t in times), row
 
 
+def test_bench_top_p_finds_the_same_thresholds_with_every_pivot_count():
+    """The top-p search benchmark times 16, 8, 4 and 2 pivots a pass (passes to match); under the
+    interpreter every setting finds the shipped setting's thresholds (a change of setting changes
+    no kept set), and each is timed."""
+    run = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_top_p.py"), "--device", "cpu", "--vocab", "1000",
+                          "--batch-sizes", "2", "--iters", "1"], check=True, timeout=120, capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    (row,) = [line.split() for line in run.stdout.splitlines() if line.split()[:1] == ["2"]]
+    assert len(row) == 5 and all(float(t) > 0 for t in row[1:]), run.stdout  # no "(n differ)"
+
+
 def test_bench_scheduler_schedules_every_running_request_each_step(tmp_path):
     """The scheduler benchmark drives the real Scheduler: in steady decode every running request gets
     one token per step (continuous batching), and each phase's time is reported."""
