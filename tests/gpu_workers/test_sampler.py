@@ -381,7 +381,6 @@ def test_a_sampled_step_is_queued_without_waiting_for_the_gpu(use_triton):
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
     try:
         token_ids, logprobs = sampler.sample(logits, SamplingBatch.build(rows, "cuda"))
-        torch.cuda.set_sync_debug_mode("default")
         # Temperature alone (the OpenAI API's default sampling): the race reads the logits unscaled.
         alone = [RowInfo(SamplingParams(temperature=t, seed=seed), [1], [2], 0, []) for t, seed in ((0.8, None), (1.0, 4))]
         alone_ids, _ = sampler.sample(logits[:2], SamplingBatch.build(alone, "cuda"))
