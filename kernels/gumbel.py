@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import cdiv, check_same_device, next_pow2
-from kernels.sampling import SUPPORTED_LOGIT_DTYPES, _race
+from kernels.sampling import SUPPORTED_LOGIT_DTYPES, _race_block
 
 CHUNK = 4096
 """Tokens one program races over (a multiple of every block size below)."""
@@ -54,16 +54,9 @@ def _race_chunk_kernel(
     start = chunk * CHUNK_SIZE
     best = tl.full([], float("-inf"), tl.float32)
     token = start  # a row with nothing kept (never: its max is kept) still names a real token
-    QUARTER: tl.constexpr = BLOCK // 4
     for off in range(0, CHUNK_SIZE, BLOCK):
-        block = start + off
-        if block < vocab:
-            r0, r1, r2, r3 = tl.randint4x(seed, block // 4 + tl.arange(0, QUARTER))
-            cols = block + tl.arange(0, QUARTER)
-            best, token = _race(row_ptr, cols, vocab, temperature, threshold, r0, best, token)
-            best, token = _race(row_ptr, cols + QUARTER, vocab, temperature, threshold, r1, best, token)
-            best, token = _race(row_ptr, cols + 2 * QUARTER, vocab, temperature, threshold, r2, best, token)
-            best, token = _race(row_ptr, cols + 3 * QUARTER, vocab, temperature, threshold, r3, best, token)
+        if start + off < vocab:
+            best, token = _race_block(row_ptr, start + off, vocab, temperature, threshold, seed, best, token, BLOCK)
     out = row * tl.num_programs(1) + chunk
     tl.store(best_ptr + out, best)
     tl.store(token_ptr + out, token)

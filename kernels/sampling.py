@@ -219,6 +219,20 @@ def _race(row_ptr, cols, vocab, temperature, threshold, r, best, token):
     return tl.maximum(best, block_best), tl.where(block_best > best, block_token, token)
 
 
+@triton.jit
+def _race_block(row_ptr, start, vocab, temperature, threshold, seed, best, token, BLOCK: tl.constexpr):
+    """The race over tokens [start, start + BLOCK), start a multiple of BLOCK: one Philox call per four
+    tokens, keyed by (seed, start // 4 + i). kernels/gumbel.py races the same way, so both draw the
+    same noise at every token. Returns the updated (best, token)."""
+    QUARTER: tl.constexpr = BLOCK // 4
+    r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, QUARTER))
+    cols = start + tl.arange(0, QUARTER)
+    best, token = _race(row_ptr, cols, vocab, temperature, threshold, r0, best, token)
+    best, token = _race(row_ptr, cols + QUARTER, vocab, temperature, threshold, r1, best, token)
+    best, token = _race(row_ptr, cols + 2 * QUARTER, vocab, temperature, threshold, r2, best, token)
+    return _race(row_ptr, cols + 3 * QUARTER, vocab, temperature, threshold, r3, best, token)
+
+
 @triton.jit(do_not_specialize=["stride_row", "vocab", "greedy_eps"],
             do_not_specialize_on_alignment=["logits_ptr", "temperature_ptr", "top_k_ptr", "top_p_ptr",
                                             "min_p_ptr", "seed_ptr", "scratch_ptr"])
@@ -274,14 +288,8 @@ def _sample_kernel(
         # The draw: the Gumbel race over the kept tokens, one Philox call per four tokens.
         seed = tl.load(seed_ptr + row)
         best = tl.full([], float("-inf"), tl.float32)
-        QUARTER: tl.constexpr = BLOCK // 4
         for start in range(0, vocab, BLOCK):
-            r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, QUARTER))
-            cols = start + tl.arange(0, QUARTER)
-            best, token = _race(row_ptr, cols, vocab, temperature, threshold, r0, best, token)
-            best, token = _race(row_ptr, cols + QUARTER, vocab, temperature, threshold, r1, best, token)
-            best, token = _race(row_ptr, cols + 2 * QUARTER, vocab, temperature, threshold, r2, best, token)
-            best, token = _race(row_ptr, cols + 3 * QUARTER, vocab, temperature, threshold, r3, best, token)
+            best, token = _race_block(row_ptr, start, vocab, temperature, threshold, seed, best, token, BLOCK)
     tl.store(token_ptr + row, token.to(tl.int64))
     tl.store(threshold_ptr + row, threshold)
 
