@@ -1,8 +1,9 @@
-"""The tensor-parallel group of one worker process, and the two collectives the model needs.
+"""The tensor-parallel group of one worker process, and the collectives the model needs.
 
     rank r of N:   x ──column-parallel──▶ local heads / local MLP slice ──row-parallel──▶ partial
                    partial ──all_reduce──▶ full hidden states (identical on every rank)
                    local logits [S, V/N] ──all_gather──▶ full logits [S, V] (identical on every rank)
+                   greedy: local best keys [S] ──all_reduce(max)──▶ the whole vocabulary's argmax
 
 With tensor_parallel_size 1 no process group exists at all: `get_tp_group()` returns a group of
 size 1 whose collectives return their input.
@@ -56,6 +57,12 @@ class TPGroup:
             if out is not None:
                 return out
         dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise max of `x` over the ranks, in place (NCCL, gloo); returns x."""
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
         return x
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,

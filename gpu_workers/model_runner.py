@@ -106,7 +106,7 @@ class ModelRunner:
         self.kv_cache, self.kv_caches = None, []
 
     def _forward_prefills(self, lens: list[int]) -> None:
-        """An eager forward (and LM head) of fresh prefills of these lengths over the current cache.
+        """An eager forward (and LM head, and greedy pick) of fresh prefills of these lengths over the current cache.
         Their blocks are taken from the front of it and left holding junk: no request owns them yet."""
         num_blocks = self.kv_cache.shape[2]
         reqs, table, first = [], BlockTable(len(lens), max(-(-n // self.block_size) for n in lens)), 0
@@ -121,6 +121,7 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
             self.model.compute_logits(hidden[inputs.sample_rows])
+            self.model.greedy_tokens(hidden[inputs.sample_rows])  # compiles kernels/greedy.py's kernel
 
     def warm_up_kernels(self) -> None:
         """Compile at start-up the kernel variants steps can pick: every attention variant (the
@@ -268,10 +269,13 @@ class ModelRunner:
             rows = None if all(r.argmax_only for r in reqs) else [
                 row for req in reqs for row in self._sampling_rows(req)]
             plain_greedy = rows is None or all(map(_plain_greedy, rows))
+            # A decode step where every request samples: the sample rows are all rows, in order.
+            every_row = inputs.meta.is_decode_only and len(reqs) == hidden.shape[0]
+            sampled = hidden if every_row else hidden[inputs.sample_rows]  # [num_sampling_reqs, hidden]
             if plain_greedy and num_rows == len(reqs):  # no logits gathered across ranks
-                token_ids, logprobs = self.model.greedy_tokens(hidden[inputs.sample_rows]), [None] * num_rows
+                token_ids, logprobs = self.model.greedy_tokens(sampled), [None] * num_rows
             else:
-                logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampling_reqs, vocab]
+                logits = self.model.compute_logits(sampled)  # [num_sampling_reqs, vocab]
                 if num_rows > len(reqs):  # a request forking into n outputs
                     index = [i for i, r in enumerate(reqs) for _ in range(r.num_samples)]
                     logits = logits[host_to_device(index, torch.int64, self.device)]  # [num_rows, vocab]

@@ -62,6 +62,9 @@
 #   race                   one GPU: the Gumbel-race draw vs ./old: sampling GPU tests, bench_sampling, 8B TP=1 greedy /
 #                          top-p / temperature-alone decode A/B
 #   tp2-ab                 2+ GPUs: 8B TP=2 decode b1 + b64 in each tree of AB_TREES (e.g. the graph-tail branch in ./gt)
+#   greedy-ab              2+ GPUs: the greedy keys' GPU tests (+ the sampler's), small TP=2 float32 greedy == TP=1,
+#                          8B TP=2 decode b1 + b64 vs ./old (AB_TREES), TP=1 here for the ratio
+#   greedy-ab1             one GPU: 8B TP=1 decode b1 + b64 vs ./old (AB_TREES), then the top-p pivot table
 #   top-p-pivots           one GPU: the top-p search's time at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py)
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
 #   gemm64                 2+ GPUs: the GEMV over 16 rows: GPU tests, bench_gemm vs cuBLAS, 8B TP=1 / TP=2 batch 64
@@ -606,6 +609,22 @@ stage_tp2-ab() {  # 2+ GPUs: 8B TP=2 decode at batch 1 and 64 in each tree of AB
   ab_decode 2 "1 64"
   run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 1 64 --output-len 256 \
     --budget-s 110 --out "$OUT/tp1_8b.json"
+}
+
+stage_greedy-ab() {  # 2+ GPUs: kernels/greedy.py's keys vs ./old (the torch argmax pick): GPU tests, TP=2 greedy
+  # == TP=1, 8B TP=2 decode at batch 1 and 64 in each tree of AB_TREES, then TP=1 here for the ratio (~9 min)
+  PYTEST_ARGS="tests/kernels/test_greedy.py tests/kernels/test_gumbel.py tests/gpu_workers/test_sampler.py" stage_pytest
+  run 100 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  ab_decode 2 "1 64"
+  run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --budget-s 110 --out "$OUT/tp1_8b.json"
+}
+
+stage_greedy-ab1() {  # one GPU: the greedy keys at TP=1: 8B decode at batch 1 and 64 in each tree of AB_TREES,
+  # then the top-p search's pivot table (~6 min)
+  ab_decode 1 "1 64"
+  stage_top-p-pivots
 }
 
 stage_top-p-pivots() {  # one GPU: kernels/top_p.py's search at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py) (~1 min)

@@ -116,3 +116,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     from kernels.activation import silu_and_mul as kernel
 
     return kernel(gate_up)
+
+
+def greedy_keys(logits: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """[rows] int64 keys of each row's argmax (parallel_layers.greedy_keys_torch says how they pack):
+    kernels/greedy.py's one launch, or torch's argmax, gather and packing ops."""
+    if use_triton(logits):
+        from kernels.greedy import greedy_keys as kernel
+        return kernel(logits, vocab_start)
+    from gpu_workers.models.parallel_layers import greedy_keys_torch
+    return greedy_keys_torch(logits, vocab_start)

@@ -263,31 +263,42 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """forward(hidden_states).argmax(-1), the first maximum on ties, without gathering the logits:
-        each rank's best (logit, token id) over its own vocabulary rows, [num_tokens, 2] float32 (ids
-        below 2**24 are exact), is all-gathered, and the first rank holding the largest wins (ranks
-        own ascending id ranges, so that is the lowest id among equal logits). At batch 64 on Llama-8B
-        TP=2 this replaces a [64, 128256] gather and argmax with a [64, 2] gather: 3.66 -> 3.63 ms a
-        step on 2 x H200 (BENCHMARKS.md, session 7)."""
-        if self.tp.world_size == 1 or self.vocab_size >= 1 << 24:  # the same choice on every rank
-            return self.forward(hidden_states).argmax(dim=-1)
-        packed = self.local_best(hidden_states)  # [num_tokens, 2]
-        return pick_best(self.tp.all_gather(packed, dim=0).view(self.tp.world_size, -1, 2))
+        each rank packs its best (logit, token id) per row into one int64 key (kernels/greedy.py),
+        and the ranks' keys are all-reduced with max: the largest is the whole vocabulary's argmax, the
+        lowest id among equal logits, on every rank. At batch 64 on Llama-8B TP=2 a [64, 128256]
+        gather and argmax became a [64, 2] gather (3.66 -> 3.63 ms a step on 2 x H200, BENCHMARKS.md,
+        session 7), then a [64] max of keys, in 4 launches after the LM head instead of about 12."""
+        keys = self.tp.all_reduce_max(self.local_keys(hidden_states))  # [num_tokens]
+        return tokens_from_keys(keys)
 
-    def local_best(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, 2] float32: this rank's largest logit and its token id, per row."""
+    def local_keys(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[num_tokens] int64: this rank's best logit and its token id per row, packed as a key."""
         logits = elementwise.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
         own = max(0, min(self.rows_per_rank, self.vocab_size - self.vocab_start))  # padding rows excluded
-        if own > 0:
-            best = logits[:, :own].argmax(dim=-1)  # [num_tokens]
-            value = logits.gather(1, best[:, None]).squeeze(1).float()
-        else:  # a rank holding only padding rows (tiny vocabularies): it never wins
-            best = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-            value = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
-        return torch.stack([value, (best + self.vocab_start).float()], dim=-1)
+        if own == 0:  # a rank holding only padding rows (tiny vocabularies): it never wins
+            return torch.full((logits.shape[0],), KEY_MIN, dtype=torch.int64, device=logits.device)
+        return elementwise.greedy_keys(logits[:, :own], self.vocab_start)
 
 
-def pick_best(gathered: torch.Tensor) -> torch.Tensor:
-    """[world, num_tokens, 2] ranks' (logit, token id) -> [num_tokens] int64 token ids: the first rank
-    with the largest logit, i.e. the lowest id among equal logits, as an argmax over the whole row."""
-    winner = gathered[..., 0].argmax(dim=0)  # [num_tokens]
-    return gathered[..., 1].gather(0, winner[None]).squeeze(0).long()
+KEY_MIN = -(1 << 63)
+_LOW = (1 << 32) - 1
+
+
+def greedy_keys_torch(logits: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
+    """[rows] int64 keys of each row's argmax over `logits` ([rows, vocab], token ids vocab_start
+    on), packed as kernels/greedy.py packs them: ordered(float32(logit) + 0.0) << 32 | (2**32 - 1 - id),
+    so the largest key, over any number of ranks' slices, is the argmax of the whole row with ties to
+    the lowest id. The CPU path, and the kernel's reference in tests."""
+    best = logits.argmax(dim=-1)  # [rows]: the first maximum
+    value = logits.gather(1, best[:, None]).squeeze(1).float() + 0.0  # -0.0 -> +0.0
+    bits = value.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # monotone in the float's value
+    return (ordered << 32) | (_LOW - (best + vocab_start))
+
+
+def tokens_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """[..., rows] int64 keys (several ranks' stacked in front) -> [rows] int64 token ids of each
+    row's largest key."""
+    if keys.dim() > 1:
+        keys = keys.flatten(0, -2).amax(dim=0)
+    return _LOW - (keys & _LOW)

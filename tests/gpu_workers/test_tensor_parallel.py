@@ -195,9 +195,9 @@ def test_fused_reductions_never_reuse_a_one_barrier_slot_back_to_back(tmp_path, 
 
 @pytest.mark.parametrize("vocab, tp", [(VOCAB, 2), (VOCAB, 4), (6, 4)])  # 6 rows over 4 ranks: one holds padding only
 def test_greedy_tokens_gather_each_ranks_best_and_equal_the_full_argmax(fake_rank, vocab, tp):
-    """Ranks' (best logit, token id) pairs picked across ranks give exactly the argmax of the gathered
-    logits, ties included (the lowest id wins, as torch.argmax's first maximum)."""
-    from gpu_workers.models.parallel_layers import ParallelLMHead, pick_best
+    """Ranks' keys of their best (logit, token id), maxed across ranks, give exactly the argmax of the
+    gathered logits, ties included (the lowest id wins, as torch.argmax's first maximum)."""
+    from gpu_workers.models.parallel_layers import ParallelLMHead, tokens_from_keys
 
     torch.manual_seed(0)
     full = torch.randn(vocab, 16)
@@ -214,6 +214,6 @@ def test_greedy_tokens_gather_each_ranks_best_and_equal_the_full_argmax(fake_ran
         head.weight.data[:own] = full[rank * per:rank * per + own]
         heads.append(head)
     expected = (hidden @ full.T).argmax(dim=-1)
-    got = pick_best(torch.stack([h.local_best(hidden) for h in heads]))
+    got = tokens_from_keys(torch.stack([h.local_keys(hidden) for h in heads]))
     assert torch.equal(got, expected)
     assert got[2] == 1
