@@ -193,3 +193,43 @@ def test_prefetching_the_next_weight_changes_no_output_gpu(num_seqs):
     with_prefetch = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 4096, 0.08,
                                      prefetch_weight=o_proj)
     assert torch.equal(plain, with_prefetch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float32, 96)])
+def test_prefetching_the_context_before_the_wait_changes_no_output_gpu(monkeypatch, dtype, head_dim):
+    """With PDL each program prefetches its K/V into L2 before waiting for the rotary + KV-write kernel,
+    which writes every sequence's newest K/V just before: a step's outputs are bitwise those with the
+    prefetch off (a stale newest key or value would change them), in a step and in a CUDA graph of it."""
+    from kernels import apply_rotary_and_write_kv
+
+    seq_lens = [(97 * i) % 400 + 2 for i in range(64)]
+    k_cache, v_cache, block_tables, _ = paged_cache(seq_lens, 16, 4, head_dim, dtype)
+    newest = [n - 1 for n in seq_lens]
+    slots = torch.tensor([int(block_tables[i, p // 16]) * 16 + p % 16 for i, p in enumerate(newest)], device=DEVICE)
+    q, k, v = (torch.randn(64, h, head_dim, device=DEVICE).to(dtype) for h in (16, 4, 4))
+    angles = torch.arange(512, device=DEVICE)[:, None] * 0.01 * torch.arange(head_dim // 2, device=DEVICE)
+    positions, seq_lens_t = torch.tensor(newest, device=DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+    def step(prefetch: str, graphed: bool) -> torch.Tensor:
+        monkeypatch.setenv("PAGEDSERVE_PREFETCH_KV", prefetch)
+        kc, vc = k_cache.clone(), v_cache.clone()
+
+        def run():
+            rotated = apply_rotary_and_write_kv(q, k, v, positions, angles.cos(), angles.sin(), kc, vc, slots)
+            return decode_attention(rotated, kc, vc, block_tables, seq_lens_t, 4096, 0.08)
+        if not graphed:
+            return run()
+        run()  # compiles outside the capture
+        kc.copy_(k_cache), vc.copy_(v_cache)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        kc.copy_(k_cache), vc.copy_(v_cache)
+        graph.replay()
+        return out.clone()
+
+    want = step("0", graphed=False)
+    assert torch.equal(step("1", graphed=False), want)
+    assert torch.equal(step("1", graphed=True), want)
