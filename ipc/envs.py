@@ -203,14 +203,5 @@ def prefetch_in_attention() -> bool:
     return value == "1"
 
 
-def prefetch_kv() -> bool:
-    """$PAGEDSERVE_PREFETCH_KV (default 1): decode attention prefetches each sequence's K/V into L2
-    before waiting for the kernel before it (with PDL; kernels/decode_attention.py); 0 turns it off."""
-    value = os.environ.get("PAGEDSERVE_PREFETCH_KV", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"PAGEDSERVE_PREFETCH_KV must be 0 or 1, not {value!r}")
-    return value == "1"
-
-
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -18,10 +18,6 @@ ceil(len / min_partition)). A CUDA graph is captured with max_splits for max_mod
 250-token context at batch 64 still runs as one split (no scratch, no atomic, no combine), and the
 programs past a sequence's splits exit at once. One split normalises and writes `out` directly.
 
-Before waiting for the kernel before it (PDL: rotary + KV write, which writes q and the newest K/V),
-each program reads its sequence's length and block table, and prefetches its split's K/V into L2
-($PAGEDSERVE_PREFETCH_KV=0 turns that off), so the context's reads start while that kernel runs.
-
 One launch whatever the split count (a separate reduce kernel cost ~3 us per layer at batch 1). Scores
 use exp2 with log2(e) folded into the scale; accumulation is float32 whatever the cache dtype.
 
@@ -38,35 +34,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ipc import envs
 from kernels import prefetch
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
                               check_last_dim_contiguous, check_same_device, next_pow2, paged_kv_offsets)
 from kernels.pdl import pdl_prologue, use_pdl
-from kernels.prefetch import l2_prefetch, prefetch_rows
+from kernels.prefetch import prefetch_rows
 
 LOG2E = 1.4426950408889634
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity": an empty split never produces inf - inf = nan
 _MIN_PARTITION = 128  # tokens a split takes at least, when the batch fills under a quarter of the SMs
 _MIN_PARTITION_BUSY = 1024  # ... and when it fills a quarter or more (a split costs ~3-4 us of combine)
 _MAX_SPLITS = 64
-
-
-@triton.jit
-def _prefetch_context(k_cache_ptr, v_cache_ptr, bt_row, start, end, kv_head, block_size, head_dim,
-                      stride_cb, stride_co, stride_ch, BLOCK_N: tl.constexpr, KV_LINES: tl.constexpr,
-                      LINE_ELEMS: tl.constexpr):
-    """prefetch.global.L2 of every 128-byte line of K and V at context positions [start, end) of one
-    sequence (block-table row bt_row) and KV head. Hints only: a line the kernel before is writing is
-    fetched again by the loads after the wait (L2 holds the newest data; nothing lands in L1)."""
-    lines = tl.arange(0, KV_LINES) * LINE_ELEMS
-    lines = tl.where(lines < head_dim, lines, 0)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        off = paged_kv_offsets(bt_row, pos, pos < end, lines, kv_head, block_size, stride_cb, stride_co,
-                               stride_ch)  # [BLOCK_N, KV_LINES]; past end: block 0, harmless
-        l2_prefetch(k_cache_ptr + off)
-        l2_prefetch(v_cache_ptr + off)
 
 
 # Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
@@ -88,7 +66,6 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_GC: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, MAY_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
-    PREFETCH_KV: tl.constexpr, KV_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):
     prog = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -97,8 +74,7 @@ def _decode_split_kernel(
         flat = (prog * tl.num_programs(1) + kv_head) * tl.num_programs(2) + split
         total = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, flat, total, PF_CHUNK)
-    # Up to the wait for the kernel before (rotary + KV write, which writes q and each sequence's newest
-    # K/V) only what it does not write is read: the step's inputs (sequence ids, lengths, block tables).
+    pdl_prologue(USE_PDL)
     if HAS_SEQ_IDS:  # a decode inside a mixed batch: its sequence, and its row among all the tokens
         seq = tl.load(seq_ids_ptr + prog)
         row = tl.load(query_start_loc_ptr + seq)
@@ -114,14 +90,10 @@ def _decode_split_kernel(
         num_splits = tl.maximum(tl.minimum(tl.cdiv(seq_len, min_partition), max_splits), 1)
         partition = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         num_splits = tl.cdiv(seq_len, partition)
-    start = split * partition
-    end = tl.minimum(start + partition, seq_len)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    if PREFETCH_KV and split < num_splits:  # this split's K/V into L2 while the kernel before runs
-        _prefetch_context(k_cache_ptr, v_cache_ptr, bt_row, start, end, kv_head, block_size, head_dim,
-                          stride_cb, stride_co, stride_ch, BLOCK_N, KV_LINES, LINE_ELEMS)
-    pdl_prologue(USE_PDL)
     if split < num_splits:  # the programs past this sequence's splits have nothing to do
+        start = split * partition
+        end = tl.minimum(start + partition, seq_len)
+
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         g_mask = g < GROUP
@@ -134,6 +106,7 @@ def _decode_split_kernel(
         m_i = tl.full([BLOCK_G], _NEG_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions in the context
             n_mask = pos < end
@@ -362,9 +335,7 @@ def decode_attention(
         BLOCK_GC=block_gc, BLOCK_S=max(2, min(16, 4096 // (block_gc * block_d))),
         HAS_SEQ_IDS=seq_ids is not None, MAY_SPLIT=may_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, PREFETCH_KV=pdl and envs.prefetch_kv(),
-        KV_LINES=next_pow2(cdiv(head_dim * query.element_size(), prefetch.LINE)),
-        LINE_ELEMS=prefetch.LINE // query.element_size(), num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, num_warps=num_warps, num_stages=num_stages,
         launch_pdl=pdl,
     )
     return out

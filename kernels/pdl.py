@@ -1,8 +1,8 @@
 """Programmatic dependent launch (PDL; Hopper, sm_90, and later) for the decode path's small kernels.
 
 A kernel launched with PDL may be scheduled while the kernel before it in the stream is still draining;
-it waits (griddepcontrol.wait) before its first load of anything that kernel writes, so it never reads
-what that kernel has not yet written, and a boundary costs less than a whole launch gap. Each of our kernels that takes USE_PDL then
+it waits (griddepcontrol.wait) before its first load, so it never reads what that kernel has not yet
+written, and a boundary costs less than a whole launch gap. Each of our kernels that takes USE_PDL then
 releases its own dependents at once (griddepcontrol.launch_dependents): the next PDL kernel is queued
 early and waits for this one to finish in the same way.
 

@@ -64,8 +64,6 @@
 #   tp2-ab                 2+ GPUs: 8B TP=2 decode b1 + b64 in each tree of AB_TREES (e.g. the graph-tail branch in ./gt)
 #   greedy-ab              2+ GPUs: the greedy keys' GPU tests (+ the sampler's), small TP=2 float32 greedy == TP=1,
 #                          8B TP=2 decode b1 + b64 vs ./old (AB_TREES), TP=1 here for the ratio
-#   prefetch-kv-ab         2+ GPUs: decode attention's K/V prefetch before its PDL wait: attention + rotary GPU tests,
-#                          smoke, then 8B TP=1 and TP=2 decode b1 + b64 with PAGEDSERVE_PREFETCH_KV=0 / 1 alternating
 #   greedy-ab1             one GPU: 8B TP=1 decode b1 + b64 vs ./old (AB_TREES), then the top-p pivot table
 #   top-p-pivots           one GPU: the top-p search's time at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py)
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
@@ -621,20 +619,6 @@ stage_greedy-ab() {  # 2+ GPUs: kernels/greedy.py's keys vs ./old (the torch arg
   ab_decode 2 "1 64"
   run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 1 64 --output-len 256 \
     --budget-s 110 --out "$OUT/tp1_8b.json"
-}
-
-stage_prefetch-kv-ab() {  # 2+ GPUs: decode attention's K/V prefetch before its PDL wait, off / on alternating (~9 min)
-  PYTEST_ARGS="tests/kernels/test_decode_attention.py tests/kernels/test_rotary.py" stage_pytest
-  stage_smoke
-  local tp v i=0
-  for tp in 1 2; do
-    for v in 0 1 0 1; do
-      i=$((i + 1))
-      echo "== TP=$tp PAGEDSERVE_PREFETCH_KV=$v"
-      PAGEDSERVE_PREFETCH_KV=$v run 100 "$PY" scripts/gpu_tp_check.py --size 8b --tp "$tp" --skip-tp1 --skip-greedy \
-        --batch-sizes 1 64 --output-len 256 --budget-s 90 --out "$OUT/tp${tp}_8b_${i}_kv$v.json"
-    done
-  done
 }
 
 stage_greedy-ab1() {  # one GPU: the greedy keys at TP=1: 8B decode at batch 1 and 64 in each tree of AB_TREES,
