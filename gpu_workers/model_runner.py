@@ -106,8 +106,9 @@ class ModelRunner:
         self.kv_cache, self.kv_caches = None, []
 
     def _forward_prefills(self, lens: list[int]) -> None:
-        """An eager forward (and LM head, and greedy pick) of fresh prefills of these lengths over the current cache.
-        Their blocks are taken from the front of it and left holding junk: no request owns them yet."""
+        """An eager forward (then the LM head and the greedy pick) of fresh prefills of these lengths over
+        the current cache. Their blocks are taken from the front of it and left holding junk: no request
+        owns them yet."""
         num_blocks = self.kv_cache.shape[2]
         reqs, table, first = [], BlockTable(len(lens), max(-(-n // self.block_size) for n in lens)), 0
         for i, n in enumerate(lens):

@@ -11,11 +11,12 @@ key is the row's argmax, the lowest id among equal logits.
     grid (rows, chunks of CHUNK tokens):  each program reads its chunk once, in the logits' own dtype,
     and atomic-maxes its best key into keys[row] (which starts at KEY_MIN).
 
-Under tensor parallelism each rank packs the ids of its own vocabulary rows (vocab_start on), the
-ranks' keys are all-gathered ([world, rows] int64: 8 bytes a row, not the logits) and one max over
-ranks is the pick of the whole vocabulary, the same token on every rank. Before, the pick was torch's
+Under tensor parallelism each rank packs the ids of its own vocabulary rows (vocab_start on) and the
+ranks all-reduce their keys with max ([rows] int64: 8 bytes a row, not the logits): the pick of the
+whole vocabulary, the same token on every rank. Before, the pick was torch's
 argmax over the rank's logits, a gather of the winning value, a stack of (value, id) as float32, the
-all-gather, and an argmax and gather across ranks: about a dozen launches for a [64, 2] result.
+all-gather, and an argmax and gather across ranks: about a dozen launches (2 x H200, Llama-8B TP=2
+batch 64: 3.566 -> 3.536-3.552 ms a step; BENCHMARKS.md, session 13).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def greedy_keys(logits: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
         raise ValueError(f"logits dtype {logits.dtype} is not one of {SUPPORTED_LOGIT_DTYPES}")
     rows, vocab = logits.shape
     if vocab == 0 or not 0 <= vocab_start <= MAX_VOCAB - vocab:
-        raise ValueError(f"need 0 < vocab and 0 <= vocab_start, vocab_start + vocab <= 2**31; got {vocab_start}, {vocab}")
+        raise ValueError(f"need 0 < vocab and 0 <= vocab_start, vocab_start + vocab <= 2**31; "
+                         f"got {vocab_start}, {vocab}")
     keys = torch.full((rows,), KEY_MIN, dtype=torch.int64, device=logits.device)
     if rows:
         _greedy_keys_kernel[(rows, cdiv(vocab, CHUNK))](logits, logits.stride(0), vocab, vocab_start, keys,

@@ -252,8 +252,8 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection with the embedding's vocabulary split (so a tied head is the same table);
-    every rank gathers the full logits, so all ranks sample the same tokens. Greedy steps gather
-    only each rank's best token (`greedy_tokens`)."""
+    every rank gathers the full logits, so all ranks sample the same tokens. Greedy steps reduce
+    only each rank's best token, packed as a key (`greedy_tokens`)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = elementwise.linear(hidden_states, self.weight)  # [num_tokens, rows_per_rank]
@@ -267,7 +267,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         and the ranks' keys are all-reduced with max: the largest is the whole vocabulary's argmax, the
         lowest id among equal logits, on every rank. At batch 64 on Llama-8B TP=2 a [64, 128256]
         gather and argmax became a [64, 2] gather (3.66 -> 3.63 ms a step on 2 x H200, BENCHMARKS.md,
-        session 7), then a [64] max of keys, in 4 launches after the LM head instead of about 12."""
+        session 7), then a [64] max of keys: after the LM head a fill, the key kernel, the all-reduce
+        and two ops that unpack the ids, instead of about 12 launches."""
         keys = self.tp.all_reduce_max(self.local_keys(hidden_states))  # [num_tokens]
         return tokens_from_keys(keys)
 
