@@ -121,8 +121,9 @@ class ModelRunner:
         inputs = prepare_inputs(reqs, table, self.block_size, self.device)
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-            self.model.compute_logits(hidden[inputs.sample_rows])
-            self.model.greedy_tokens(hidden[inputs.sample_rows])  # compiles kernels/greedy.py's kernel
+            last = hidden[inputs.sample_rows]  # [num_seqs, hidden]
+            self.model.compute_logits(last)
+            self.model.greedy_tokens(last)  # compiles kernels/greedy.py's kernel
 
     def warm_up_kernels(self) -> None:
         """Compile at start-up the kernel variants steps can pick: every attention variant (the

@@ -57,16 +57,18 @@ logger = logging.getLogger(__name__)
 def use_top_p_search(device: torch.device) -> bool:
     """$PAGEDSERVE_TOP_P_SEARCH (see ipc/envs.py): top-p's threshold by the kernels/top_p.py search
     instead of a vocabulary sort, by default on CUDA; on CPU when set to 1 under the interpreter."""
-    setting = envs.top_p_search()
-    if setting == "0":
-        return False
-    return device.type == "cuda" or (setting == "1" and envs.triton_interpret())
+    return _kernel_by_default(envs.top_p_search(), device)
 
 
 def use_gumbel_race(device: torch.device) -> bool:
     """$PAGEDSERVE_GUMBEL_RACE (see ipc/envs.py): random rows drawn by kernels/gumbel.py, by default on
     CUDA; on CPU when set to 1 under the interpreter."""
-    setting = envs.gumbel_race()
+    return _kernel_by_default(envs.gumbel_race(), device)
+
+
+def _kernel_by_default(setting: str, device: torch.device) -> bool:
+    """A kernel the torch stages use unless `setting` is "0": on CUDA, and on CPU under the interpreter
+    when it is "1"."""
     if setting == "0":
         return False
     return device.type == "cuda" or (setting == "1" and envs.triton_interpret())

@@ -55,8 +55,8 @@ def _greedy_keys_kernel(logits_ptr, stride_row, vocab, vocab_start, keys_ptr,
 def greedy_keys(logits: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
     """[rows] int64 keys of each row's argmax over `logits` ([rows, vocab], the last dim contiguous;
     token ids vocab_start on): the largest key of all ranks' is the argmax of the whole vocabulary
-    (gpu_workers/models/parallel_layers.py's tokens_from_keys, which also has this kernel's torch
-    twin, for the CPU). One fill and one launch, whatever the row count."""
+    (gpu_workers/models/parallel_layers.py's tokens_from_keys unpacks it; greedy_keys_torch there is
+    this kernel's torch twin, for the CPU). One fill and one launch, whatever the row count."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be [rows, vocab] with the last dim contiguous, got {tuple(logits.shape)}")
     if logits.dtype not in SUPPORTED_LOGIT_DTYPES:

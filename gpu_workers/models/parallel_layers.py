@@ -298,8 +298,5 @@ def greedy_keys_torch(logits: torch.Tensor, vocab_start: int = 0) -> torch.Tenso
 
 
 def tokens_from_keys(keys: torch.Tensor) -> torch.Tensor:
-    """[..., rows] int64 keys (several ranks' stacked in front) -> [rows] int64 token ids of each
-    row's largest key."""
-    if keys.dim() > 1:
-        keys = keys.flatten(0, -2).amax(dim=0)
+    """[rows] int64 keys (each row's largest, over every rank) -> [rows] int64 token ids."""
     return _LOW - (keys & _LOW)
