@@ -171,11 +171,16 @@ def inputs_for(model: Model, case: Case, args: argparse.Namespace) -> list[Input
 def decode_sweep(args: argparse.Namespace) -> list[dict]:
     """Decode microseconds at each split count with the kernel's own tile config, then the best of every
     (split count, tile config) pair: what choose_num_splits / _launch_config should pick."""
-    print(f"{'model':13} {'shape':10} {'chosen':>6} " + " ".join(f"{'auto' if n is None else n:>7}" for n in SWEEP_SPLITS)
-          + "   best (splits, BLOCK_N, warps, stages)")
     rows = []
     models, cases = (SMALL_MODELS, [Case(3, 1, 150)]) if args.small else (SWEEP_MODELS, SWEEP_CASES)
     configs = SWEEP_CONFIGS[:2] if args.small else SWEEP_CONFIGS
+    if args.sweep_cases:
+        cases = [Case(n, 1, ctx) for n, ctx in args.sweep_cases]
+    if args.sweep_configs:
+        configs = [None] + args.sweep_configs
+    splits = args.sweep_splits or SWEEP_SPLITS
+    print(f"{'model':13} {'shape':10} {'chosen':>6} " + " ".join(f"{'auto' if n is None else n:>7}" for n in splits)
+          + "   best (splits, BLOCK_N, warps, stages)")
     for name, model in models.items():
         for case in cases:
             inputs = inputs_for(model, case, args)
@@ -189,16 +194,29 @@ def decode_sweep(args: argparse.Namespace) -> list[dict]:
             def time_us(splits, config):
                 return bc.time_us(lambda i: call(i, splits, config), args.iters, args.device)
 
-            grid = {(n, c): time_us(n, c) for n in SWEEP_SPLITS for c in configs}
+            grid = {(n, c): time_us(n, c) for n in splits for c in configs}
             (best_n, best_c), best_us = min(grid.items(), key=lambda kv: kv[1])
             chosen = choose_num_splits(case.num_seqs, model.num_kv_heads, case.context_len, args.device)
             rows.append(dict(model=name, shape=case.label, chosen_splits=chosen,
-                             us_by_splits={str(n or "auto"): grid[(n, None)] for n in SWEEP_SPLITS},
+                             us_by_splits={str(n or "auto"): grid[(n, None)] for n in splits},
                              best=dict(splits=best_n or "auto", config=best_c or "auto", us=best_us),
                              grid=[dict(splits=n or "auto", config=c or "auto", us=t) for (n, c), t in grid.items()]))
-            print(f"{name:13} {case.label:10} {chosen:6} " + " ".join(f"{grid[(n, None)]:7.1f}" for n in SWEEP_SPLITS)
+            print(f"{name:13} {case.label:10} {chosen:6} " + " ".join(f"{grid[(n, None)]:7.1f}" for n in splits)
                   + f"   {best_us:.1f} us at ({best_n or 'auto'}, {best_c or 'auto'})", flush=True)
+            if args.sweep_configs:  # every config's time at each split count
+                for c in configs:
+                    print(f"    {str(c or 'auto'):>14}: " + " ".join(f"{grid[(n, c)]:7.1f}" for n in splits), flush=True)
     return rows
+
+
+def _pair(text: str) -> tuple[int, int]:
+    seqs, ctx = text.lower().split("x")
+    return int(seqs), int(ctx)
+
+
+def _config(text: str) -> tuple[int, int, int]:
+    block_n, warps, stages = (int(v) for v in text.split(","))
+    return block_n, warps, stages
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -212,6 +230,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
                         help="tiny shapes for the interpreter (default: on for --device cpu)")
     parser.add_argument("--decode-sweep", action="store_true", help="decode time per split count instead")
+    parser.add_argument("--sweep-cases", nargs="+", type=_pair, metavar="SEQSxCONTEXT",
+                        help="--decode-sweep: these decode shapes (e.g. 64x256) instead of its own list")
+    parser.add_argument("--sweep-configs", nargs="+", type=_config, metavar="BLOCK_N,WARPS,STAGES",
+                        help="--decode-sweep: these tile configs (and the kernel's own) instead of its list")
+    parser.add_argument("--sweep-splits", nargs="+", type=lambda v: None if v == "auto" else int(v),
+                        help="--decode-sweep: these split counts (auto: the kernel's choice)")
     parser.add_argument("--output-json", help="write the rows, card, date and command here")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)

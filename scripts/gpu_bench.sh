@@ -17,6 +17,11 @@
 #                          Llama, Qwen3), CUDA graphs and eager, overlapped steps on; smoke.json (~1.5 min)
 #   attention              scripts/bench_attention.py: our attention kernels vs torch SDPA; attention.json; then
 #                          decode time per split count (--decode-sweep, incl. an 8B TP=2 rank) to results.jsonl
+#   attn-tiles             one GPU: decode attention's time per tile config (BLOCK_N, warps, stages) at 16-256
+#                          sequences of 128-384 tokens, Llama-8B and its TP=2 rank, 1 split and the kernel's own
+#   gemm-alt               one GPU: batch-64 matmuls (TP=2 and TP=1 slices): cuBLAS as the engine calls it, cuBLAS on
+#                          weights stored [K, N], torch.compile max-autotune (inductor's Triton templates vs cuBLAS)
+#   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
 #   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path, the sampler on
 #                          its kernel; pytest from the carried .whl/), scripts/bench_elementwise.py and
 #                          scripts/bench_sampling.py; kernels.txt
@@ -64,6 +69,8 @@
 #   tp2-ab                 2+ GPUs: 8B TP=2 decode b1 + b64 in each tree of AB_TREES (e.g. the graph-tail branch in ./gt)
 #   greedy-ab              2+ GPUs: the greedy keys' GPU tests (+ the sampler's), small TP=2 float32 greedy == TP=1,
 #                          8B TP=2 decode b1 + b64 vs ./old (AB_TREES), TP=1 here for the ratio
+#   ar-ab                  2+ GPUs: the fused all-reduce's GPU tests, small TP=2 float32 greedy == TP=1, 8B TP=2 b64 vs
+#                          ./old (AB_TREES, default "new old"), TP=1 b64, then this tree's TP=2 timeline (tp-trace)
 #   greedy-ab1             one GPU: 8B TP=1 decode b1 + b64 vs ./old (AB_TREES), then the top-p pivot table
 #   top-p-pivots           one GPU: the top-p search's time at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py)
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
@@ -179,6 +186,23 @@ stage_attention() {
   run 150 "$PY" scripts/bench_attention.py --output-json "$OUT/attention.json"
   run 150 "$PY" scripts/bench_attention.py --decode-sweep --output-json "$RUNS/attention_sweep.json"
   collect attention_sweep
+}
+
+stage_attn-tiles() {  # one GPU: decode attention's tile configs at batch-64-like shapes, 1 split (~3 min)
+  run 300 "$PY" scripts/bench_attention.py --decode-sweep --sweep-splits auto 1 \
+    --sweep-cases 16x256 32x256 64x128 64x256 64x384 128x256 256x256 \
+    --sweep-configs 32,4,2 64,4,1 64,4,2 64,8,2 64,4,3 128,4,1 128,8,1 128,4,2 128,8,2 256,8,1 \
+    --output-json "$RUNS/attention_tiles.json"
+  collect attention_tiles
+}
+
+stage_gemm-alt() {  # one GPU: batch-64 matmuls through cuBLAS (TN), cuBLAS on [K, N] weights (NN), inductor max-autotune
+  run 480 "$PY" scripts/bench_gemm.py --rows 64 --tp 2 1 --backends cublas kn inductor 2>&1 \
+    | grep -v "^\s*$" | grep -E "^ *[0-9]|^tp|AUTOTUNE|triton_mm|mm [0-9]|Error|error" | head -120
+}
+
+stage_gemm-kn() {  # one GPU: cuBLAS on [N, K] weights (TN, as the engine calls it) vs [K, N] (NN), 1-256 rows
+  run 300 "$PY" scripts/bench_gemm.py --rows 1 16 64 128 256 --tp 1 2 4 --backends cublas kn kn cublas
 }
 
 stage_kernels() {
@@ -430,6 +454,12 @@ stage_tp-trace() {  # 2+ GPUs: 8B TP=2 batch 64 under the profiler for 20 steps;
   PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof PAGEDSERVE_TORCH_PROFILER_STEPS=100,20 run 150 "$PY" scripts/gpu_tp_check.py \
     --size 8b --tp 2 --skip-greedy --skip-tp1 --batch-sizes 64 --output-len 256 --out /tmp/tp2_prof.json
   cp /tmp/prof/*.trace.json.gz "$OUT"/
+  if [ "${TRACE_TP1:-0}" = 1 ]; then  # TP=1's timeline too, as tp1-*.trace.json.gz
+    rm -rf /tmp/prof1
+    PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof1 PAGEDSERVE_TORCH_PROFILER_STEPS=100,20 run 150 "$PY" \
+      scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 --out /tmp/tp1_prof.json
+    for f in /tmp/prof1/*.trace.json.gz; do cp "$f" "$OUT/tp1-$(basename "$f")"; done
+  fi
 }
 
 stage_prefetch-ab() {  # 2+ GPUs: the weight prefetch (kernels/prefetch.py): the fused all-reduce's and decode
@@ -619,6 +649,19 @@ stage_greedy-ab() {  # 2+ GPUs: kernels/greedy.py's keys vs ./old (the torch arg
   ab_decode 2 "1 64"
   run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 1 64 --output-len 256 \
     --budget-s 110 --out "$OUT/tp1_8b.json"
+}
+
+stage_ar-ab() {  # 2+ GPUs: the fused all-reduce's symmetric-memory GPU tests, TP=2 float32 greedy == TP=1, 8B TP=2
+  # decode at batch 64 in each tree of AB_TREES (default "new old"), TP=1 here for the ratio, then this tree's TP=2
+  # timeline (tp-trace; read it with scripts/trace_tp.py) (~8 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py \
+    tests/kernels/test_all_reduce_rms_norm.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  run 100 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_small_greedy.json"
+  AB_TREES="${AB_TREES:-new old}" ab_decode 2 "64"
+  run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 \
+    --budget-s 110 --out "$OUT/tp1_8b.json"
+  stage_tp-trace
 }
 
 stage_greedy-ab1() {  # one GPU: the greedy keys at TP=1: 8B decode at batch 1 and 64 in each tree of AB_TREES,
