@@ -146,9 +146,10 @@ class SymmMemAllReduce:
             fused_buffer.zero_()
         torch.cuda.synchronize(device)  # ... before any peer's first push or signal (after the set-up's NCCL steps)
         fused_handle = symm_mem.rendezvous(fused_buffer, group.group_name)
-        ptrs = torch.tensor(list(fused_handle.buffer_ptrs), dtype=torch.int64, device=device)
+        bases = tuple(int(p) for p in fused_handle.buffer_ptrs)
+        ptrs = torch.tensor(bases, dtype=torch.int64, device=device)
         return cls(buffer, group, rank, world_size, fused_buffer,
-                   fused_kernel.PeerBuffers(ptrs, rank, world_size, data_bytes, lamport))
+                   fused_kernel.PeerBuffers(ptrs, rank, world_size, data_bytes, lamport, bases))
 
     def route(self, x: torch.Tensor) -> Algorithm:
         return choose_algorithm(x, self.world_size, self.max_bytes)
@@ -169,7 +170,8 @@ class SymmMemAllReduce:
         """(RMSNorm(sum of x over the ranks + residual), that sum + residual) in one fused launch, or
         None when `x` is not for it (then reduce and norm apart). Takes what one-shot would take: the
         choice rests on shape, dtype and world size alone, as on every rank. `slot` 0 / 1: callers that
-        never pass the same one twice in a row save a barrier (kernels/all_reduce_rms_norm.py). `prefetch`:
+        never pass the same one twice in a row save a barrier, or (flag-free) a counter read
+        (kernels/all_reduce_rms_norm.py). `prefetch`:
         the next matmul's weight, partly prefetched into L2 while the kernel waits (kernels/prefetch.py)."""
         if x.dim() != 2 or not self._fused_takes(*x.shape, x.dtype, x.device):
             return None

@@ -26,10 +26,10 @@ input norm in one launch (unfused: ~7 small torch ops for the masked lookup, the
 Pushing (remote stores, then one release) rather than pulling (local stores, a barrier, then remote
 loads) takes one NVLink round trip out of the critical path: the loads of step 3 are local.
 
-Staging slots: each buffer holds three, each a region of `data_bytes` per source rank, then the flags
-and this rank's epoch counters.
+Staging slots: each buffer holds four (the flags protocol uses three), each a region of `data_bytes`
+per source rank, then the flags and this rank's epoch counters.
 
-    | slot 0: region 0 | region 1 | ... | slot 1: ... | slot 2: ... | flags | epochs |
+    | slot 0: region 0 | region 1 | ... | slot 1: ... | slot 2: ... | slot 3: ... | flags | epochs |
 
 Slot 2 (slot=None) is safe in any order of calls: its second barrier frees it before the kernel ends.
 Slots 0 and 1 skip that barrier, which is sound when the caller never uses the same slot in two
@@ -59,16 +59,22 @@ no flag crosses NVLink after them (2 x H200, 512 KiB: 5.3 us a call against 6.4)
 
     every element of a slot that holds no pushed row is the sentinel (SENTINEL_WORD's bits); pushed
     rows never contain it (those bit patterns are pushed as +0.0)
-    rank r, program p of MAX_PROGRAMS (always all of them: every program counts every call, so all
-    agree on the slot, epoch % 2):
+    rank r, program p (one per row up to MAX_PROGRAMS; with slot None always MAX_PROGRAMS):
       1. push       store its rows of x into region r of the slot of every peer's buffer
-      2. poll       re-load (volatile) each peer's row from its own slot until no element is the sentinel
+      2. poll       load its own row and the residual row, then re-load (volatile) each peer's row from
+                    its own slot until no element is the sentinel
       3. reduce     as above, then store the sentinel back where the peers' rows were
 
-Why a slot is empty again before a peer pushes into it: the slot of call k is next used by call k + 2.
-A peer's call k + 2 starts after its call k + 1 ended, which needed this rank's call k + 1 pushes, which
-this rank makes after its call k (and its emptying stores) ended. Every element is loaded and compared
-whole (2 or 4 bytes, written by one store), so a row that is still arriving is never taken early.
+Slots: 0 and 1 as the caller passes them (the model's alternation, as for the flags), and for slot None
+2 + (count of slot-None calls) % 2, where every program of the fixed grid counts every such call in
+its epoch, so all agree. Only slot None reads a counter: with 0 / 1, and the ranks' buffer addresses
+passed as arguments (`PeerBuffers.bases`), nothing is loaded before the push but the rows themselves.
+
+Why a slot is empty again before a peer pushes into it: two consecutive calls never share a slot, so
+the slot of call k is next used by a call m >= k + 2. A peer's call m starts after its call m - 1
+ended, which needed this rank's call m - 1 pushes, which this rank makes after its call k (and its
+emptying stores) ended. Every element is loaded and compared whole (2 or 4 bytes, written by one
+store), so a row that is still arriving is never taken early.
 """
 
 from __future__ import annotations
@@ -100,14 +106,18 @@ class PeerBuffers(NamedTuple):
     rank: int
     world_size: int
     data_bytes: int
-    """Bytes of each source rank's region of each of the 3 staging slots (a multiple of 16): the
+    """Bytes of each source rank's region of each of the NUM_SLOTS staging slots (a multiple of 16): the
     largest message the kernel takes."""
     lamport: bool = False
-    """The flag-free protocol (the module docstring): the buffers were readied by `init_lamport`, and
-    the `slot` argument is not used."""
+    """The flag-free protocol (the module docstring): the buffers were readied by `init_lamport`."""
+    bases: tuple[int, ...] = ()
+    """`ptrs` as host integers (the flag-free kernel takes them as arguments, so no program loads an
+    address before it can push); empty: read from `ptrs` at each call (CPU tests only: a device sync)."""
 
 
-NUM_SLOTS = 3  # 0 and 1 alternate without a second barrier; 2 (slot=None) has one
+NUM_SLOTS = 4  # flags: 0 and 1 alternate without a second barrier, 2 (slot=None) has one; flag-free:
+# 0 and 1 as the caller alternates them, 2 and 3 (slot=None) by the programs' own count of such calls
+MAX_WORLD = 8  # the flag-free kernel's buffer-address arguments
 
 
 def staging_bytes(data_bytes: int, world_size: int) -> int:
@@ -172,14 +182,24 @@ def _x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, G
 
 
 @triton.jit
-def _add_norm_store(acc, residual_ptr, stride_r, weight, out_ptr, residual_out_ptr, offset, row, cols, mask, hidden,
+def _residual_row(residual_ptr, stride_r, row, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """Row `row` of the residual as float32 (zeros without one). Loaded before the wait for the peers,
+    so its latency hides behind theirs."""
+    if HAS_RESIDUAL:
+        return tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(cols.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _add_norm_store(acc, r_in, weight, out_ptr, residual_out_ptr, offset, cols, mask, hidden,
                     eps, HAS_RESIDUAL: tl.constexpr):
     """The tail of both kernels for one row: the float32 sum `acc` rounded as an all-reduce's output
-    would be, plus the residual (HAS_RESIDUAL) is the new residual; its RMSNorm times `weight` the output."""
+    would be, plus the residual row `r_in` (HAS_RESIDUAL) is the new residual; its RMSNorm times
+    `weight` the output."""
     dtype = out_ptr.dtype.element_ty
     h = acc.to(dtype)  # what an all-reduce would have returned
     if HAS_RESIDUAL:
-        r_in = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         h = (h.to(tl.float32) + r_in).to(dtype)
     tl.store(residual_out_ptr + offset + cols, h, mask=mask)
     hf = h.to(tl.float32)
@@ -216,6 +236,7 @@ def _all_reduce_add_rms_norm_kernel(
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     for row in range(pid, num_rows, num_programs):  # 3.
         offset = row * hidden  # < 2**31: the staging space is at most a few MiB
+        r_in = _residual_row(residual_ptr, stride_r, row, cols, mask, HAS_RESIDUAL)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
             if r == RANK:
@@ -224,8 +245,7 @@ def _all_reduce_add_rms_norm_kernel(
                 src = tl.multiple_of((my_base + slot_offset + r * region_bytes).to(tl.pointer_type(dtype)), 16)
                 part = tl.load(src + offset + cols, mask=mask, other=0.0, cache_modifier=".cg")
             acc += part.to(tl.float32)
-        _add_norm_store(acc, residual_ptr, stride_r, w, out_ptr, residual_out_ptr, offset, row, cols, mask, hidden,
-                        eps, HAS_RESIDUAL)
+        _add_norm_store(acc, r_in, w, out_ptr, residual_out_ptr, offset, cols, mask, hidden, eps, HAS_RESIDUAL)
     if END_BARRIER:
         epoch += 1
         _signal(ptrs, flag_offset, pid, epoch, RANK, WORLD)  # 4.
@@ -254,54 +274,86 @@ def _sanitized(x, ITYPE: tl.constexpr, SENT: tl.constexpr):
     return tl.where(x.to(ITYPE, bitcast=True) == SENT, tl.zeros_like(x), x)
 
 
+@triton.jit
+def _base(r: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7):
+    """Rank r's buffer address, from the kernel's arguments (no load)."""
+    if r == 0:
+        base = b0
+    elif r == 1:
+        base = b1
+    elif r == 2:
+        base = b2
+    elif r == 3:
+        base = b3
+    elif r == 4:
+        base = b4
+    elif r == 5:
+        base = b5
+    elif r == 6:
+        base = b6
+    else:
+        base = b7
+    return base
+
+
 @triton.jit(do_not_specialize=["pf_rows", "pf_row_bytes", "pf_prefix_lines"])
 def _lamport_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ptrs,
-    stride_x, stride_r, num_rows, hidden, region_bytes, epoch_offset, eps,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    b0, b1, b2, b3, b4, b5, b6, b7,  # every rank's buffer address (rank r's is b<r>; the rest unused)
+    stride_x, stride_r, num_rows, hidden, region_bytes, slot, epoch_offset, eps,
     ids_ptr, vocab_start, vocab_rows,
     pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, SENT: tl.constexpr,
     USE_PDL: tl.constexpr, GATHER: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH: tl.constexpr,
-    PF_CHUNK: tl.constexpr,
+    PF_CHUNK: tl.constexpr, COUNTED: tl.constexpr,
 ):
-    """The flag-free protocol: push the (sanitized) rows into slot (epoch % 2) of every peer; poll this
-    rank's own slot until no element is a sentinel (the data is its own flag); sum, add, norm; then
-    write the sentinel back where the peers' rows were. Always MAX_PROGRAMS programs, so every program
-    counts every call and all use the same slot."""
+    """The flag-free protocol: push the (sanitized) rows into the slot of every peer; poll this rank's
+    own slot until no element is a sentinel (the data is its own flag); sum, add, norm; then write the
+    sentinel back where the peers' rows were. The slot is `slot` (0 or 1, the caller's alternation),
+    or with COUNTED 2 + (this program's count of COUNTED calls) % 2, where every program of a grid of
+    MAX_PROGRAMS counts every such call, so all agree."""
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     dtype = out_ptr.dtype.element_ty
-    my_base = tl.load(ptrs + RANK)
-    epoch_ptr = (my_base + epoch_offset).to(tl.pointer_type(tl.int64)) + pid
-    epoch = tl.load(epoch_ptr)
-    slot_offset = (epoch % 2) * WORLD * region_bytes
+    my_base = _base(RANK, b0, b1, b2, b3, b4, b5, b6, b7)
+    if COUNTED:
+        epoch_ptr = (my_base + epoch_offset).to(tl.pointer_type(tl.int64)) + pid
+        epoch = tl.load(epoch_ptr)
+        slot = 2 + epoch % 2
+    slot_offset = slot * WORLD * region_bytes
     for row in range(pid, num_rows, num_programs):  # 1. push
         x = _sanitized(_x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER), ITYPE, SENT)
-        _push_row(x, ptrs, slot_offset, region_bytes, row * hidden, cols, mask, RANK, WORLD)
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + slot_offset + RANK * region_bytes
+                dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
+                tl.store(dst + row * hidden + cols, x, mask=mask)
     if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     empty = tl.full([BLOCK], SENT, ITYPE).to(dtype, bitcast=True)
     for row in range(pid, num_rows, num_programs):  # 2. poll, reduce, norm
         offset = row * hidden
+        # This rank's own row and the residual first: their loads overlap the wait for the peers.
+        own = _sanitized(_x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER), ITYPE, SENT)
+        r_in = _residual_row(residual_ptr, stride_r, row, cols, mask, HAS_RESIDUAL)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in tl.static_range(WORLD):
+        for r in tl.static_range(WORLD):  # in rank order: every rank sums alike
             if r == RANK:
-                x = _x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER)
-                part = _sanitized(x, ITYPE, SENT)
+                part = own
             else:
                 src = tl.multiple_of((my_base + slot_offset + r * region_bytes).to(tl.pointer_type(dtype)), 16)
                 part = tl.load(src + offset + cols, mask=mask, other=0.0, volatile=True)
                 while tl.max((part.to(ITYPE, bitcast=True) == SENT).to(tl.int32), axis=0) > 0:
                     part = tl.load(src + offset + cols, mask=mask, other=0.0, volatile=True)
-                tl.store(src + offset + cols, empty, mask=mask)  # 3. empty again for the call after next
+                tl.store(src + offset + cols, empty, mask=mask)  # 3. empty again for the slot's next call
             acc += part.to(tl.float32)
-        _add_norm_store(acc, residual_ptr, stride_r, w, out_ptr, residual_out_ptr, offset, row, cols, mask, hidden,
-                        eps, HAS_RESIDUAL)
-    tl.store(epoch_ptr, epoch + 1)
+        _add_norm_store(acc, r_in, w, out_ptr, residual_out_ptr, offset, cols, mask, hidden, eps, HAS_RESIDUAL)
+    if COUNTED:
+        tl.store(epoch_ptr, epoch + 1)
 
 
 def fits_rows(num_rows: int, hidden: int, dtype: torch.dtype, peers: PeerBuffers) -> bool:
@@ -321,6 +373,9 @@ def _check_peers(x: torch.Tensor, peers: PeerBuffers, rows: int, hidden: int, sl
         raise ValueError(f"data_bytes {peers.data_bytes} must be a multiple of 16")
     if peers.ptrs.shape != (peers.world_size,) or peers.ptrs.dtype != torch.int64 or peers.ptrs.device != x.device:
         raise ValueError(f"peer pointers must be int64 [{peers.world_size}] on {x.device}")
+    if peers.lamport and (peers.world_size > MAX_WORLD or len(peers.bases) not in (0, peers.world_size)):
+        raise ValueError(f"the flag-free protocol takes at most {MAX_WORLD} ranks and one base address per rank "
+                         f"(world_size {peers.world_size}, {len(peers.bases)} bases)")
 
 
 def _check_weight(weight: torch.Tensor, x: torch.Tensor, hidden: int) -> None:
@@ -338,9 +393,9 @@ def all_reduce_add_rms_norm(
     prefetch_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s + residual) * weight, s + residual) where s is the sum of every rank's x. Collective:
-    every rank must call it with the same shapes and slot. `slot` (the flags protocol only; the
-    flag-free one picks its own): 0 or 1, one barrier instead of two, for callers that never pass the
-    same slot twice in a row (see the module docstring); None: slot 2, any order. Inputs are not
+    every rank must call it with the same shapes and slot. `slot` 0 or 1, for callers that never pass
+    the same slot twice in a row (see the module docstring): one barrier instead of two (flags), no
+    counter read (flag-free); None: any order (slot 2 with two barriers; slots 2 / 3 by count). Inputs are not
     written; outputs are new contiguous tensors in x's dtype. `prefetch_weight`: the next matmul's
     weight, partly prefetched into L2 while the kernel waits for its peers (kernels/prefetch.py)."""
     check_last_dim_contiguous("x", x, 2)
@@ -393,14 +448,16 @@ def _launch(x, residual, weight, eps, peers, slot, prefetch_weight, num_rows, id
     common = dict(RANK=peers.rank, WORLD=peers.world_size, BLOCK=block, num_warps=_num_warps(block), USE_PDL=pdl,
                   GATHER=ids is not None, HAS_RESIDUAL=residual is not None, PF_CHUNK=prefetch.CHUNK, launch_pdl=pdl)
     residual = x if residual is None else residual  # unread without HAS_RESIDUAL
-    if peers.lamport:  # every program, every call (they count calls to pick the slot)
-        pf = prefetch.plan(prefetch_weight, MAX_PROGRAMS, x)
+    if peers.lamport:  # slot None: every program, every call (they count those calls to pick slot 2 or 3)
+        programs = MAX_PROGRAMS if slot is None else min(num_rows, MAX_PROGRAMS)
+        pf = prefetch.plan(prefetch_weight, programs, x)
+        bases = peers.bases or tuple(peers.ptrs.tolist())
         wide = x.element_size() == 4
-        _lamport_kernel[(MAX_PROGRAMS,)](
-            x, residual, weight, out, new_residual, peers.ptrs, *rows_args,
-            peers.data_bytes, epoch_offset, float(eps), *gather_args, *pf.args(),
+        _lamport_kernel[(programs,)](
+            x, residual, weight, out, new_residual, *bases, *([0] * (MAX_WORLD - len(bases))), *rows_args,
+            peers.data_bytes, 0 if slot is None else slot, epoch_offset, float(eps), *gather_args, *pf.args(),
             ITYPE=tl.int32 if wide else tl.int16, SENT=SENTINEL_WORD if wide else -32768,  # 0x8000: -0.0
-            PREFETCH=pf.enabled, **common)
+            PREFETCH=pf.enabled, COUNTED=slot is None, **common)
         return out, new_residual
     num_programs = min(num_rows, MAX_PROGRAMS)
     pf = prefetch.plan(prefetch_weight, num_programs, x)

@@ -48,8 +48,8 @@ class LlamaDecoderLayer(nn.Module):
         self.attn_partial = tp_size > 1 and not o_bias
         self.mlp_partial = tp_size > 1 and not mlp_bias
         # Fused reductions alternate staging slots (0 after attention, 1 after the MLP: a forward pass
-        # ends on 1, the next begins on 0), which saves each a barrier; with only one of the two
-        # partial they could repeat a slot, so they take the slot that needs none.
+        # ends on 1, the next begins on 0), which saves each a barrier (flag-free: a counter read); with
+        # only one of the two partial they could repeat a slot, so they take the any-order one (None).
         both = self.attn_partial and self.mlp_partial
         self.attn_slot, self.mlp_slot = (0, 1) if both else (None, None)
         self.self_attn = Attention(
