@@ -137,8 +137,10 @@ class ModelRunner:
             cfg, tp = self.hf_config, get_tp_group()
             _, kv_heads, head_dim = self._kv_shape
             heads = split_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tp.rank, tp.world_size).num_heads
+            attn = self.model.model.layers[0].self_attn  # do decode steps attend with their RoPE inside?
+            rope_norm = (attn.q_norm is not None) if attn.rope_in_attention else None
             self.attn_backend.warm_up(heads, kv_heads, head_dim, self.dtype, self.device,
-                                      self.config.scheduler.max_num_seqs)
+                                      self.config.scheduler.max_num_seqs, rope_norm)
         for n in (16, 17, 128):  # query lengths <= 16, > 16, >= 128: the rest of the model's kernels
             self._forward_prefills([min(n, self.config.model.max_model_len)])
         self.sampler.warm_up(self.hf_config.vocab_size, self.dtype)

@@ -194,6 +194,15 @@ def prefetch_mb() -> int:
     return int(value)
 
 
+def rope_in_attention() -> bool:
+    """$PAGEDSERVE_ROPE_IN_ATTENTION=0: a decode-only step's RoPE and K/V cache write run as their own
+    launch before attention (kernels/rotary.py), not inside the decode attention kernel (the default)."""
+    value = os.environ.get("PAGEDSERVE_ROPE_IN_ATTENTION", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PAGEDSERVE_ROPE_IN_ATTENTION must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
 def prefetch_in_attention() -> bool:
     """$PAGEDSERVE_PREFETCH_ATTENTION=1: decode attention also prefetches o_proj's weight (off by default:
     on 2 x H100 it slowed TP=1 batch-64 decode, 7.27 -> 7.40 ms a step; kernels/prefetch.py)."""

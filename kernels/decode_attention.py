@@ -29,6 +29,7 @@ read once per KV head) while prefill_attention takes the rest.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -49,11 +50,36 @@ _MAX_SPLITS = 64
 
 # Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
 # for each "divisible by 16" / "equals 1" combination it meets, a second each, mid-run).
+@triton.jit
+def _rope_rows(ptr, rows, stride_h, d, partner, d_mask, cos, sin, sign, w_ptr, head_dim, eps,
+               HAS_NORM: tl.constexpr):
+    """Rows `rows` (heads, stride_h apart) of one token at `ptr`, each RMS-normed by w (HAS_NORM, Qwen3's
+    q/k norm) and rotated neox-style, rounded to the dtype: kernels/rotary.py's math, where element d
+    pairs with element `partner` (d +- head_dim / 2) and sign is -1 in the first half, +1 in the second."""
+    dtype = ptr.dtype.element_ty
+    mask = (rows[:, None] >= 0) & d_mask[None, :]
+    base = ptr + rows[:, None] * stride_h
+    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]
+        w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        x = ((x * inv_rms).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+        xp = ((xp * inv_rms).to(dtype).to(tl.float32) * wp).to(dtype).to(tl.float32)
+    return (x * cos[None, :] + sign[None, :] * xp * sin[None, :]).to(dtype)
+
+
 @triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ph", "max_splits", "min_partition", "pf_rows",
                                "pf_row_bytes", "pf_prefix_lines"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq_ids_ptr, query_start_loc_ptr,
     out_ptr, part_ptr, counter_ptr,
+    # ROPE: q is the token's raw query; its key and value are rows of k_ptr / v_ptr; this kernel norms
+    # (HAS_NORM) and rotates q and k, writes k and v to the caches at slot_mapping (< 0: not stored) and
+    # attends to the cached context plus that token from registers
+    k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, q_w_ptr, k_w_ptr, slot_mapping_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, eps,
     stride_qt, stride_qh,  # query [num_tokens, num_heads, head_dim]
     stride_cb, stride_co, stride_ch,  # caches [num_blocks, block_size, num_kv_heads, head_dim]
     stride_bt,  # block_tables [num_seqs, max_blocks]
@@ -66,6 +92,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_GC: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, MAY_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     prog = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -100,17 +127,37 @@ def _decode_split_kernel(
         d_mask = d < head_dim
         gd_mask = g_mask[:, None] & d_mask[None, :]
         heads = kv_head * GROUP + g  # [BLOCK_G] query heads of this KV head
-        q_off = row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :]
-        q = tl.load(q_ptr + q_off, mask=gd_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
+        if ROPE:
+            # the token's position, cos / sin, then q's group and its own k rotated, v as it is
+            pos = tl.load(positions_ptr + row).to(tl.int64)
+            half = head_dim // 2
+            first = d < half
+            partner = tl.where(first, d + half, d - half)
+            sign = tl.where(first, -1.0, 1.0)
+            cs = tl.where(first, d, d - half)
+            cos = tl.load(cos_ptr + pos * stride_cos + cs, mask=d_mask, other=0.0)
+            sin = tl.load(sin_ptr + pos * stride_cos + cs, mask=d_mask, other=0.0)
+            q = _rope_rows(q_ptr + row.to(tl.int64) * stride_qt, tl.where(g_mask, heads, -1), stride_qh, d, partner,
+                           d_mask, cos, sin, sign, q_w_ptr, head_dim, eps, HAS_NORM)  # [BLOCK_G, BLOCK_D]
+            one = tl.full([1], 0, tl.int32) + kv_head
+            k_new = _rope_rows(k_ptr + row.to(tl.int64) * stride_kt, one, stride_kh, d, partner, d_mask, cos, sin,
+                               sign, k_w_ptr, head_dim, eps, HAS_NORM)  # [1, BLOCK_D]
+            v_new = tl.load(v_ptr + row.to(tl.int64) * stride_vt + kv_head * stride_vh + d[None, :],
+                            mask=d_mask[None, :], other=0.0)  # [1, BLOCK_D]
+            end_cached = tl.minimum(end, seq_len - 1)  # the token's own key is not in the cache yet
+        else:
+            q_off = row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :]
+            q = tl.load(q_ptr + q_off, mask=gd_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
+            end_cached = end
 
         m_i = tl.full([BLOCK_G], _NEG_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions in the context
-            n_mask = pos < end
-            kv_off = paged_kv_offsets(bt_row, pos, n_mask, d, kv_head, block_size,
+        for n0 in range(start, end_cached, BLOCK_N):
+            ctx = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions in the context
+            n_mask = ctx < end_cached
+            kv_off = paged_kv_offsets(bt_row, ctx, n_mask, d, kv_head, block_size,
                                       stride_cb, stride_co, stride_ch)  # [BLOCK_N, BLOCK_D]
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # K and V loads both go out before the first dot: one memory round trip per tile, not two
@@ -124,6 +171,21 @@ def _decode_split_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
+        if ROPE:
+            if split == num_splits - 1:  # the split holding the token's own position: its key and value
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale  # [BLOCK_G]
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp2(m_i - m_new)
+                p_new = tl.exp2(s_new - m_new)
+                l_i = l_i * alpha + p_new
+                acc = acc * alpha[:, None] + p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
+                m_i = m_new
+                slot = tl.load(slot_mapping_ptr + row).to(tl.int64)
+                c_off = (tl.maximum(slot, 0) // block_size) * stride_cb + (tl.maximum(slot, 0) % block_size) * stride_co
+                c_off += kv_head * stride_ch + d[None, :]
+                store = d_mask[None, :] & (slot >= 0)
+                tl.store(k_cache_ptr + c_off, k_new, mask=store)
+                tl.store(v_cache_ptr + c_off, v_new.to(v_cache_ptr.dtype.element_ty), mask=store)
 
         if num_splits == 1:
             o_off = row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
@@ -234,6 +296,40 @@ def reserve_split_counters(device: torch.device, max_num_seqs: int, num_kv_heads
     _COUNTERS.reserve(device, max_num_seqs * num_kv_heads)
 
 
+class NewTokens(NamedTuple):
+    """A decode step's own tokens for decode_attention to finish in the same launch (`rope=`): the query
+    it gets is raw, and it norms (Qwen3's q/k norm, with the weights) and rotates q and this key, stores
+    the key and value in the caches at slot_mapping, and attends to the cached context plus this token.
+    kernels/rotary.py's apply_rotary_and_write_kv, then decode_attention, in one launch."""
+
+    key: torch.Tensor  # [num_tokens, num_kv_heads, head_dim], not rotated (head_dim contiguous)
+    value: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor  # [num_tokens] int64 / int32
+    cos_cache: torch.Tensor  # [max_position, head_dim // 2] float32 (RotaryEmbedding's)
+    sin_cache: torch.Tensor  # [max_position, head_dim // 2] float32
+    slot_mapping: torch.Tensor  # [num_tokens] int64 / int32: the cache row of each token; < 0: not stored
+    q_norm_weight: torch.Tensor | None = None  # [head_dim] (Qwen3), with k_norm_weight
+    k_norm_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
+def _check_new_tokens(rope: NewTokens, query: torch.Tensor, k_cache: torch.Tensor) -> None:
+    from kernels.rotary import _check_inputs as check_rotary
+
+    check_rotary(query, rope.key, rope.positions, rope.cos_cache, rope.sin_cache, rope.q_norm_weight,
+                 rope.k_norm_weight)
+    check_last_dim_contiguous("value", rope.value, 3)
+    if rope.key.shape[1:] != k_cache.shape[2:] or rope.value.shape != rope.key.shape or rope.value.dtype != query.dtype:
+        raise ValueError(f"key {tuple(rope.key.shape)} and value {tuple(rope.value.shape)} {rope.value.dtype} "
+                         f"must be [{query.shape[0]}, {k_cache.shape[2]}, {k_cache.shape[3]}] {query.dtype}")
+    if rope.cos_cache.stride(0) != rope.sin_cache.stride(0):
+        raise ValueError("cos_cache and sin_cache must share their row stride")
+    if rope.slot_mapping.shape != (query.shape[0],):
+        raise ValueError(f"slot_mapping must be [{query.shape[0]}], got {tuple(rope.slot_mapping.shape)}")
+    check_int_dtype("slot_mapping", rope.slot_mapping, (torch.int64, torch.int32))
+    check_same_device(k_cache.device, value=rope.value, slot_mapping=rope.slot_mapping, key=rope.key)
+
+
 def _check_inputs(query, k_cache, v_cache, block_tables, seq_lens, seq_ids, query_start_loc) -> None:
     """decode_attention's argument checks (shapes, dtypes, strides, devices), before any launch."""
     check_kv_cache(k_cache, v_cache)
@@ -280,13 +376,19 @@ def decode_attention(
     query_start_loc: torch.Tensor | None = None,  # [num_seqs + 1] int32: ... whose query row is here
     launch_config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages): tuning sweeps only
     prefetch_weight: torch.Tensor | None = None,  # the next matmul's (o_proj's), prefetched into L2
+    rope: NewTokens | None = None,  # query is raw: rotate it and the step's keys, store them (NewTokens)
 ) -> torch.Tensor:
     """Attention of each sequence's single query token over its whole paged context. Returns `out`.
 
     Without seq_ids, query row i belongs to sequence i. With seq_ids (a mixed batch), only those
     sequences are computed, each from its row query_start_loc[seq]; other rows of `out` are left as
-    they are."""
+    they are. With `rope` (no seq_ids), the context's last position is the query's own token, whose
+    key and value come from `rope`, not the cache (which this launch fills in)."""
     _check_inputs(query, k_cache, v_cache, block_tables, seq_lens, seq_ids, query_start_loc)
+    if rope is not None:
+        if seq_ids is not None:
+            raise ValueError("rope= takes a decode-only batch (no seq_ids)")
+        _check_new_tokens(rope, query, k_cache)
     if out is None:
         out = torch.empty_like(query)
     check_last_dim_contiguous("out", out, 3)
@@ -320,10 +422,19 @@ def decode_attention(
     else:  # the kernel writes `out` directly; scratch and counters are unused
         part = counters = out
     pf = prefetch.plan(prefetch_weight, num_programs * num_kv_heads * max_splits, query)
+    if rope is not None:
+        has_norm = rope.q_norm_weight is not None
+        new = (rope.key, rope.value, rope.positions, rope.cos_cache, rope.sin_cache,
+               rope.q_norm_weight if has_norm else rope.cos_cache, rope.k_norm_weight if has_norm else rope.cos_cache,
+               rope.slot_mapping.contiguous(), rope.key.stride(0), rope.key.stride(1), rope.value.stride(0),
+               rope.value.stride(1), rope.cos_cache.stride(0), float(rope.eps))
+    else:  # unused
+        has_norm = False
+        new = (query, query, seq_lens, query, query, query, query, seq_lens, 0, 0, 0, 0, 0, 0.0)
     _decode_split_kernel[(num_programs, num_kv_heads, max_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
         seq_lens if seq_ids is None else seq_ids, seq_lens if seq_ids is None else query_start_loc,
-        out, part, counters,
+        out, part, counters, *new,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -335,7 +446,7 @@ def decode_attention(
         BLOCK_GC=block_gc, BLOCK_S=max(2, min(16, 4096 // (block_gc * block_d))),
         HAS_SEQ_IDS=seq_ids is not None, MAY_SPLIT=may_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, num_warps=num_warps, num_stages=num_stages,
-        launch_pdl=pdl,
+        USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, ROPE=rope is not None, HAS_NORM=has_norm,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return out

@@ -71,6 +71,8 @@
 #                          8B TP=2 decode b1 + b64 vs ./old (AB_TREES), TP=1 here for the ratio
 #   ar-ab                  2+ GPUs: the fused all-reduce's GPU tests, small TP=2 float32 greedy == TP=1, 8B TP=2 b64 vs
 #                          ./old (AB_TREES, default "new old"), TP=1 b64, then this tree's TP=2 timeline (tp-trace)
+#   rope-ab                2+ GPUs: RoPE + K/V write inside decode attention: GPU tests, smoke, 8B TP=1 b1 + b64 and
+#                          TP=2 b64 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
 #   greedy-ab1             one GPU: 8B TP=1 decode b1 + b64 vs ./old (AB_TREES), then the top-p pivot table
 #   top-p-pivots           one GPU: the top-p search's time at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py)
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
@@ -662,6 +664,25 @@ stage_ar-ab() {  # 2+ GPUs: the fused all-reduce's symmetric-memory GPU tests, T
   run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 \
     --budget-s 110 --out "$OUT/tp1_8b.json"
   stage_tp-trace
+}
+
+stage_rope-ab() {  # 2+ GPUs: RoPE + K/V write inside decode attention: its GPU tests, the smoke test (float32 greedy
+  # == transformers, graphs and eager), then 8B TP=1 (batch 1, 64) and TP=2 (batch 64) with it on / off (~9 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
+    tests/kernels/test_decode_attention_rope.py tests/kernels/test_triton_backend.py tests/gpu_workers/test_elementwise.py \
+    2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  stage_smoke
+  local rope
+  for rope in 1 0; do
+    echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
+    PAGEDSERVE_ROPE_IN_ATTENTION=$rope run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 64 --output-len 256 --budget-s 110 --out "$OUT/tp1_8b_rope$rope.json"
+  done
+  for rope in 1 0; do
+    echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
+    PAGEDSERVE_ROPE_IN_ATTENTION=$rope run 110 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
+      --batch-sizes 64 --output-len 256 --budget-s 100 --out "$OUT/tp2_8b_rope$rope.json"
+  done
 }
 
 stage_greedy-ab1() {  # one GPU: the greedy keys at TP=1: 8B decode at batch 1 and 64 in each tree of AB_TREES,

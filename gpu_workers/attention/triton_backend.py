@@ -11,7 +11,9 @@ each KV head read once per group, where the prefill kernel would read it once pe
 prefill_attention on meta.prefill_seq_ids, each writing its own rows of one output.
 
 `kv_write_fusable`: the model's attention layer may write K/V in its rotary kernel instead
-(kernels.apply_rotary with `kv_cache=`) and call `attend`, one launch fewer per layer.
+(kernels.apply_rotary_and_write_kv) and call `attend`, one launch fewer per layer; and in a decode-only
+step hand the raw q / k / v to `attend_new_tokens`, whose one decode launch also does the RoPE (and
+Qwen3's q/k norm) and the K/V write ($PAGEDSERVE_ROPE_IN_ATTENTION=0: the two launches instead).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from ipc import envs
 from kernels import decode_attention, prefill_attention, write_kv_cache
-from kernels.decode_attention import _num_sms, reserve_split_counters
+from kernels.decode_attention import NewTokens, _num_sms, reserve_split_counters
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -62,13 +64,29 @@ class TritonAttentionBackend(AttentionBackend):
         return prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                  meta.seq_lens, meta.max_query_len, scale, out=out, seq_ids=meta.prefill_seq_ids)
 
+    def attend_new_tokens(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                          rope, q_norm=None, k_norm=None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode-only step in one launch: the raw query and key rotated (after Qwen3's q/k norm
+        modules q_norm / k_norm, if given), the key and value stored at meta.slot_mapping, attention
+        over the cached context plus each sequence's own token (kernels.decode_attention's `rope=`).
+        `rope`: the model's RotaryEmbedding (its float32 cos / sin tables)."""
+        if not meta.is_decode_only or query.dim() != 3 or query.shape[0] != meta.num_seqs:
+            raise ValueError(f"attend_new_tokens takes a decode-only step, one query row per sequence "
+                             f"(query {tuple(query.shape)}, {meta.num_seqs} sequences)")
+        norm = {} if q_norm is None else dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
+        new = NewTokens(key, value, positions, rope.cos_cache, rope.sin_cache, meta.slot_mapping, **norm)
+        return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+                                out=torch.empty_like(query), prefetch_weight=prefetch, rope=new)
+
     def warm_up(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                device: torch.device, max_num_seqs: int) -> None:
+                device: torch.device, max_num_seqs: int, rope_norm: bool | None = None) -> None:
         """Reserve the decode kernel's split counters (before CUDA graph capture), and compile every
         attention kernel variant a step can pick, on a throwaway cache: decode with and without splits,
-        with few or many programs, alone or beside prefills; prefill at each tile size, alone or beside
-        decodes. Triton compiles each variant on first use, about a second, which would otherwise land
-        in a user's first steps."""
+        with few or many programs, alone or beside prefills, and (`rope_norm` not None) with the step's
+        RoPE inside, with or without q/k norm as the model has it; prefill at each tile size, alone or
+        beside decodes. Triton compiles each variant on first use, about a second, which would
+        otherwise land in a user's first steps."""
         reserve_split_counters(device, max_num_seqs, num_kv_heads)
         block_size, context = 16, 256  # 256 tokens: two 128-token splits
         cache = torch.zeros(2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -84,11 +102,19 @@ class TritonAttentionBackend(AttentionBackend):
 
         # the variant decode steps will run: prefetching o_proj's weight only where the model asks it to
         next_weight = torch.zeros(16, 64, dtype=dtype, device=device) if envs.prefetch_in_attention() else None
+        rope_table = torch.zeros(context, head_dim // 2, dtype=torch.float32, device=device)  # cos = sin = 0
         for num_seqs in (1, many):
             for splits in (1, 2):
                 q, qsl, seq_lens, table = batch([1] * num_seqs)
                 decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,
                                  prefetch_weight=next_weight)
+                if rope_norm is not None:  # attend_new_tokens: nothing stored (slots -1)
+                    k = torch.zeros(num_seqs, num_kv_heads, head_dim, dtype=dtype, device=device)
+                    w = torch.ones(head_dim, dtype=dtype, device=device) if rope_norm else None
+                    decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,
+                                     prefetch_weight=next_weight,
+                                     rope=NewTokens(k, k, seq_lens.long() - 1, rope_table, rope_table,
+                                                    torch.full((num_seqs,), -1, device=device), w, w))
                 q, qsl, seq_lens, table = batch([1] * num_seqs + [2])  # + a prefill: a mixed batch
                 decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,
                                  seq_ids=torch.arange(num_seqs, dtype=torch.int32, device=device),

@@ -181,6 +181,7 @@ class Attention(nn.Module):
         self.rotary_emb = rotary_emb  # one instance shared by every layer
         self.attn_backend = attn_backend
         self.prefetch_o_proj = envs.prefetch_in_attention()
+        self.rope_in_attention = envs.rope_in_attention()
 
     def forward(
         self,
@@ -196,12 +197,16 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         if elementwise.use_triton(q) and self.attn_backend.kv_write_fusable:
+            # ($PAGEDSERVE_PREFETCH_ATTENTION=1: a decode step's attention also prefetches o_proj's weight)
+            prefetch = self.o_proj.weight if self.prefetch_o_proj else None
+            if meta.is_decode_only and self.rope_in_attention:  # all of it in the decode attention launch
+                out = self.attn_backend.attend_new_tokens(q, k, v, positions, k_cache, v_cache, meta, self.scale,
+                                                          self.rotary_emb, self.q_norm, self.k_norm, prefetch)
+                return self.o_proj(out.reshape(-1, self.q_size))
             # one Triton kernel: q/k norm (Qwen3), RoPE, and the K/V cache write; then attention alone
             q = elementwise.rotary_and_write_kv(self.rotary_emb, positions, q, k, v, k_cache, v_cache,
                                                 meta.slot_mapping, self.q_norm, self.k_norm)
-            # ($PAGEDSERVE_PREFETCH_ATTENTION=1: a decode step's attention also prefetches o_proj's weight)
-            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale,
-                                           prefetch=self.o_proj.weight if self.prefetch_o_proj else None)
+            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale, prefetch=prefetch)
             return self.o_proj(out.reshape(-1, self.q_size))
         if elementwise.use_triton(q):  # one fused Triton kernel: q/k norm (Qwen3) + RoPE
             q, k = elementwise.rotary(self.rotary_emb, positions, q, k, self.q_norm, self.k_norm)

@@ -76,6 +76,54 @@ def test_triton_backend_gets_kv_written_by_the_rotary_kernel(tmp_path, monkeypat
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@torch.no_grad()
+def decode_step(model, mode, monkeypatch):
+    """A decode-only step (three sequences at positions 5, 8 and 2): the logits, and every layer's caches after it."""
+    monkeypatch.setattr(elementwise, "MODE", mode)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(1)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, head_dim)
+    kv_caches = [(torch.randn(shape, generator=gen).to(DEVICE), torch.randn(shape, generator=gen).to(DEVICE))
+                 for _ in range(cfg.num_hidden_layers)]
+    seqs = [(5, 1, [7, 1]), (8, 1, [3, 9, 4]), (2, 1, [12])]
+    input_ids = torch.randint(3, cfg.vocab_size, (3,), generator=gen).to(DEVICE)
+    meta = build_metadata(seqs, BLOCK_SIZE, DEVICE)
+    assert meta.is_decode_only
+    hidden = model(input_ids, positions_of(seqs).to(DEVICE), kv_caches, meta)
+    return model.compute_logits(hidden), kv_caches
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_step_does_rope_and_kv_write_inside_attention(variant, tmp_path, monkeypatch):
+    """A decode-only step with the Triton backend: each layer's RoPE (and Qwen3's q/k norm) and K/V
+    write happen in its decode attention launch (attend_new_tokens), not in a rotary launch; the logits
+    and the caches left behind match the torch path's. $PAGEDSERVE_ROPE_IN_ATTENTION=0 goes back to the
+    rotary launch."""
+    arch, overrides = VARIANTS[variant]
+    path = make_tiny_checkpoint(arch, tmp_path / variant, **overrides)
+    backend = get_attention_backend("triton", torch.device(DEVICE))
+    model = load_model(path, torch.float32, DEVICE, backend)
+    calls = {"rotary_and_write_kv": 0, "attend_new_tokens": 0}
+    monkeypatch.setattr(elementwise, "rotary_and_write_kv", lambda *a, _fn=elementwise.rotary_and_write_kv:
+                        calls.__setitem__("rotary_and_write_kv", calls["rotary_and_write_kv"] + 1) or _fn(*a))
+    monkeypatch.setattr(backend, "attend_new_tokens", lambda *a, _fn=backend.attend_new_tokens:
+                        calls.__setitem__("attend_new_tokens", calls["attend_new_tokens"] + 1) or _fn(*a))
+    ref, ref_caches = decode_step(model, "torch", monkeypatch)
+    got, caches = decode_step(model, "triton", monkeypatch)
+    layers = model.config.num_hidden_layers
+    assert calls == {"rotary_and_write_kv": 0, "attend_new_tokens": layers}
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    for (k, v), (rk, rv) in zip(caches, ref_caches):  # later layers' K/V carry earlier layers' rounding
+        torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+    for layer in model.model.layers:  # the switch: the rotary launch again
+        layer.self_attn.rope_in_attention = False
+    got_off, _ = decode_step(model, "triton", monkeypatch)
+    assert calls == {"rotary_and_write_kv": layers, "attend_new_tokens": layers}
+    assert ((got_off - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_path_choice(monkeypatch):
     cpu = torch.ones(1)
     monkeypatch.setattr(elementwise, "MODE", None)

@@ -36,6 +36,7 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
 
 NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write", "write_kv_cache",
          "decode_attention", "decode_attention+splits", "decode_attention+8b", "decode_attention+prefetch",
+         "decode_attention+rope", "decode_attention+rope_norm", "decode_attention+8b_rope",
          "prefill_attention", "sampling",
          "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "all_reduce_rms_norm", "all_reduce_rms_norm+slot",
          "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32",
@@ -155,11 +156,22 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     for name, splits in (("decode_attention", 1), ("decode_attention+splits", 2)):
         record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, name)
         decode_mod.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 150, 0.2, num_splits=splits)
+    # the decode step's RoPE (and Qwen3's q/k norm) and K/V write inside the attention launch
+    for name, w in (("decode_attention+rope", None), ("decode_attention+rope_norm", torch.ones(32, dtype=dt))):
+        record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, name)
+        decode_mod.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 150, 0.2, num_splits=2,
+                                    rope=decode_mod.NewTokens(k, v, positions, cos, sin, torch.tensor([3, 17, -1]), w, w))
     # Llama-8B's shape (group of 4, head_dim 128) with 128-token tiles: K and V tiles both in flight
     record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, "decode_attention+8b")
     k8, v8, bt8, _ = paged_cache([300], 16, 8, 128, dt)
     decode_mod.decode_attention(torch.randn(1, 32, 128, dtype=dt), k8, v8, bt8, torch.tensor([300], dtype=torch.int32),
                                 4096, 0.1, launch_config=(128, 4, 2))
+    record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, "decode_attention+8b_rope")  # ... with the RoPE
+    decode_mod.decode_attention(torch.randn(1, 32, 128, dtype=dt), k8, v8, bt8, torch.tensor([300], dtype=torch.int32),
+                                4096, 0.1, launch_config=(128, 4, 2),
+                                rope=decode_mod.NewTokens(torch.randn(1, 8, 128, dtype=dt), torch.randn(1, 8, 128, dtype=dt),
+                                                          torch.tensor([299]), torch.randn(300, 64), torch.randn(300, 64),
+                                                          torch.tensor([-1])))
     # ... and as a decode step runs it, prefetching o_proj's weight (on only where PDL is: forced here)
     record(monkeypatch, decode_mod, "_decode_split_kernel", jobs, "decode_attention+prefetch")
     decode_mod.decode_attention(torch.randn(1, 32, 128, dtype=dt), k8, v8, bt8, torch.tensor([300], dtype=torch.int32),

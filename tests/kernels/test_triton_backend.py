@@ -93,10 +93,12 @@ def test_backend_rejects_decode_meta_with_several_tokens_per_sequence():
                                          k_cache, torch.randn_like(k_cache), meta, 0.25)
 
 
-def test_warm_up_compiles_every_decode_variant_a_step_can_pick(monkeypatch):
+@pytest.mark.parametrize("rope_norm", [None, False, True])
+def test_warm_up_compiles_every_decode_variant_a_step_can_pick(monkeypatch, rope_norm):
     """Each Triton variant compiles on first use (about a second): the start-up warm-up must launch every
-    decode-kernel variant that later steps pick (split or not, tile size, alone or beside prefills), for
-    batches from 1 to 600 sequences and contexts from 1 token to a 4096-token CUDA-graph cap."""
+    decode-kernel variant that later steps pick (split or not, tile size, alone or beside prefills, with
+    the step's RoPE inside and the model's q/k norm or not), for batches from 1 to 600 sequences and
+    contexts from 1 token to a 4096-token CUDA-graph cap."""
     import importlib
 
     mod = importlib.import_module("kernels.decode_attention")  # the package exports a function of that name
@@ -111,7 +113,8 @@ def test_warm_up_compiles_every_decode_variant_a_step_can_pick(monkeypatch):
 
     monkeypatch.setattr(mod, "_decode_split_kernel", Recorder())
     kv_heads, heads, head_dim, device = 8, 32, 128, torch.device(DEVICE)
-    TritonAttentionBackend().warm_up(heads, kv_heads, head_dim, torch.float32, device, max_num_seqs=600)
+    TritonAttentionBackend().warm_up(heads, kv_heads, head_dim, torch.float32, device, max_num_seqs=600,
+                                     rope_norm=rope_norm)
     warmed, launches[:] = set(launches), []
     cache = torch.zeros(2, 16, kv_heads, head_dim, device=DEVICE)
     for num_seqs in (1, 3, 8, 16, 33, 34, 64, 256, 600):
@@ -120,6 +123,13 @@ def test_warm_up_compiles_every_decode_variant_a_step_can_pick(monkeypatch):
             seq_lens = torch.full((num_seqs + 1,), max_seq_len, dtype=torch.int32, device=DEVICE)
             table = torch.zeros(num_seqs + 1, 256, dtype=torch.int32, device=DEVICE)
             mod.decode_attention(q[:num_seqs], cache, cache, table[:num_seqs], seq_lens[:num_seqs], max_seq_len, 1.0)
+            if rope_norm is not None:  # a decode-only step through attend_new_tokens
+                k = torch.zeros(num_seqs, kv_heads, head_dim, device=DEVICE)
+                w = torch.ones(head_dim, device=DEVICE) if rope_norm else None
+                rope_table = torch.zeros(4096, head_dim // 2, device=DEVICE)
+                mod.decode_attention(q[:num_seqs], cache, cache, table[:num_seqs], seq_lens[:num_seqs], max_seq_len, 1.0,
+                                     rope=mod.NewTokens(k, k, seq_lens[:num_seqs].long() - 1, rope_table, rope_table,
+                                                        torch.full((num_seqs,), -1, device=DEVICE), w, w))
             qsl = torch.arange(num_seqs + 2, dtype=torch.int32, device=DEVICE)  # + one 2-token prefill
             mod.decode_attention(q, cache, cache, table, seq_lens, max_seq_len, 1.0, query_start_loc=qsl,
                                  seq_ids=torch.arange(num_seqs, dtype=torch.int32, device=DEVICE))
