@@ -252,6 +252,16 @@ def _split_policy(num_seqs: int, num_kv_heads: int, device: torch.device) -> tup
     return min(cdiv(2 * sms, programs), _MAX_SPLITS), (_MIN_PARTITION if 4 * programs < sms else _MIN_PARTITION_BUSY)
 
 
+def rope_inside_pays(num_seqs: int, num_kv_heads: int, device: torch.device) -> bool:
+    """Whether a decode step of this many sequences should take its RoPE and K/V write inside the
+    attention launch (`rope=`): while its (sequence, KV head) programs fit one wave of the SMs.
+    Llama-8B on H200s (gpu_bench.sh rope-ab, rope-small; ms a step, rotary launch -> inside): TP=1
+    batch 1 4.667 -> 4.625 and 4.629 -> 4.635 (two machines), batch 16 4.998 -> 4.938; but batch 64
+    lost a little (TP=1 5.492 -> 5.503, TP=2 3.590 -> 3.606): with hundreds of programs the extra
+    registers and the dependent cos / sin loads cost more than the rotary launch they replace."""
+    return num_seqs * num_kv_heads <= _num_sms(device)
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """The split count of a sequence of max_seq_len tokens in this batch (each sequence takes its own,
     from its own length, on the device)."""

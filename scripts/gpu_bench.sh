@@ -73,6 +73,7 @@
 #                          ./old (AB_TREES, default "new old"), TP=1 b64, then this tree's TP=2 timeline (tp-trace)
 #   rope-ab                2+ GPUs: RoPE + K/V write inside decode attention: GPU tests, smoke, 8B TP=1 b1 + b64 and
 #                          TP=2 b64 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
+#   rope-small             one GPU: 8B TP=1 b1 + b16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
 #   greedy-ab1             one GPU: 8B TP=1 decode b1 + b64 vs ./old (AB_TREES), then the top-p pivot table
 #   top-p-pivots           one GPU: the top-p search's time at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py)
 #   tp4-close              4 GPUs: symmetric all-reduce GPU tests (2 and 4 ranks), TP=4 greedy == TP=1, 70B TP=4, 8B TP=1 / TP=2
@@ -682,6 +683,15 @@ stage_rope-ab() {  # 2+ GPUs: RoPE + K/V write inside decode attention: its GPU 
     echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
     PAGEDSERVE_ROPE_IN_ATTENTION=$rope run 110 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
       --batch-sizes 64 --output-len 256 --budget-s 100 --out "$OUT/tp2_8b_rope$rope.json"
+  done
+}
+
+stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)
+  local rope
+  for rope in 1 0; do
+    echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
+    PAGEDSERVE_ROPE_IN_ATTENTION=$rope run 110 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 16 --output-len 256 --budget-s 100 --out "$OUT/tp1_8b_small_rope$rope.json"
   done
 }
 

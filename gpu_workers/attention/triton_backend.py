@@ -12,8 +12,9 @@ prefill_attention on meta.prefill_seq_ids, each writing its own rows of one outp
 
 `kv_write_fusable`: the model's attention layer may write K/V in its rotary kernel instead
 (kernels.apply_rotary_and_write_kv) and call `attend`, one launch fewer per layer; and in a decode-only
-step hand the raw q / k / v to `attend_new_tokens`, whose one decode launch also does the RoPE (and
-Qwen3's q/k norm) and the K/V write ($PAGEDSERVE_ROPE_IN_ATTENTION=0: the two launches instead).
+step small enough (`new_tokens_fusable`) hand the raw q / k / v to `attend_new_tokens`, whose one
+decode launch also does the RoPE (and Qwen3's q/k norm) and the K/V write
+($PAGEDSERVE_ROPE_IN_ATTENTION=0: the two launches always).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from ipc import envs
 from kernels import decode_attention, prefill_attention, write_kv_cache
-from kernels.decode_attention import NewTokens, _num_sms, reserve_split_counters
+from kernels.decode_attention import NewTokens, _num_sms, reserve_split_counters, rope_inside_pays
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -63,6 +64,11 @@ class TritonAttentionBackend(AttentionBackend):
                              out=out, seq_ids=meta.decode_seq_ids, query_start_loc=meta.query_start_loc)
         return prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                  meta.seq_lens, meta.max_query_len, scale, out=out, seq_ids=meta.prefill_seq_ids)
+
+    def new_tokens_fusable(self, meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> bool:
+        """Whether this step should go through attend_new_tokens: decode-only, and small enough that its
+        attention launch has room for the RoPE (kernels.decode_attention.rope_inside_pays)."""
+        return meta.is_decode_only and rope_inside_pays(meta.num_seqs, num_kv_heads, device)
 
     def attend_new_tokens(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -108,7 +114,7 @@ class TritonAttentionBackend(AttentionBackend):
                 q, qsl, seq_lens, table = batch([1] * num_seqs)
                 decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,
                                  prefetch_weight=next_weight)
-                if rope_norm is not None:  # attend_new_tokens: nothing stored (slots -1)
+                if rope_norm is not None and rope_inside_pays(num_seqs, num_kv_heads, device):  # attend_new_tokens
                     k = torch.zeros(num_seqs, num_kv_heads, head_dim, dtype=dtype, device=device)
                     w = torch.ones(head_dim, dtype=dtype, device=device) if rope_norm else None
                     decode_attention(q, cache, cache, table, seq_lens, context, 1.0, num_splits=splits,

@@ -199,7 +199,8 @@ class Attention(nn.Module):
         if elementwise.use_triton(q) and self.attn_backend.kv_write_fusable:
             # ($PAGEDSERVE_PREFETCH_ATTENTION=1: a decode step's attention also prefetches o_proj's weight)
             prefetch = self.o_proj.weight if self.prefetch_o_proj else None
-            if meta.is_decode_only and self.rope_in_attention:  # all of it in the decode attention launch
+            if self.rope_in_attention and self.attn_backend.new_tokens_fusable(meta, self.num_kv_heads, q.device):
+                # a small decode step: RoPE, K/V write and attention in one launch
                 out = self.attn_backend.attend_new_tokens(q, k, v, positions, k_cache, v_cache, meta, self.scale,
                                                           self.rotary_emb, self.q_norm, self.k_norm, prefetch)
                 return self.o_proj(out.reshape(-1, self.q_size))

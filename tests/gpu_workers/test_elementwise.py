@@ -109,6 +109,9 @@ def test_decode_step_does_rope_and_kv_write_inside_attention(variant, tmp_path, 
                         calls.__setitem__("rotary_and_write_kv", calls["rotary_and_write_kv"] + 1) or _fn(*a))
     monkeypatch.setattr(backend, "attend_new_tokens", lambda *a, _fn=backend.attend_new_tokens:
                         calls.__setitem__("attend_new_tokens", calls["attend_new_tokens"] + 1) or _fn(*a))
+    assert backend.new_tokens_fusable(build_metadata([(5, 1, [7, 1])] * 16, BLOCK_SIZE, DEVICE), 8, torch.device(DEVICE))
+    assert not backend.new_tokens_fusable(build_metadata([(5, 1, [7, 1])] * 17, BLOCK_SIZE, DEVICE), 8,
+                                          torch.device(DEVICE))  # 136 programs: more than an H200's 132 SMs
     ref, ref_caches = decode_step(model, "torch", monkeypatch)
     got, caches = decode_step(model, "triton", monkeypatch)
     layers = model.config.num_hidden_layers

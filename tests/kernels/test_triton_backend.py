@@ -123,7 +123,7 @@ def test_warm_up_compiles_every_decode_variant_a_step_can_pick(monkeypatch, rope
             seq_lens = torch.full((num_seqs + 1,), max_seq_len, dtype=torch.int32, device=DEVICE)
             table = torch.zeros(num_seqs + 1, 256, dtype=torch.int32, device=DEVICE)
             mod.decode_attention(q[:num_seqs], cache, cache, table[:num_seqs], seq_lens[:num_seqs], max_seq_len, 1.0)
-            if rope_norm is not None:  # a decode-only step through attend_new_tokens
+            if rope_norm is not None and mod.rope_inside_pays(num_seqs, kv_heads, device):  # attend_new_tokens
                 k = torch.zeros(num_seqs, kv_heads, head_dim, device=DEVICE)
                 w = torch.ones(head_dim, device=DEVICE) if rope_norm else None
                 rope_table = torch.zeros(4096, head_dim // 2, device=DEVICE)
