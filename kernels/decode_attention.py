@@ -24,6 +24,12 @@ use exp2 with log2(e) folded into the scale; accumulation is float32 whatever th
 Mixed batches: with `seq_ids` (and `query_start_loc`), program s serves sequence seq_ids[s], whose query
 row is query_start_loc[seq_ids[s]], so the decodes of a batch that also holds prefills run here (K/V
 read once per KV head) while prefill_attention takes the rest.
+
+The step's own token (`rope=NewTokens(...)`, decode-only steps small enough that `rope_inside_pays`):
+every program rotates its query group (after Qwen3's q/k norm) and its KV head's new key itself, the
+splits attend to the cached positions < seq_len - 1, and the split holding position seq_len - 1 folds
+that token's key and value in from registers and stores them in the caches (kernels/rotary.py's job,
+one launch fewer a layer).
 """
 
 from __future__ import annotations
@@ -48,8 +54,6 @@ _MIN_PARTITION_BUSY = 1024  # ... and when it fills a quarter or more (a split c
 _MAX_SPLITS = 64
 
 
-# Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
-# for each "divisible by 16" / "equals 1" combination it meets, a second each, mid-run).
 @triton.jit
 def _rope_rows(ptr, rows, stride_h, d, partner, d_mask, cos, sin, sign, w_ptr, head_dim, eps,
                HAS_NORM: tl.constexpr):
@@ -70,6 +74,8 @@ def _rope_rows(ptr, rows, stride_h, d, partner, d_mask, cos, sin, sign, w_ptr, h
     return (x * cos[None, :] + sign[None, :] * xp * sin[None, :]).to(dtype)
 
 
+# Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
+# for each "divisible by 16" / "equals 1" combination it meets, a second each, mid-run).
 @triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ph", "max_splits", "min_partition", "pf_rows",
                                "pf_row_bytes", "pf_prefix_lines"])
 def _decode_split_kernel(
