@@ -35,7 +35,6 @@ one launch fewer a layer).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -44,6 +43,7 @@ import triton.language as tl
 from kernels import prefetch
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
                               check_last_dim_contiguous, check_same_device, next_pow2, paged_kv_offsets)
+from kernels.new_tokens import NewTokens, check_new_tokens, rope_rows
 from kernels.pdl import pdl_prologue, use_pdl
 from kernels.prefetch import prefetch_rows
 
@@ -52,26 +52,6 @@ _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity": an empty split nev
 _MIN_PARTITION = 128  # tokens a split takes at least, when the batch fills under a quarter of the SMs
 _MIN_PARTITION_BUSY = 1024  # ... and when it fills a quarter or more (a split costs ~3-4 us of combine)
 _MAX_SPLITS = 64
-
-
-@triton.jit
-def _rope_rows(ptr, rows, stride_h, d, partner, d_mask, cos, sin, sign, w_ptr, head_dim, eps,
-               HAS_NORM: tl.constexpr):
-    """Rows `rows` (heads, stride_h apart) of one token at `ptr`, each RMS-normed by w (HAS_NORM, Qwen3's
-    q/k norm) and rotated neox-style, rounded to the dtype: kernels/rotary.py's math, where element d
-    pairs with element `partner` (d +- head_dim / 2) and sign is -1 in the first half, +1 in the second."""
-    dtype = ptr.dtype.element_ty
-    mask = (rows[:, None] >= 0) & d_mask[None, :]
-    base = ptr + rows[:, None] * stride_h
-    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_NORM:
-        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]
-        w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        x = ((x * inv_rms).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
-        xp = ((xp * inv_rms).to(dtype).to(tl.float32) * wp).to(dtype).to(tl.float32)
-    return (x * cos[None, :] + sign[None, :] * xp * sin[None, :]).to(dtype)
 
 
 # Arguments that vary from step to step are not specialized (Triton would otherwise compile a variant
@@ -143,10 +123,10 @@ def _decode_split_kernel(
             cs = tl.where(first, d, d - half)
             cos = tl.load(cos_ptr + pos * stride_cos + cs, mask=d_mask, other=0.0)
             sin = tl.load(sin_ptr + pos * stride_cos + cs, mask=d_mask, other=0.0)
-            q = _rope_rows(q_ptr + row.to(tl.int64) * stride_qt, tl.where(g_mask, heads, -1), stride_qh, d, partner,
+            q = rope_rows(q_ptr + row.to(tl.int64) * stride_qt, tl.where(g_mask, heads, -1), stride_qh, d, partner,
                            d_mask, cos, sin, sign, q_w_ptr, head_dim, eps, HAS_NORM)  # [BLOCK_G, BLOCK_D]
             one = tl.full([1], 0, tl.int32) + kv_head
-            k_new = _rope_rows(k_ptr + row.to(tl.int64) * stride_kt, one, stride_kh, d, partner, d_mask, cos, sin,
+            k_new = rope_rows(k_ptr + row.to(tl.int64) * stride_kt, one, stride_kh, d, partner, d_mask, cos, sin,
                                sign, k_w_ptr, head_dim, eps, HAS_NORM)  # [1, BLOCK_D]
             v_new = tl.load(v_ptr + row.to(tl.int64) * stride_vt + kv_head * stride_vh + d[None, :],
                             mask=d_mask[None, :], other=0.0)  # [1, BLOCK_D]
@@ -312,40 +292,6 @@ def reserve_split_counters(device: torch.device, max_num_seqs: int, num_kv_heads
     _COUNTERS.reserve(device, max_num_seqs * num_kv_heads)
 
 
-class NewTokens(NamedTuple):
-    """A decode step's own tokens for decode_attention to finish in the same launch (`rope=`): the query
-    it gets is raw, and it norms (Qwen3's q/k norm, with the weights) and rotates q and this key, stores
-    the key and value in the caches at slot_mapping, and attends to the cached context plus this token.
-    kernels/rotary.py's apply_rotary_and_write_kv, then decode_attention, in one launch."""
-
-    key: torch.Tensor  # [num_tokens, num_kv_heads, head_dim], not rotated (head_dim contiguous)
-    value: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
-    positions: torch.Tensor  # [num_tokens] int64 / int32
-    cos_cache: torch.Tensor  # [max_position, head_dim // 2] float32 (RotaryEmbedding's)
-    sin_cache: torch.Tensor  # [max_position, head_dim // 2] float32
-    slot_mapping: torch.Tensor  # [num_tokens] int64 / int32: the cache row of each token; < 0: not stored
-    q_norm_weight: torch.Tensor | None = None  # [head_dim] (Qwen3), with k_norm_weight
-    k_norm_weight: torch.Tensor | None = None
-    eps: float = 1e-6
-
-
-def _check_new_tokens(rope: NewTokens, query: torch.Tensor, k_cache: torch.Tensor) -> None:
-    from kernels.rotary import _check_inputs as check_rotary
-
-    check_rotary(query, rope.key, rope.positions, rope.cos_cache, rope.sin_cache, rope.q_norm_weight,
-                 rope.k_norm_weight)
-    check_last_dim_contiguous("value", rope.value, 3)
-    if rope.key.shape[1:] != k_cache.shape[2:] or rope.value.shape != rope.key.shape or rope.value.dtype != query.dtype:
-        raise ValueError(f"key {tuple(rope.key.shape)} and value {tuple(rope.value.shape)} {rope.value.dtype} "
-                         f"must be [{query.shape[0]}, {k_cache.shape[2]}, {k_cache.shape[3]}] {query.dtype}")
-    if rope.cos_cache.stride(0) != rope.sin_cache.stride(0):
-        raise ValueError("cos_cache and sin_cache must share their row stride")
-    if rope.slot_mapping.shape != (query.shape[0],):
-        raise ValueError(f"slot_mapping must be [{query.shape[0]}], got {tuple(rope.slot_mapping.shape)}")
-    check_int_dtype("slot_mapping", rope.slot_mapping, (torch.int64, torch.int32))
-    check_same_device(k_cache.device, value=rope.value, slot_mapping=rope.slot_mapping, key=rope.key)
-
-
 def _check_inputs(query, k_cache, v_cache, block_tables, seq_lens, seq_ids, query_start_loc) -> None:
     """decode_attention's argument checks (shapes, dtypes, strides, devices), before any launch."""
     check_kv_cache(k_cache, v_cache)
@@ -404,7 +350,7 @@ def decode_attention(
     if rope is not None:
         if seq_ids is not None:
             raise ValueError("rope= takes a decode-only batch (no seq_ids)")
-        _check_new_tokens(rope, query, k_cache)
+        check_new_tokens(rope, query, k_cache)
     if out is None:
         out = torch.empty_like(query)
     check_last_dim_contiguous("out", out, 3)
