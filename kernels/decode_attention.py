@@ -370,8 +370,12 @@ def decode_attention(
         max_splits, min_partition = num_splits, 1
     few_programs = num_programs * num_kv_heads <= 2 * _num_sms(query.device)
     block_n, num_warps, num_stages = launch_config or _launch_config(head_dim, few_programs)
-    # Splits are whole BLOCK_N tiles, so more than ceil(max_seq_len / BLOCK_N) would all be empty.
-    max_splits = max(1, min(max_splits, cdiv(max(max_seq_len, 1), block_n)))
+    # Splits are whole BLOCK_N tiles of at least min_partition tokens, so no sequence takes more than
+    # ceil(max_seq_len / either): past that the programs would all be empty, and with one split left the
+    # launch needs no split-capable variant (which cost 1.8-3.3 us more at 16-32 sequences of 256
+    # tokens, H200: BENCHMARKS.md, session 14). A CUDA graph passes max_model_len, so it keeps them.
+    longest = max(max_seq_len, 1)
+    max_splits = max(1, min(max_splits, cdiv(longest, block_n), cdiv(longest, min_partition)))
     group = num_heads // num_kv_heads
     block_d = max(16, next_pow2(head_dim))
     block_gc = next_pow2(group)

@@ -102,6 +102,37 @@ def test_decode_graph_sized_split_cap_with_per_sequence_counts():
         assert _rel_err(out, _reference_decode(query, dense, 0.3)) < 1e-4
 
 
+def test_short_contexts_launch_no_split_programs(monkeypatch):
+    """A batch that fills a quarter of the SMs or more splits only contexts over 1024 tokens: given the
+    real longest context (eager steps), the launch has no split programs at all and no split-capable
+    variant; given max_model_len (a CUDA graph) it keeps them. Same outputs, bit for bit."""
+    import importlib
+
+    mod = importlib.import_module("kernels.decode_attention")  # the package exports a function of that name
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs["MAY_SPLIT"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    kernel = mod._decode_split_kernel
+    monkeypatch.setattr(mod, "_decode_split_kernel", Spy())
+    seq_lens = [150, 300, 40, 9, 200, 260, 33, 129]  # 8 sequences x 8 KV heads = 64 programs: busy, under the SMs
+    k_cache, v_cache, block_tables, dense = paged_cache(seq_lens, 16, 8, 16, torch.float32)
+    query = torch.randn(len(seq_lens), 16, 16, device=DEVICE)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    eager = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, max(seq_lens), 0.25)
+    graph = decode_attention(query, k_cache, v_cache, block_tables, seq_lens_t, 4096, 0.25)
+    (eager_grid, eager_split), (graph_grid, graph_split) = launches
+    assert eager_grid == (8, 8, 1) and not eager_split
+    assert graph_grid[2] > 1 and graph_split
+    assert torch.equal(eager, graph)
+    assert _rel_err(eager, _reference_decode(query, dense, 0.25)) < 1e-4
+
+
 def test_decode_more_splits_than_one_combine_load():
     """22 splits of 32 tokens: the last split combines them in two passes of its BLOCK_S-wide loads."""
     seq_lens = [700, 64]
