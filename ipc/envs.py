@@ -195,8 +195,9 @@ def prefetch_mb() -> int:
 
 
 def rope_in_attention() -> bool:
-    """$PAGEDSERVE_ROPE_IN_ATTENTION=0: a decode-only step's RoPE and K/V cache write run as their own
-    launch before attention (kernels/rotary.py), not inside the decode attention kernel (the default)."""
+    """$PAGEDSERVE_ROPE_IN_ATTENTION=0: a decode-only step's RoPE and K/V cache write always run as their
+    own launch before attention (kernels/rotary.py). By default the decode attention kernel does them
+    itself in steps whose (sequence, KV head) programs fit the SMs (kernels.decode_attention.rope_inside_pays)."""
     value = os.environ.get("PAGEDSERVE_ROPE_IN_ATTENTION", "1")
     if value not in ("0", "1"):
         raise ValueError(f"PAGEDSERVE_ROPE_IN_ATTENTION must be 0 or 1, not {value!r}")
