@@ -667,32 +667,28 @@ stage_ar-ab() {  # 2+ GPUs: the fused all-reduce's symmetric-memory GPU tests, T
   stage_tp-trace
 }
 
+# rope_onoff TP "BATCHES" LIMIT NAME: 8B decode at tensor-parallel size TP with PAGEDSERVE_ROPE_IN_ATTENTION=1, then 0
+rope_onoff() {
+  local tp=$1 batches=$2 limit=$3 name=$4 rope
+  for rope in 1 0; do
+    echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
+    PAGEDSERVE_ROPE_IN_ATTENTION=$rope run "$limit" "$PY" scripts/gpu_tp_check.py --size 8b --tp "$tp" --skip-tp1 \
+      --skip-greedy --batch-sizes $batches --output-len 256 --budget-s $((limit - 10)) --out "$OUT/${name}_rope$rope.json"
+  done
+}
+
 stage_rope-ab() {  # 2+ GPUs: RoPE + K/V write inside decode attention: its GPU tests, the smoke test (float32 greedy
   # == transformers, graphs and eager), then 8B TP=1 (batch 1, 64) and TP=2 (batch 64) with it on / off (~9 min)
   run 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
     tests/kernels/test_decode_attention_rope.py tests/kernels/test_triton_backend.py tests/gpu_workers/test_elementwise.py \
     2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
   stage_smoke
-  local rope
-  for rope in 1 0; do
-    echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
-    PAGEDSERVE_ROPE_IN_ATTENTION=$rope run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
-      --batch-sizes 1 64 --output-len 256 --budget-s 110 --out "$OUT/tp1_8b_rope$rope.json"
-  done
-  for rope in 1 0; do
-    echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
-    PAGEDSERVE_ROPE_IN_ATTENTION=$rope run 110 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
-      --batch-sizes 64 --output-len 256 --budget-s 100 --out "$OUT/tp2_8b_rope$rope.json"
-  done
+  rope_onoff 1 "1 64" 120 tp1_8b
+  rope_onoff 2 "64" 110 tp2_8b
 }
 
 stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)
-  local rope
-  for rope in 1 0; do
-    echo "== PAGEDSERVE_ROPE_IN_ATTENTION=$rope"
-    PAGEDSERVE_ROPE_IN_ATTENTION=$rope run 110 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
-      --batch-sizes 1 16 --output-len 256 --budget-s 100 --out "$OUT/tp1_8b_small_rope$rope.json"
-  done
+  rope_onoff 1 "1 16" 110 tp1_8b_small
 }
 
 stage_greedy-ab1() {  # one GPU: the greedy keys at TP=1: 8B decode at batch 1 and 64 in each tree of AB_TREES,
