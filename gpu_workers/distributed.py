@@ -67,13 +67,22 @@ class TPGroup:
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                 eps: float, slot: int | None = None, prefetch: torch.Tensor | None = None,
-                                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                                pushed: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(RMSNorm(sum of x + residual), sum of x + residual) in one fused launch where the
         symmetric-memory path takes x; None otherwise (the caller reduces, then norms). `slot`,
-        `prefetch` (the next matmul's weight): see SymmMemAllReduce.add_rms_norm."""
+        `prefetch` (the next matmul's weight), `pushed` (x's matmul pushed it, see matmul_push): see
+        SymmMemAllReduce.add_rms_norm."""
         if self.custom_all_reduce is None:
             return None
-        return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps, slot, prefetch)
+        return self.custom_all_reduce.add_rms_norm(x, residual, weight, eps, slot, prefetch, pushed)
+
+    def matmul_push(self, rows: int, hidden: int, x: torch.Tensor, slot: int | None):
+        """(peers, slot) where a row-parallel matmul making [rows, hidden] partial sums of x's dtype for
+        `all_reduce_add_rms_norm(..., slot)` pushes them to the peers itself (kernels/gemv.py); else None.
+        See SymmMemAllReduce.matmul_push."""
+        if self.custom_all_reduce is None:
+            return None
+        return self.custom_all_reduce.matmul_push(rows, hidden, x.dtype, x.device, slot)
 
     def embedding_rms_norm(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int,
                            weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,

@@ -165,19 +165,39 @@ class SymmMemAllReduce:
         return None
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                     slot: int | None = None, prefetch: torch.Tensor | None = None,
+                     slot: int | None = None, prefetch: torch.Tensor | None = None, pushed: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(RMSNorm(sum of x over the ranks + residual), that sum + residual) in one fused launch, or
         None when `x` is not for it (then reduce and norm apart). Takes what one-shot would take: the
         choice rests on shape, dtype and world size alone, as on every rank. `slot` 0 / 1: callers that
         never pass the same one twice in a row save a barrier, or (flag-free) a counter read
         (kernels/all_reduce_rms_norm.py). `prefetch`:
-        the next matmul's weight, partly prefetched into L2 while the kernel waits (kernels/prefetch.py)."""
+        the next matmul's weight, partly prefetched into L2 while the kernel waits (kernels/prefetch.py).
+        `pushed`: x came from a matmul that pushed it into `slot` itself, as `matmul_push` allowed (then
+        the fused kernel only polls)."""
+        if pushed and self.matmul_push(*x.shape, x.dtype, x.device, slot) is None:
+            raise ValueError(f"a pushed {tuple(x.shape)} {x.dtype} message in slot {slot!r}: not one matmul_push takes")
         if x.dim() != 2 or not self._fused_takes(*x.shape, x.dtype, x.device):
             return None
         from kernels import all_reduce_rms_norm as fused_kernel
 
-        return fused_kernel.all_reduce_add_rms_norm(x, residual, weight, eps, self.fused_peers, slot, prefetch)
+        return fused_kernel.all_reduce_add_rms_norm(x, residual, weight, eps, self.fused_peers, slot, prefetch, pushed)
+
+    def matmul_push(self, rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                    slot: int | None) -> tuple[PeerBuffers, int] | None:
+        """(peers, slot) where the row-parallel matmul making a [rows, hidden] message of partial sums for
+        `add_rms_norm(..., slot)` pushes it into the peers' staging slot itself (kernels/gemv.py's `push`)
+        and that call then only polls; else None. Both sides ask this with the same shape, dtype and
+        slot, as every rank does: none of them can push while another waits for a push that never comes.
+        Taken by the flag-free protocol's slots 0 / 1 where the matmul runs on the GEMV
+        (kernels.gemv.takes_row_parallel)."""
+        from kernels import gemv
+
+        peers = self.fused_peers
+        if (peers is None or not peers.lamport or slot not in (0, 1)
+                or not gemv.takes_row_parallel(rows, hidden, dtype, device) or not self._fused_takes(rows, hidden, dtype, device)):
+            return None
+        return peers, slot
 
     def embedding_rms_norm(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int, weight: torch.Tensor,
                            eps: float, prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -98,6 +98,17 @@ def fused_all_reduce_lamport() -> bool:
     return value == "1"
 
 
+def row_parallel_gemv() -> bool:
+    """$PAGEDSERVE_ROW_PARALLEL_GEMV=0: row-parallel matmuls (o_proj, down_proj) always run on cuBLAS, and
+    at TP > 1 the fused all-reduce after them pushes their rows itself. By default, at 1-64 token rows
+    of a model of hidden size >= 2048 under PDL, they run on kernels/gemv.py, whose epilogue at TP > 1
+    also pushes the rows into the peers' staging slot (kernels.gemv.takes_row_parallel)."""
+    value = os.environ.get("PAGEDSERVE_ROW_PARALLEL_GEMV", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PAGEDSERVE_ROW_PARALLEL_GEMV must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
 def torch_profiler_dir() -> str | None:
     """$PAGEDSERVE_TORCH_PROFILER_DIR: profile a window of worker steps with torch.profiler and write
     the per-kernel table there (gpu_workers/step_profiler.py)."""

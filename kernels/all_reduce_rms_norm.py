@@ -293,7 +293,7 @@ def _base(r: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7):
         base = b6
     else:
         base = b7
-    return base
+    return base.to(tl.int64)  # an unused argument's 0 arrives as an int32
 
 
 @triton.jit(do_not_specialize=["pf_rows", "pf_row_bytes", "pf_prefix_lines"])
@@ -305,13 +305,14 @@ def _lamport_kernel(
     pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr, SENT: tl.constexpr,
     USE_PDL: tl.constexpr, GATHER: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH: tl.constexpr,
-    PF_CHUNK: tl.constexpr, COUNTED: tl.constexpr,
+    PF_CHUNK: tl.constexpr, COUNTED: tl.constexpr, PUSHED: tl.constexpr,
 ):
     """The flag-free protocol: push the (sanitized) rows into the slot of every peer; poll this rank's
     own slot until no element is a sentinel (the data is its own flag); sum, add, norm; then write the
     sentinel back where the peers' rows were. The slot is `slot` (0 or 1, the caller's alternation),
     or with COUNTED 2 + (this program's count of COUNTED calls) % 2, where every program of a grid of
-    MAX_PROGRAMS counts every such call, so all agree."""
+    MAX_PROGRAMS counts every such call, so all agree. PUSHED: the matmul that made x pushed its rows
+    already (kernels/gemv.py, `push`), so step 1 is skipped."""
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -324,13 +325,15 @@ def _lamport_kernel(
         epoch = tl.load(epoch_ptr)
         slot = 2 + epoch % 2
     slot_offset = slot * WORLD * region_bytes
-    for row in range(pid, num_rows, num_programs):  # 1. push
-        x = _sanitized(_x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER), ITYPE, SENT)
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + slot_offset + RANK * region_bytes
-                dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
-                tl.store(dst + row * hidden + cols, x, mask=mask)
+    if not PUSHED:  # 1. push (PUSHED: the matmul before did)
+        for row in range(pid, num_rows, num_programs):
+            x = _sanitized(_x_row(x_ptr, stride_x, row, ids_ptr, vocab_start, vocab_rows, cols, mask, GATHER),
+                           ITYPE, SENT)
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + slot_offset + RANK * region_bytes
+                    dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
+                    tl.store(dst + row * hidden + cols, x, mask=mask)
     if PREFETCH:  # while the peers' rows travel: the next matmul's weight into L2
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, pid, num_programs, PF_CHUNK)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -378,6 +381,31 @@ def _check_peers(x: torch.Tensor, peers: PeerBuffers, rows: int, hidden: int, sl
                          f"(world_size {peers.world_size}, {len(peers.bases)} bases)")
 
 
+def _sentinel_meta(dtype: torch.dtype) -> dict:
+    """The flag-free kernels' integer view of `dtype` and its sentinel in that view."""
+    wide = dtype.itemsize == 4
+    return dict(ITYPE=tl.int32 if wide else tl.int16, SENT=SENTINEL_WORD if wide else -32768)  # 0x8000: -0.0
+
+
+def check_pushable(rows: int, hidden: int, dtype: torch.dtype, peers: PeerBuffers, slot: int) -> None:
+    """Raise unless a producer (kernels/gemv.py) can push [rows, hidden] `dtype` into staging slot
+    `slot` of `peers` for a later `all_reduce_add_rms_norm(..., pushed=True)`."""
+    if not peers.lamport or slot not in (0, 1) or len(peers.bases) != peers.world_size:
+        raise ValueError(f"pushing takes the flag-free protocol, slot 0 or 1 and the ranks' base addresses "
+                         f"(lamport {peers.lamport}, slot {slot!r}, {len(peers.bases)} bases)")
+    if peers.world_size > MAX_WORLD or not fits_rows(rows, hidden, dtype, peers):
+        raise ValueError(f"[{rows}, {hidden}] {dtype} over {peers.world_size} ranks does not fit the fused all-reduce "
+                         f"({peers.data_bytes} staging bytes, at most {MAX_WORLD} ranks)")
+
+
+def push_args(peers: PeerBuffers, slot: int, dtype: torch.dtype) -> tuple[tuple[int, ...], dict]:
+    """A pushing producer's kernel arguments: (the 8 buffer addresses and the byte offset of this rank's
+    region of `slot`), and its constexprs (PUSH, RANK, WORLD, ITYPE, SENT)."""
+    bases = (*peers.bases, *([0] * (MAX_WORLD - len(peers.bases))))
+    offset = (slot * peers.world_size + peers.rank) * peers.data_bytes
+    return (*bases, offset), dict(PUSH=True, RANK=peers.rank, WORLD=peers.world_size, **_sentinel_meta(dtype))
+
+
 def _check_weight(weight: torch.Tensor, x: torch.Tensor, hidden: int) -> None:
     if weight.shape != (hidden,) or weight.dtype != x.dtype or weight.stride(0) != 1:
         raise ValueError(f"weight must be a contiguous [{hidden}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
@@ -391,20 +419,25 @@ def all_reduce_add_rms_norm(
     peers: PeerBuffers,
     slot: int | None = None,
     prefetch_weight: torch.Tensor | None = None,
+    pushed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s + residual) * weight, s + residual) where s is the sum of every rank's x. Collective:
     every rank must call it with the same shapes and slot. `slot` 0 or 1, for callers that never pass
     the same slot twice in a row (see the module docstring): one barrier instead of two (flags), no
     counter read (flag-free); None: any order (slot 2 with two barriers; slots 2 / 3 by count). Inputs are not
     written; outputs are new contiguous tensors in x's dtype. `prefetch_weight`: the next matmul's
-    weight, partly prefetched into L2 while the kernel waits for its peers (kernels/prefetch.py)."""
+    weight, partly prefetched into L2 while the kernel waits for its peers (kernels/prefetch.py).
+    `pushed`: the matmul that made x already pushed it into `slot` of every peer (kernels/gemv.py's
+    `push`, with the same slot), so this launch only polls, sums and norms."""
     check_last_dim_contiguous("x", x, 2)
     check_last_dim_contiguous("residual", residual, 2)
     _check_peers(x, peers, *x.shape, slot)
+    if pushed:
+        check_pushable(*x.shape, x.dtype, peers, slot)
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"residual must be {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
     _check_weight(weight, x, x.shape[1])
-    return _launch(x, residual, weight, eps, peers, slot, prefetch_weight, x.shape[0], None, 0)
+    return _launch(x, residual, weight, eps, peers, slot, prefetch_weight, x.shape[0], None, 0, pushed)
 
 
 def embedding_all_reduce_rms_norm(
@@ -431,7 +464,7 @@ def embedding_all_reduce_rms_norm(
                    vocab_start)
 
 
-def _launch(x, residual, weight, eps, peers, slot, prefetch_weight, num_rows, ids, vocab_start):
+def _launch(x, residual, weight, eps, peers, slot, prefetch_weight, num_rows, ids, vocab_start, pushed=False):
     """One launch of the fused kernel of `peers`' protocol: x's rows (ids None), else the rows of x (a
     table slice) that `ids` name; residual None: nothing added."""
     hidden = x.shape[1]
@@ -452,12 +485,10 @@ def _launch(x, residual, weight, eps, peers, slot, prefetch_weight, num_rows, id
         programs = MAX_PROGRAMS if slot is None else min(num_rows, MAX_PROGRAMS)
         pf = prefetch.plan(prefetch_weight, programs, x)
         bases = peers.bases or tuple(peers.ptrs.tolist())
-        wide = x.element_size() == 4
         _lamport_kernel[(programs,)](
             x, residual, weight, out, new_residual, *bases, *([0] * (MAX_WORLD - len(bases))), *rows_args,
             peers.data_bytes, 0 if slot is None else slot, epoch_offset, float(eps), *gather_args, *pf.args(),
-            ITYPE=tl.int32 if wide else tl.int16, SENT=SENTINEL_WORD if wide else -32768,  # 0x8000: -0.0
-            PREFETCH=pf.enabled, COUNTED=slot is None, **common)
+            PREFETCH=pf.enabled, COUNTED=slot is None, PUSHED=pushed, **_sentinel_meta(x.dtype), **common)
         return out, new_residual
     num_programs = min(num_rows, MAX_PROGRAMS)
     pf = prefetch.plan(prefetch_weight, num_programs, x)

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ipc import envs
+from kernels.all_reduce_rms_norm import PeerBuffers, _base, _sanitized, check_pushable, push_args
 from kernels.decode_attention import _num_sms, _SplitCounters
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
@@ -57,9 +58,12 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
+    b0, b1, b2, b3, b4, b5, b6, b7, push_offset,  # PUSH: the ranks' all-reduce buffers (_store_y)
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     LINE_ELEMS: tl.constexpr,
+    PUSH: tl.constexpr = False, RANK: tl.constexpr = 0, WORLD: tl.constexpr = 1, ITYPE: tl.constexpr = tl.int16,
+    SENT: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     if SPLIT_K == 1:  # all of K: the bound stays K itself, whose divisibility Triton knows (vector loads)
@@ -102,15 +106,34 @@ def _gemv_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in tl.static_range(SPLIT_K):
                 acc += tl.load(part + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+            _store_y(acc, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N,
+                     b0, b1, b2, b3, b4, b5, b6, b7, push_offset, HAS_BIAS, PUSH, RANK, WORLD, ITYPE, SENT)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _store_y(acc, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N,
+                 b0, b1, b2, b3, b4, b5, b6, b7, push_offset, HAS_BIAS, PUSH, RANK, WORLD, ITYPE, SENT)
+
+
+@triton.jit
+def _store_y(acc, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N,
+             b0, b1, b2, b3, b4, b5, b6, b7, push_offset,
+             HAS_BIAS: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+             ITYPE: tl.constexpr, SENT: tl.constexpr):
+    """Store the finished [BLOCK_M, BLOCK_N] tile (plus the bias) into y; with PUSH, also into this
+    rank's region of the all-reduce slot of every peer's buffer (`push_offset` bytes into it), rows N
+    apart, sentinel bits sanitized: the rows the flag-free all-reduce would otherwise push itself
+    (kernels/all_reduce_rms_norm.py, `pushed=True`)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y, mask=out_mask)
+    if PUSH:
+        y = _sanitized(y, ITYPE, SENT)
+        flat = rows[:, None] * N + cols[None, :]  # < 2**31: the staging region is a few MiB
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset
+                dst = tl.multiple_of(region.to(tl.pointer_type(y_ptr.dtype.element_ty)), 16)
+                tl.store(dst + flat, y, mask=out_mask)
 
 
 Config = tuple[int, int, int, int] | tuple[int, int, int, int, int]
@@ -157,6 +180,40 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     check_same_device(weight.device, x=x, **({} if bias is None else {"bias": bias}))
 
 
+def row_parallel_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | None]:
+    """(config, block_m) of a row-parallel matmul's launch (o_proj, down_proj; `row_parallel_gemv`):
+    32 output columns a program, 128-wide K tiles, 6 stages; at 32-64 rows the dot tile padded to 64
+    rows, at 17-31 K split 2 ways, at 1-16 a 16-row tile. Swept with rotating weights on an H200
+    (scripts/sweep_gemv.py, BENCHMARKS.md session 15), us with the RMSNorm before it, Llama-8B, this /
+    cuBLAS: TP=2 o_proj at 64 rows 7.6 / 8.5, at 32 rows 7.5 / 8.6; down_proj 20.3 / 20.3 and 19.5 /
+    20.8; TP=1 o_proj at 64 rows 12.1 / 13.3, down_proj 36.1 / 38.7. float32 takes 64-wide K tiles
+    (128-wide ones need 240 KiB of shared memory in 6 stages; Hopper has 227)."""
+    block_k = 128 if dtype.itemsize <= 2 else 64
+    if 16 < rows < 32:
+        return (32, block_k, 4, 6, 2), None
+    return (32, block_k, 4, 6, 1), (64 if rows > 16 else None)
+
+
+def row_parallel_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      push: tuple[PeerBuffers, int] | None = None) -> torch.Tensor:
+    """`gemv` with `row_parallel_config`'s launch (where `takes_row_parallel`), `push` as in gemv."""
+    config, block_m = row_parallel_config(x.shape[0], x.dtype)
+    return gemv(x, weight, bias, config=config, push=push, block_m=block_m)
+
+
+ROW_PARALLEL_MIN_N = 2048
+"""Row-parallel matmuls narrower than this stay on cuBLAS: under 64 programs of 32 columns."""
+
+
+def takes_row_parallel(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a row-parallel matmul (o_proj, down_proj) of `rows` token rows into `n` features runs on
+    `row_parallel_gemv` (and at TP > 1 pushes its rows, gpu_workers/symm_all_reduce.py):
+    1-64 rows, n >= ROW_PARALLEL_MIN_N, a CUDA device under PDL (its weight prefetch), unless
+    $PAGEDSERVE_ROW_PARALLEL_GEMV=0. Shape, dtype and device kind only: every rank decides alike."""
+    return (0 < rows <= MAX_ROWS and n >= ROW_PARALLEL_MIN_N and dtype in SUPPORTED_DTYPES
+            and device.type == "cuda" and use_pdl(device) and envs.row_parallel_gemv())
+
+
 _WIDE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 64, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3),
                  (64, 64, 4, 6), (64, 128, 4, 4), (64, 128, 8, 4)]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages) tried for 17-64 rows, K unsplit: Triton times each once per
@@ -173,25 +230,43 @@ def gemv(
     bias: torch.Tensor | None = None,  # [N]
     config: Config | None = None,  # None: a default from the shape (autotuned over 16 rows)
     prefetch_tiles: int = 2,  # up to 16 rows: K tiles of W prefetched before the PDL wait
+    push: tuple[PeerBuffers, int] | None = None,  # (peers, slot): also push y to them (see below)
+    block_m: int | None = None,  # the dot tile's rows (16, 32 or 64, >= M); None: the smallest that holds M
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) as a new [M, N] tensor in x's dtype, for M <= 64 rows.
 
     Up to 16 rows the launch takes `config` or `_config`'s; over 16 (a decode batch of 17-64), the
     autotuned one of _WIDE_CONFIGS, with K unsplit, and W's first 2048 columns prefetched before the PDL
-    wait (still slower than cuBLAS on Llama-8B's projections: see the module docstring)."""
+    wait (still slower than cuBLAS on Llama-8B's projections: see the module docstring).
+
+    `push` (a row-parallel layer's partial sums, tensor-parallel, flag-free all-reduce buffers): each
+    finished tile also goes into this rank's region of staging slot `slot` (0 or 1) of every peer,
+    where `all_reduce_add_rms_norm(y, ..., slot=slot, pushed=True)` then finds it: the all-reduce's
+    push leaves its own launch and overlaps the matmul's last tiles. Collective like that call: every
+    rank pushes, with the same shapes and slot. Takes `config` or row_parallel_config's, never the
+    autotuned launch."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
+    if push is not None:
+        check_pushable(m, n, x.dtype, *push)
+        if bias is not None:
+            raise ValueError("a pushed matmul has no bias (it would be summed once per rank)")
+        if config is None:
+            config, block_m = row_parallel_config(m, x.dtype)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    block_m = max(16, next_pow2(m))
+    block_m = block_m or max(16, next_pow2(m))
+    if block_m not in (16, 32, 64) or block_m < m:
+        raise ValueError(f"block_m must be 16, 32 or 64 and hold the {m} rows, not {block_m}")
     line_elems = LINE // x.element_size()
     pdl = use_pdl(x.device)
     common = dict(HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                   USE_PDL=pdl, LINE_ELEMS=line_elems, launch_pdl=pdl)
     operands = (x, weight, bias if bias is not None else weight, y)
-    strides = (x.stride(0), weight.stride(0), y.stride(0))
+    peer_args, push_meta = push_args(*push, x.dtype) if push is not None else ((0,) * 9, {})
+    strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args)
     if block_m > 16 and config is None and not envs.triton_interpret():
         prefetch_k = max(line_elems, min(_WIDE_PREFETCH_COLS, prev_pow2(k)))
         _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](  # K unsplit: no scratch, no counters
@@ -211,6 +286,6 @@ def gemv(
     _gemv_kernel[(cdiv(n, block_n), split_k)](
         *operands, part, counters, m, n, k, k_per_split, *strides,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH_K=prefetch_tiles * block_k,
-        num_warps=num_warps, num_stages=num_stages, **common,
+        num_warps=num_warps, num_stages=num_stages, **common, **push_meta,
     )
     return y

@@ -21,6 +21,12 @@
 #                          sequences of 128-384 tokens, Llama-8B and its TP=2 rank, 1 split and the kernel's own
 #   gemm-alt               one GPU: batch-64 matmuls (TP=2 and TP=1 slices): cuBLAS as the engine calls it, cuBLAS on
 #                          weights stored [K, N], torch.compile max-autotune (inductor's Triton templates vs cuBLAS)
+#   push-ab                2 GPUs: row-parallel matmuls pushing their rows into the fused all-reduce's slots: GPU tests,
+#                          TP=2 bf16 greedy == TP=1, 8B TP=1 and TP=2 (push on / off) at batch 1 and 64 (~9 min)
+#   push-tp1               2 GPUs: TP=2 float32 greedy == TP=1 (8B shape, 8 layers) through the push, the GEMV's tile rows
+#                          at 17-32 rows, 8B TP=1 with the row-parallel GEMV on / off, TP=2 (~8 min)
+#   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
+#                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
 #   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
 #   kernels                the kernel tests on the GPU (tests/kernels, fused elementwise path, the sampler on
 #                          its kernel; pytest from the carried .whl/), scripts/bench_elementwise.py and
@@ -685,6 +691,56 @@ stage_rope-ab() {  # 2+ GPUs: RoPE + K/V write inside decode attention: its GPU 
   stage_smoke
   rope_onoff 1 "1 64" 120 tp1_8b
   rope_onoff 2 "64" 110 tp2_8b
+}
+
+stage_push-ab() {  # 2 GPUs: the row-parallel matmuls on the GEMV, pushing their rows (PAGEDSERVE_ROW_PARALLEL_GEMV): the symmetric
+  # all-reduce GPU tests (2 ranks, flag-free: pushed calls eager and in graphs) and the GEMV's, TP=2 bf16 greedy == TP=1
+  # (small), 8B TP=1 at batch 1 / 64, then TP=2 at batch 1 / 64 with the push on / off (~9 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py tests/kernels/test_gemv.py \
+    -k "not 4-1 and not 2-0" 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  run 100 "$PY" scripts/gpu_tp_check.py --size small --tp 2 --skip-throughput --out "$OUT/tp2_small_greedy.json"
+  run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --budget-s 110 --out "$OUT/tp1_8b.json"
+  local push
+  for push in 1 0; do
+    echo "== PAGEDSERVE_ROW_PARALLEL_GEMV=$push"
+    PAGEDSERVE_ROW_PARALLEL_GEMV=$push run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 64 --output-len 256 --budget-s 110 --out "$OUT/tp2_8b_push$push.json"
+  done
+}
+
+stage_push-tp1() {  # 2 GPUs: TP=2 float32 greedy == TP=1 on the Llama-8B shape (8 layers) with the row-parallel GEMV
+  # pushing, the GEMV's tile rows at 17-32 token rows (sweep_gemv.py), 8B TP=1 at batch 1 / 64 with
+  # PAGEDSERVE_ROW_PARALLEL_GEMV=1 / 0, then TP=2 (~8 min)
+  run 200 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_8b_greedy.json"
+  run 90 "$PY" scripts/sweep_gemv.py --rows 24 32 --tp 2 1 --configs "32,128,4,6,1;32,128,4,6,2;64,128,4,6,1" \
+    --block-m 0 64 --top 6 2>&1 | grep -v "^  (" | tee -a "$OUT/kernels.txt"
+  local on
+  for on in 1 0; do
+    echo "== PAGEDSERVE_ROW_PARALLEL_GEMV=$on"
+    PAGEDSERVE_ROW_PARALLEL_GEMV=$on run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 64 --output-len 256 --budget-s 110 --out "$OUT/tp1_8b_gemv$on.json"
+  done
+  run 120 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy --batch-sizes 1 64 --output-len 256 \
+    --budget-s 110 --out "$OUT/tp2_8b.json"
+}
+
+stage_push-final() {  # 2 GPUs: the row-parallel GEMV's checks and numbers: TP=2 float32 greedy == TP=1 (8B shape,
+  # 8 layers, pushing), the symmetric all-reduce and GEMV GPU tests, 8B TP=1 with PAGEDSERVE_ROW_PARALLEL_GEMV=1 / 0
+  # and TP=2, at batch 1, 16 and 64 (~9 min)
+  run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput --dtype float32 \
+    --out "$OUT/tp2_8b_greedy.json"
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py tests/kernels/test_gemv.py \
+    -k "not 4-1 and not 2-0" 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  local on
+  for on in 1 0; do
+    echo "== PAGEDSERVE_ROW_PARALLEL_GEMV=$on"
+    PAGEDSERVE_ROW_PARALLEL_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp1_8b_gemv$on.json"
+  done
+  run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy --batch-sizes 1 16 64 --output-len 256 \
+    --budget-s 70 --out "$OUT/tp2_8b.json"
 }
 
 stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)

@@ -66,7 +66,7 @@ def configure_small_gemv(hidden_size: int, device: torch.device) -> bool:
     global _SMALL_GEMV, _SMALL_GEMV_ROWS
     _SMALL_GEMV = device.type == "cuda" and small_gemv_default(hidden_size, use_pdl(device))
     _SMALL_GEMV_ROWS = envs.small_gemv_rows()
-    if _SMALL_GEMV:
+    if _SMALL_GEMV or (device.type == "cuda" and use_pdl(device) and envs.row_parallel_gemv()):
         reserve_split_k_counters(device)  # before CUDA graph capture, which may not allocate them
     return _SMALL_GEMV
 

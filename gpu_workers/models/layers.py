@@ -46,10 +46,15 @@ class RMSNorm(nn.Module):
         """partial: x is this rank's partial sums of a row-parallel layer, summed over the ranks first
         (in one launch with the add and the norm where the symmetric-memory all-reduce takes it; `slot`
         as in TPGroup.all_reduce_add_rms_norm; that launch also prefetches the weight `prefetch` of the
-        matmul after it into L2 while it waits for its peers)."""
+        matmul after it into L2 while it waits for its peers). x must then come from a RowParallelLinear
+        whose push_slot is `slot`: where TPGroup.matmul_push says so, that matmul pushed x to the peers
+        itself, and only this call empties the slot again."""
         if partial:
+            pushed = self.tp.matmul_push(*x.shape, x, slot) is not None
+            if pushed and residual is None:
+                raise ValueError("pushed partial sums need the fused add + norm, which takes a residual")
             fused = None if residual is None else self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps,
-                                                                                  slot, prefetch)
+                                                                                  slot, prefetch, pushed)
             if fused is not None:
                 return fused
             x = self.tp.all_reduce(x)

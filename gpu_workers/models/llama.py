@@ -58,6 +58,7 @@ class LlamaDecoderLayer(nn.Module):
             reduce_results=not self.attn_partial,
         )
         self.mlp = SiluAndMulMLP(hidden, hf_config.intermediate_size, mlp_bias, reduce_results=not self.mlp_partial)
+        self.self_attn.o_proj.push_slot, self.mlp.down_proj.push_slot = self.attn_slot, self.mlp_slot
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 

@@ -182,6 +182,9 @@ class RowParallelLinear(Linear):
         if bias and not reduce_results:
             raise ValueError("a row-parallel layer with a bias must reduce its results (the bias is added after the sum)")
         self.reduce_results = reduce_results
+        self.push_slot: int | None = None
+        """reduce_results=False: the staging slot of the fused all-reduce that sums this layer's partial
+        sums (the decoder layer sets it), where the matmul may push them itself (TPGroup.matmul_push)."""
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         if param is self.bias or self.tp.world_size == 1:
@@ -193,12 +196,23 @@ class RowParallelLinear(Linear):
                              f"{(self.output_size, local * self.tp.world_size)}")
         param.data.copy_(loaded.narrow(1, self.tp.rank * local, local))
 
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, push=None) -> torch.Tensor:
+        """x @ W^T (+ bias): at decode sizes on the GEMV (kernels.gemv.takes_row_parallel), pushing its
+        rows to the peers with `push`; else `elementwise.linear`."""
+        from kernels import gemv
+
+        if push is not None or (x.dim() == 2 and gemv.takes_row_parallel(x.shape[0], self.output_size, x.dtype, x.device)
+                                and self.weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
+            return gemv.row_parallel_gemv(x.contiguous(), self.weight, bias, push=push)
+        return elementwise.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return elementwise.linear(x, self.weight, self.bias)
-        out = elementwise.linear(x, self.weight)  # [num_tokens, output_size]: this rank's partial sums
-        if not self.reduce_results:
-            return out
+            return self._matmul(x, self.bias)
+        if not self.reduce_results:  # this rank's partial sums [num_tokens, output_size], summed by the next norm
+            # pushed into the peers' staging slot too, from the matmul's epilogue, where the norm expects that
+            return self._matmul(x, None, self.tp.matmul_push(x.shape[0], self.output_size, x, self.push_slot))
+        out = self._matmul(x, None)
         out = self.tp.all_reduce(out)
         return out if self.bias is None else out + self.bias
 

@@ -96,10 +96,13 @@ class _FakeCustom:
         self.calls += 1
         return self.result
 
-    def add_rms_norm(self, x, residual, weight, eps, slot=None, prefetch=None):
+    def add_rms_norm(self, x, residual, weight, eps, slot=None, prefetch=None, pushed=False):
         self.calls += 1
-        self.prefetch = prefetch
+        self.prefetch, self.pushed = prefetch, pushed
         return self.result
+
+    def matmul_push(self, rows, hidden, dtype, device, slot):
+        return None
 
     def embedding_rms_norm(self, input_ids, table, vocab_start, weight, eps, prefetch=None):
         self.calls += 1
@@ -142,6 +145,41 @@ def test_an_rms_norm_after_a_row_parallel_layer_reduces_its_input_fused_or_apart
     expected_out, expected_residual = reference(2 * x, residual)
     torch.testing.assert_close(new_residual, expected_residual)
     torch.testing.assert_close(out, expected_out)
+
+
+class _PushingCustom(_FakeCustom):
+    """A symmetric path whose matmul_push takes slot 0 messages only."""
+
+    def matmul_push(self, rows, hidden, dtype, device, slot):
+        return ("peers", slot) if slot == 0 else None
+
+
+def test_a_row_parallel_layer_pushes_where_the_norm_after_it_expects_a_push(monkeypatch):
+    """The matmul and the fused norm after it ask the same question (matmul_push, same shape and slot):
+    the layer computes through the pushing GEMV exactly where the norm then tells the kernel its input
+    was pushed; elsewhere the layer's plain matmul and an unpushed call."""
+    from gpu_workers.models.layers import RMSNorm
+    from gpu_workers.models.parallel_layers import RowParallelLinear
+
+    custom = _PushingCustom((torch.zeros(3, 8), torch.ones(3, 8)))
+    previous = distributed.set_tp_group(TPGroup(0, 2, None, custom))
+    try:
+        layer, norm = RowParallelLinear(32, 8, reduce_results=False), RMSNorm(8)
+    finally:
+        distributed.set_tp_group(previous)
+    layer.weight.data.normal_()
+    pushes = []
+    monkeypatch.setattr("kernels.gemv.row_parallel_gemv", lambda x, w, b=None, push=None: pushes.append(push) or x @ w.T)
+    x = torch.randn(3, 16)
+    for slot, expect_push in ((0, True), (1, False), (None, False)):
+        layer.push_slot = slot
+        out = layer(x)
+        torch.testing.assert_close(out, x @ layer.weight.T)
+        norm(out, torch.zeros(3, 8), partial=True, slot=slot)
+        assert custom.pushed is expect_push, slot
+    assert pushes == [("peers", 0)]
+    with pytest.raises(ValueError, match="takes a residual"):
+        norm(out, None, partial=True, slot=0)
 
 
 def test_the_embedding_is_looked_up_reduced_and_normed_fused_or_apart(monkeypatch):
@@ -334,6 +372,59 @@ def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
             _check(got, xs, f"back-to-back plain call {i}")
 
 
+def _pushed_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
+    """Row-parallel matmuls that push their partial sums themselves (kernels/gemv.py) and the fused
+    all-reduce that then only polls, as the model alternates them: eagerly back to back, mixed with
+    unpushed calls, then in a CUDA graph replayed with new inputs. Every rank's sums must be those of
+    all ranks' matmuls, identical everywhere."""
+    from kernels.gemv import row_parallel_gemv
+
+    k = 512
+
+    def inputs(rows, step):
+        g = torch.Generator(device=device).manual_seed(20_000 + step)
+        xs = [torch.randn(rows, k, generator=g, device=device).to(BF16) for _ in range(world_size)]
+        ws = [(torch.randn(HIDDEN, k, generator=g, device=device) * k ** -0.5).to(BF16) for _ in range(world_size)]
+        _, residual, weight = _fused_inputs((rows, HIDDEN), BF16, 30_000 + step, world_size, device)
+        partials = [row_parallel_gemv(x, w) for x, w in zip(xs, ws)]  # every rank's matmul
+        return xs, ws, residual, weight, partials
+
+    def call(xs, ws, residual, weight, slot, push):
+        target = comm.matmul_push(xs[rank].shape[0], HIDDEN, BF16, device, slot) if push else None
+        assert (target is not None) == push, "matmul_push declined a decode-sized bf16 message"
+        y = row_parallel_gemv(xs[rank], ws[rank], push=target)
+        return comm.add_rms_norm(y, residual, weight, 1e-6, slot, pushed=push)
+
+    outs = []
+    for i in range(24):
+        rows = (1, 17, 64, 5, 40, 24)[i % 6]
+        case = inputs(rows, i)
+        outs.append((call(*case[:4], i % 2, push=i % 3 != 2), case))
+    for i, (got, (_, _, residual, weight, partials)) in enumerate(outs):
+        _check_fused(got, partials, residual, weight, f"pushed call {i}")
+    assert comm.matmul_push(65, HIDDEN, BF16, device, 0) is None  # over the GEMV's 64 rows
+    assert comm.matmul_push(8, HIDDEN, BF16, device, None) is None  # slot None counts its calls: never pushed
+    with pytest.raises(ValueError, match="not one matmul_push takes"):
+        comm.add_rms_norm(torch.zeros(65, HIDDEN, dtype=BF16, device=device), torch.zeros(65, HIDDEN, dtype=BF16,
+                          device=device), torch.ones(HIDDEN, dtype=BF16, device=device), 1e-6, 0, pushed=True)
+    static = list(inputs(64, 100)[:4])
+    graph = torch.cuda.CUDAGraph()
+    call(*static, 0, True), call(*static, 1, True)  # warm-up (compiles) outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        graph_outs = [call(*static, slot, True) for slot in (0, 1)]
+    for replay in range(4):
+        xs, ws, residual, weight, partials = inputs(64, 200 + replay)
+        for t, new in zip(static, (xs, ws)):
+            for old_t, new_t in zip(t, new):
+                old_t.copy_(new_t)
+        static[2].copy_(residual), static[3].copy_(weight)
+        graph.replay()
+        for slot in (0, 1):
+            _check_fused(graph_outs[slot], partials, residual, weight, f"graph replay {replay} pushed, slot {slot}")
+    torch.cuda.synchronize()
+
+
 def _eager_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
     """Every shape and dtype through the routed path and both kernels forced; a non-contiguous input;
     then calls back to back without waiting, reusing the buffer behind queued kernels."""
@@ -424,6 +515,8 @@ def _rank_main(rank: int, world_size: int, store: str) -> None:
     _eager_checks(comm, rank, world_size, device)
     _fused_checks(comm, rank, world_size, device)
     _graph_checks(comm, rank, world_size, device)
+    if comm.fused_peers.lamport and torch.cuda.get_device_capability(device)[0] >= 9:  # pushing: PDL, flag-free
+        _pushed_checks(comm, rank, world_size, device)
     dist.barrier()
     dist.destroy_process_group()
 

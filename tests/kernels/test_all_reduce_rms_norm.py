@@ -134,9 +134,9 @@ def _rank_main(rank: int, world_size: int, names: list[str], max_programs: int, 
         s.close()
 
 
-def _run_ranks(world_size: int, max_programs: int, lamport: bool) -> dict:
+def _run_ranks(world_size: int, max_programs: int, lamport: bool, target=None) -> dict:
     """Start one process per rank over shared-memory buffers (zeroed, or readied for the flag-free
-    protocol) and collect what each got."""
+    protocol), running `target` (_rank_main), and collect what each got."""
     ctx = mp.get_context("spawn")
     size = fused.buffer_bytes(DATA_BYTES, world_size)
     segments = [shared_memory.SharedMemory(create=True, size=size) for _ in range(world_size)]
@@ -150,8 +150,10 @@ def _run_ranks(world_size: int, max_programs: int, lamport: bool) -> dict:
             else:
                 buffer.zero_()  # the flags must start zeroed
             del buffer
-        procs = [ctx.Process(target=_rank_main, args=(r, world_size, [s.name for s in segments], max_programs,
-                                                        results, lamport)) for r in range(world_size)]
+        names = [s.name for s in segments]
+        procs = [ctx.Process(target=_rank_main, args=(r, world_size, names, max_programs, results, lamport))
+                 if target is None else ctx.Process(target=target, args=(r, world_size, names, results))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         got = _collect(results, procs, timeout_s=240)
@@ -231,3 +233,83 @@ def test_messages_that_do_not_fit_are_refused_alike_on_every_rank():
         fused.all_reduce_add_rms_norm(torch.zeros(8, 64), torch.zeros(8, 64), torch.ones(64), EPS, peers, 2)
     with pytest.raises(ValueError, match="does not fit the fused all-reduce"):
         fused.all_reduce_add_rms_norm(torch.zeros(8, 256), torch.zeros(8, 256), torch.ones(256), EPS, peers)
+
+
+PUSH_CALLS = [(5, 200, 96, torch.float32, 0, True), (5, 200, 96, torch.float32, 1, False),
+              (40, 48, 64, torch.float16, 0, True), (3, 200, 300, torch.float16, 1, True),
+              (3, 200, 300, torch.float16, None, False), (1, 64, 40, torch.float32, 0, True),
+              (20, 96, 300, torch.float16, 1, True)]
+"""(rows, N, K, dtype, slot, pushed) of a row-parallel matmul on each rank (kernels/gemv.py) and the fused
+all-reduce of its partial sums after it: pushed from the matmul's epilogue (`push`) or by the all-reduce
+itself, mixed back to back in one slot alternation; N not a multiple of the 32-column tile, K not of
+the 128-wide K tile, 40 rows in a 64-row tile, 1 row."""
+
+
+def _matmul_inputs(call: int, rows: int, n: int, k: int, dtype: torch.dtype, world_size: int):
+    """Every rank's activations and weight slice, the residual and the norm weight of one PUSH_CALLS call.
+    Some weights are zero, so some partial sums are exactly 0.0 (a sentinel-adjacent bit pattern)."""
+    g = torch.Generator().manual_seed(100 + call)
+    xs = [torch.randn(rows, k, generator=g).to(dtype) for _ in range(world_size)]
+    ws = [(torch.randn(n, k, generator=g) * k ** -0.5).to(dtype) for _ in range(world_size)]
+    for w in ws:
+        w[::5] = 0
+    residual = (2 * torch.randn(rows, n, generator=g)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+    return xs, ws, residual, weight
+
+
+def _push_rank_main(rank: int, world_size: int, names: list[str], results) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    from kernels import all_reduce_rms_norm as kernel  # noqa: F811 - imported under the interpreter
+    from kernels.gemv import row_parallel_gemv
+
+    kernel.MAX_PROGRAMS = 2
+    segments = [shared_memory.SharedMemory(name=n) for n in names]
+    buffers = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segments]
+    bases = tuple(b.data_ptr() for b in buffers)
+    peers = kernel.PeerBuffers(torch.tensor(bases, dtype=torch.int64), rank, world_size, DATA_BYTES, True, bases)
+    outs = []
+    for call, (rows, n, k, dtype, slot, pushed) in enumerate(PUSH_CALLS):
+        xs, ws, residual, weight = _matmul_inputs(call, rows, n, k, dtype, world_size)
+        # what every rank's matmul makes: the same kernel and tile, so the same bits
+        partials = [row_parallel_gemv(x, w) for x, w in zip(xs, ws)]
+        y = row_parallel_gemv(xs[rank], ws[rank], push=(peers, slot) if pushed else None)
+        assert torch.equal(y, partials[rank]), f"call {call}: the pushing matmul's own output differs from the plain one"
+        out, new_residual = kernel.all_reduce_add_rms_norm(y, residual, weight, EPS, peers, slot, pushed=pushed)
+        _check(out, new_residual, partials, residual, weight, f"rank {rank} call {call}")
+        outs.append((out.float().numpy(), new_residual.float().numpy()))
+    staging = kernel.staging_bytes(DATA_BYTES, world_size)
+    emptied = bool((buffers[rank][:staging].view(torch.int32) == kernel.SENTINEL_WORD).all())
+    results.put((rank, outs, [], emptied))
+    del buffers
+    for s in segments:
+        s.close()
+
+
+@cpu_ranks
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_matmul_that_pushes_its_rows_leaves_the_all_reduce_the_same_sums(world_size):
+    """The row-parallel matmul stores its partial sums into the peers' staging slot itself and the
+    fused all-reduce only polls: the same sums as the unfused path, every rank alike, slots empty after."""
+    got = _run_ranks(world_size, 2, lamport=True, target=_push_rank_main)
+    for rank, (_, _, emptied) in got.items():
+        assert emptied, f"rank {rank}: a staging slot still holds pushed rows"
+
+
+def test_pushing_is_refused_where_the_all_reduce_could_not_take_it():
+    from kernels.gemv import gemv
+
+    bases = (0, 0)
+    lamport = fused.PeerBuffers(torch.zeros(2, dtype=torch.int64), 0, 2, DATA_BYTES, True, bases)
+    x, w = torch.zeros(4, 32), torch.zeros(64, 32)
+    with pytest.raises(ValueError, match="flag-free protocol, slot 0 or 1"):
+        gemv(x, w, push=(lamport, None))
+    with pytest.raises(ValueError, match="flag-free protocol, slot 0 or 1"):
+        gemv(x, w, push=(lamport._replace(lamport=False), 0))
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv(torch.zeros(40, 32), w, push=(lamport, 0))  # 40 x 64 float32 > DATA_BYTES
+    with pytest.raises(ValueError, match="no bias"):
+        gemv(x, w, torch.zeros(64), push=(lamport, 0))
+    with pytest.raises(ValueError, match="flag-free protocol, slot 0 or 1"):
+        fused.all_reduce_add_rms_norm(torch.zeros(4, 64), torch.zeros(4, 64), torch.ones(64), EPS,
+                                      lamport, None, pushed=True)

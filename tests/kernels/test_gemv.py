@@ -131,3 +131,33 @@ def test_split_k_matches_linear_and_resets_its_counters(split_k, rows, bias):
     assert _rel_err(first, ref) < 1e-6
     assert torch.equal(gemv(x, weight, b, config=(32, 256, 4, 2, split_k)), first)
     assert torch.equal(gemv(x, weight, b, config=(32, 256, 4, 2, 1)), gemv(x, weight, b, config=(32, 256, 4, 2)))
+
+
+@pytest.mark.parametrize("rows, split_k, block_m", [(1, 1, 16), (16, 1, 16), (20, 2, 32), (32, 1, 64), (64, 1, 64)])
+def test_the_row_parallel_launch_matches_linear_at_every_row_count(rows, split_k, block_m):
+    """o_proj / down_proj at decode sizes (row_parallel_gemv): 1-16 rows in a 16-row tile, 17-31 with K
+    split in two, 32-64 in a 64-row tile; every launch computes x @ W^T."""
+    from kernels.gemv import row_parallel_config, row_parallel_gemv
+
+    config, bm = row_parallel_config(rows, torch.float16)
+    assert (config[4], bm or max(16, 1 << (rows - 1).bit_length())) == (split_k, block_m)
+    assert row_parallel_config(rows, torch.float32)[0][1] == 64  # float32: half-wide K tiles (shared memory)
+    x, w = torch.randn(rows, 300, device=DEVICE), torch.randn(72, 300, device=DEVICE)
+    assert _rel_err(row_parallel_gemv(x, w), x @ w.T) < 1e-6
+
+
+def test_row_parallel_matmuls_take_the_gemv_only_on_cuda_at_decode_sizes(monkeypatch):
+    from kernels.gemv import takes_row_parallel
+
+    cpu = torch.device("cpu")
+    assert not takes_row_parallel(8, 4096, torch.bfloat16, cpu)  # no PDL, no GPU
+    monkeypatch.setattr("kernels.gemv.use_pdl", lambda device: True)
+    cuda = torch.device("cuda", 0)
+    assert takes_row_parallel(64, 4096, torch.bfloat16, cuda) and takes_row_parallel(1, 2048, torch.float32, cuda)
+    assert not takes_row_parallel(65, 4096, torch.bfloat16, cuda)  # a prefill's rows: cuBLAS
+    assert not takes_row_parallel(8, 1024, torch.bfloat16, cuda)  # too narrow for 64 column tiles
+    monkeypatch.setenv("PAGEDSERVE_ROW_PARALLEL_GEMV", "0")
+    assert not takes_row_parallel(64, 4096, torch.bfloat16, cuda)
+    monkeypatch.setenv("PAGEDSERVE_ROW_PARALLEL_GEMV", "on")
+    with pytest.raises(ValueError, match="PAGEDSERVE_ROW_PARALLEL_GEMV must be 0 or 1"):
+        takes_row_parallel(64, 4096, torch.bfloat16, cuda)

@@ -38,7 +38,8 @@ NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write
          "decode_attention", "decode_attention+splits", "decode_attention+8b", "decode_attention+prefetch",
          "decode_attention+rope", "decode_attention+rope_norm", "decode_attention+8b_rope",
          "prefill_attention", "sampling",
-         "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "all_reduce_rms_norm", "all_reduce_rms_norm+slot",
+         "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+row_parallel_fp32",
+         "gemv+row_parallel_split", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
          "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32",
          "all_reduce_rms_norm+embedding"]
 
@@ -63,7 +64,7 @@ for job in json.load(sys.stdin):
     results.append({"name": job["name"], "report": report, "pdl": "griddepcontrol.wait" in ptx,
                     "ptx_head": ptx[:ptx.find("griddepcontrol.wait")],
                     "ptx": ptx if job["name"].startswith("all_reduce_rms_norm") else "",
-                    "prefetches": ptx.count("prefetch.global.L2")})
+                    "prefetches": ptx.count("prefetch.global.L2"), "shared": compiled.metadata.shared})
 print(json.dumps(results))
 """
 
@@ -94,7 +95,8 @@ def record(monkeypatch, module, kernel_name: str, jobs: list, name: str):
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                values = dict(zip([p.name for p in params], args)) | kwargs
+                defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+                values = defaults | dict(zip([p.name for p in params], args)) | kwargs
                 signature, constants, attrs = {}, {}, []
                 for i, p in enumerate(jit_params):
                     value = values[p.name]
@@ -198,6 +200,16 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     # Run as one rank (the interpreter has no peer), built as rank 0 of 2 at Llama-8B's hidden size.
     buffer = torch.zeros(fused_mod.buffer_bytes(1 << 16, 1), dtype=torch.uint8)
     peers = fused_mod.PeerBuffers(torch.tensor([buffer.data_ptr()]), 0, 1, 1 << 16)
+    lamport = peers._replace(lamport=True, bases=(buffer.data_ptr(),))
+    # the row-parallel launches of a decode step (row_parallel_config), pushing into the peers' slot
+    for name, rows, rdt in (("gemv+row_parallel", 4, dt), ("gemv+row_parallel_fp32", 4, torch.float32),
+                            ("gemv+row_parallel_split", 2, dt)):
+        fused_mod.init_lamport(buffer, 1 << 16, 1)
+        record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
+        config, block_m = gemv_mod.row_parallel_config({"gemv+row_parallel_split": 20}.get(name, 64), rdt)
+        gemv_mod.gemv(torch.randn(rows, 256, dtype=rdt), torch.randn(4096, 256, dtype=rdt), None, config,
+                      push=(lamport, 0), block_m=block_m)
+        jobs[-1]["constants"]["WORLD"] = 2
     for name, slot in (("all_reduce_rms_norm", None), ("all_reduce_rms_norm+slot", 0)):
         record(monkeypatch, fused_mod, "_all_reduce_add_rms_norm_kernel", jobs, name)
         fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
@@ -207,7 +219,11 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
                                       torch.ones(4096, dtype=dt), 1e-6, peers, 0, torch.randn(64, 256, dtype=dt))
     jobs[-1]["constants"].update(WORLD=2, PREFETCH=True)
-    lamport = peers._replace(lamport=True)
+    fused_mod.init_lamport(buffer, 1 << 16, 1)
+    record(monkeypatch, fused_mod, "_lamport_kernel", jobs, "all_reduce_rms_norm+pushed")  # polls only
+    fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
+                                      torch.ones(4096, dtype=dt), 1e-6, lamport, 0, pushed=True)
+    jobs[-1]["constants"].update(WORLD=2)
     for name, ldt in (("all_reduce_rms_norm+lamport", dt), ("all_reduce_rms_norm+lamport_fp32", torch.float32)):
         fused_mod.init_lamport(buffer, 1 << 16, 1)
         record(monkeypatch, fused_mod, "_lamport_kernel", jobs, name)
@@ -232,7 +248,7 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     assert sorted(results) == sorted(NAMES), sorted(results)
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
-    for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "decode_attention+prefetch"):
+    for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "decode_attention+prefetch"):
         assert "prefetch.global.L2" in results[name]["ptx_head"], name  # the weight prefetch before the wait
     # the fused all-reduce prefetches between its signal and its wait; without a weight, nothing does
     ptx = results["all_reduce_rms_norm+prefetch"]["ptx"]
@@ -249,12 +265,18 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         assert ptx.count("ld.global.cg.v4.b32") >= 1 and ptx.count("st.global.v4.b32") >= 3, name
     # the flag-free protocol: no flags, no fences; it polls the rows themselves with volatile loads (never
     # hoisted out of the poll loop), 16 bytes at a time, and pushes and empties rows in 16-byte stores
-    for name in ("all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32", "all_reduce_rms_norm+embedding"):
+    for name in ("all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32", "all_reduce_rms_norm+embedding",
+                 "all_reduce_rms_norm+pushed"):
         ptx = results[name]["ptx"]
         assert "atom." not in ptx and ".acquire" not in ptx and ".release" not in ptx and "membar" not in ptx, name
         assert ptx.count("ld.volatile.global.v4.b32") >= 2, name  # the first poll, and the loop's
         assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx, "rows are not vectorized"
-        assert ptx.count("st.global.v4.b32") >= 4, name  # push, empty, residual, out
+        assert ptx.count("st.global.v4.b32") >= (3 if name.endswith("pushed") else 4), name  # (push,) empty, residual, out
+    # pushed: the matmul stored the rows into the peers' slot, so the all-reduce stores 3 rows, not 4
+    assert results["all_reduce_rms_norm+pushed"]["ptx"].count("st.global.v4.b32") < \
+        results["all_reduce_rms_norm+lamport"]["ptx"].count("st.global.v4.b32")
+    for name, r in results.items():  # what Hopper gives a block (the float32 row-parallel tile once asked 240 KiB)
+        assert r["shared"] <= 232448, (name, r["shared"])
     for name, report in ((name, r["report"]) for name, r in results.items()):
         assert "Used" in report, (name, report)
         assert "spill" not in report.replace(" 0 bytes spill", ""), (name, report)

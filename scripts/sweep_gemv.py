@@ -1,0 +1,82 @@
+"""Sweep kernels/gemv.py's explicit configs (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K) at decode rows on
+the row-parallel projections of a Llama-3.1-8B tensor-parallel rank (o_proj, down_proj), against cuBLAS.
+
+    python scripts/sweep_gemv.py --rows 64 32 --tp 2            # CUDA, bf16
+Prints us per (RMSNorm, matmul) pair in a CUDA graph over rotating weights (bench_common.time_us), best first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_common as bc  # noqa: E402
+from kernels import gemv as gemv_kernel  # noqa: E402
+from kernels import rms_norm  # noqa: E402
+
+HIDDEN, INTERMEDIATE, Q = 4096, 14336, 4096
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[64])
+    p.add_argument("--tp", type=int, nargs="+", default=[2])
+    p.add_argument("--iters", type=int, default=48)
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--projections", nargs="+", default=["o_proj", "down_proj"])
+    p.add_argument("--narrow", action="store_true", help="only the configs around session 15's winners")
+    p.add_argument("--configs", default=None, help="only these, e.g. '32,128,4,6,1;64,128,4,6,2'")
+    p.add_argument("--block-m", type=int, nargs="+", default=[0], help="dot tile rows to try (0: from the rows)")
+    args = p.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    configs = [(bn, bk, 8 if bn * bk >= 64 * 256 else 4, st, sk)
+               for bn, bk, st, sk in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 6), (1, 2, 4))
+               if (64 * bk + bn * bk) * 2 * st <= 200 * 1024]
+    if args.narrow:
+        configs = [c for c in configs if c[1] in (128, 256) and c[3] in (4, 6) and c[4] in (1, 2)]
+    else:
+        configs = [c for c in configs if c[0] > 16]
+    if args.configs:
+        configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+    configs = [(c, bm) for c in configs for bm in args.block_m]
+    for tp in args.tp:
+        shapes = {"qkv_proj": ((Q + 2 * 1024) // tp, HIDDEN), "o_proj": (HIDDEN, Q // tp),
+                  "gate_up_proj": (2 * INTERMEDIATE // tp, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE // tp)}
+        for proj in args.projections:
+            n, k = shapes[proj]
+            copies = max(2, min(args.iters, math.ceil(256e6 / (n * k * 2))))
+            weights = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+            for rows in args.rows:
+                x = torch.randn(rows, k, device=device, dtype=dtype)
+                nw = torch.ones(k, device=device, dtype=dtype)
+                norm_us = bc.time_us(lambda i: rms_norm(x, nw, 1e-6), args.iters, device)
+                cublas = bc.time_us(lambda i: F.linear(rms_norm(x, nw, 1e-6), weights[i % copies]), args.iters, device)
+                ref = F.linear(x, weights[0]).float()
+                results = []
+                for cfg, bm in configs:
+                    if bm and bm < rows:
+                        continue
+                    try:
+                        y = gemv_kernel.gemv(x, weights[0], config=cfg, block_m=bm or None)
+                        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                        us = bc.time_us(lambda i: gemv_kernel.gemv(rms_norm(x, nw, 1e-6), weights[i % copies],
+                                                                   config=cfg, block_m=bm or None), args.iters, device)
+                        results.append((us, (cfg, bm or "auto"), err))
+                    except Exception as e:  # out of resources
+                        print(f"  {cfg}: {type(e).__name__}", flush=True)
+                results.sort()
+                print(f"tp {tp} rows {rows} {proj} {n}x{k}: norm {norm_us:.2f} cublas {cublas:.2f} us", flush=True)
+                for us, cfg, err in results[:args.top]:
+                    print(f"    {us:7.2f} us  {cfg}  rel err {err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
