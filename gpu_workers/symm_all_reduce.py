@@ -195,7 +195,8 @@ class SymmMemAllReduce:
 
         peers = self.fused_peers
         if (peers is None or not peers.lamport or slot not in (0, 1)
-                or not gemv.takes_row_parallel(rows, hidden, dtype, device) or not self._fused_takes(rows, hidden, dtype, device)):
+                or not gemv.takes_row_parallel(rows, hidden, dtype, device, push=True)
+                or not self._fused_takes(rows, hidden, dtype, device)):
             return None
         return peers, slot
 

@@ -205,12 +205,16 @@ ROW_PARALLEL_MIN_N = 2048
 """Row-parallel matmuls narrower than this stay on cuBLAS: under 64 programs of 32 columns."""
 
 
-def takes_row_parallel(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+def takes_row_parallel(rows: int, n: int, dtype: torch.dtype, device: torch.device, push: bool = False) -> bool:
     """Whether a row-parallel matmul (o_proj, down_proj) of `rows` token rows into `n` features runs on
-    `row_parallel_gemv` (and at TP > 1 pushes its rows, gpu_workers/symm_all_reduce.py):
-    1-64 rows, n >= ROW_PARALLEL_MIN_N, a CUDA device under PDL (its weight prefetch), unless
-    $PAGEDSERVE_ROW_PARALLEL_GEMV=0. Shape, dtype and device kind only: every rank decides alike."""
-    return (0 < rows <= MAX_ROWS and n >= ROW_PARALLEL_MIN_N and dtype in SUPPORTED_DTYPES
+    `row_parallel_gemv`: 32-64 rows, or 1-64 where it also pushes its rows to the peers (`push`, TP > 1:
+    gpu_workers/symm_all_reduce.py); n >= ROW_PARALLEL_MIN_N; a CUDA device under PDL (its weight
+    prefetch); unless $PAGEDSERVE_ROW_PARALLEL_GEMV=0. Shape, dtype and device kind only: every rank
+    decides alike. Measured on 2 x H200, Llama-8B, ms a step (BENCHMARKS.md session 15): TP=1 batch 64
+    5.485 -> 5.339 (and 5.340 -> 5.182); TP=2 batch 1, pushing, 3.056 -> 2.921; but TP=1 batch 16
+    4.893 -> 5.278 and batch 1 4.668 -> 4.872 in one call (4.596 -> 4.577 in another), hence no
+    unpushed launch under 32 rows."""
+    return (0 < rows <= MAX_ROWS and (push or rows >= 32) and n >= ROW_PARALLEL_MIN_N and dtype in SUPPORTED_DTYPES
             and device.type == "cuda" and use_pdl(device) and envs.row_parallel_gemv())
 
 

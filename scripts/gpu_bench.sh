@@ -743,6 +743,19 @@ stage_push-final() {  # 2 GPUs: the row-parallel GEMV's checks and numbers: TP=2
     --budget-s 70 --out "$OUT/tp2_8b.json"
 }
 
+stage_push-small() {  # 2 GPUs: the row-parallel GEMV under 32 rows (TP > 1, pushing only): 8B TP=1 at batch 1, 16, 64
+  # (the GEMV at 64 only), TP=2 at batch 1, 16, 24, 64 with PAGEDSERVE_ROW_PARALLEL_GEMV=1, then at 16, 24 with 0 (~4 min)
+  run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 1 16 64 --output-len 256 \
+    --budget-s 65 --out "$OUT/tp1_8b.json"
+  local on
+  for on in 1 0; do
+    echo "== PAGEDSERVE_ROW_PARALLEL_GEMV=$on"
+    PAGEDSERVE_ROW_PARALLEL_GEMV=$on run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
+      --batch-sizes $([ $on = 1 ] && echo "1 16 24 64" || echo "16 24") --output-len 256 --budget-s 65 \
+      --out "$OUT/tp2_8b_gemv$on.json"
+  done
+}
+
 stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)
   rope_onoff 1 "1 16" 110 tp1_8b_small
 }

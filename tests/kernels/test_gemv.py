@@ -153,8 +153,10 @@ def test_row_parallel_matmuls_take_the_gemv_only_on_cuda_at_decode_sizes(monkeyp
     assert not takes_row_parallel(8, 4096, torch.bfloat16, cpu)  # no PDL, no GPU
     monkeypatch.setattr("kernels.gemv.use_pdl", lambda device: True)
     cuda = torch.device("cuda", 0)
-    assert takes_row_parallel(64, 4096, torch.bfloat16, cuda) and takes_row_parallel(1, 2048, torch.float32, cuda)
-    assert not takes_row_parallel(65, 4096, torch.bfloat16, cuda)  # a prefill's rows: cuBLAS
+    assert takes_row_parallel(64, 4096, torch.bfloat16, cuda) and takes_row_parallel(32, 2048, torch.float32, cuda)
+    assert not takes_row_parallel(31, 4096, torch.bfloat16, cuda)  # under 32 rows only where it pushes (TP > 1)
+    assert takes_row_parallel(1, 4096, torch.bfloat16, cuda, push=True)
+    assert not takes_row_parallel(65, 4096, torch.bfloat16, cuda, push=True)  # a prefill's rows: cuBLAS
     assert not takes_row_parallel(8, 1024, torch.bfloat16, cuda)  # too narrow for 64 column tiles
     monkeypatch.setenv("PAGEDSERVE_ROW_PARALLEL_GEMV", "0")
     assert not takes_row_parallel(64, 4096, torch.bfloat16, cuda)
