@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ipc import envs
-from kernels.all_reduce_rms_norm import PeerBuffers, _base, _sanitized, check_pushable, push_args
+from kernels.peer_rows import PeerBuffers, _base, _sanitized, check_pushable, push_args
 from kernels.decode_attention import _num_sms, _SplitCounters
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
