@@ -34,6 +34,16 @@ on every Llama-8B projection at 16, 32 and 64 rows (TP=2 slices at 64 rows, us w
 it: qkv 16.8 vs 11.7, o_proj 9.7 vs 8.6, gate_up 38.7 vs 35.6, down 27.1 vs 20.2), and end to end (8B
 batch 64: TP=1 6.21 vs 5.51 ms a step, TP=2 3.83 vs 3.61). So steps over 16 rows take it only where
 $PAGEDSERVE_SMALL_GEMV_ROWS says so.
+
+Session 15 timed explicit launches over rotating weights instead (scripts/sweep_gemv.py; Triton's
+autotuner times each config on one weight, which then sits in L2, and _WIDE_CONFIGS lacked the winner):
+one fixed launch, 32 columns by 128-wide K tiles in 6 stages, the dot tile padded to 64 rows, beats cuBLAS on the row-parallel projections (o_proj,
+down_proj) at 32-64 rows. They take it (`row_parallel_gemv`, `takes_row_parallel`), and with tensor
+parallelism at 1-64 rows, where its epilogue also pushes the tile into the fused all-reduce's staging
+slot on every peer (`push`; kernels/all_reduce_rms_norm.py then only polls):
+
+    program of column tile c:  K loop ──► y[:, c] ──► this rank's y
+                                                └──► region `rank` of slot s on every peer
 """
 
 from __future__ import annotations
@@ -43,10 +53,10 @@ import triton
 import triton.language as tl
 
 from ipc import envs
-from kernels.peer_rows import PeerBuffers, _base, _sanitized, check_pushable, push_args
 from kernels.decode_attention import _num_sms, _SplitCounters
 from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
+from kernels.peer_rows import PeerBuffers, _base, _sanitized, check_pushable, push_args
 from kernels.prefetch import LINE, l2_prefetch
 
 MAX_ROWS = 64  # x rows one launch takes (the tl.dot tile's M: 16, 32 or 64)

@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
         whose push_slot is `slot`: where TPGroup.matmul_push says so, that matmul pushed x to the peers
         itself, and only this call empties the slot again."""
         if partial:
-            pushed = self.tp.matmul_push(*x.shape, x, slot) is not None
+            pushed = x.dim() == 2 and self.tp.matmul_push(*x.shape, x, slot) is not None
             if pushed and residual is None:
                 raise ValueError("pushed partial sums need the fused add + norm, which takes a residual")
             fused = None if residual is None else self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps,
