@@ -25,6 +25,8 @@
 #                          TP=2 bf16 greedy == TP=1, 8B TP=1 and TP=2 (push on / off) at batch 1 and 64 (~9 min)
 #   push-tp1               2 GPUs: TP=2 float32 greedy == TP=1 (8B shape, 8 layers) through the push, the GEMV's tile rows
 #                          at 17-32 rows, 8B TP=1 with the row-parallel GEMV on / off, TP=2 (~8 min)
+#   push-small             2 GPUs: 8B TP=1 at batch 1, 16, 64 and TP=2 at 1, 16, 24, 64, the row-parallel GEMV on (and
+#                          TP=2 at 16, 24 off) (~4 min)
 #   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
 #                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
 #   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
