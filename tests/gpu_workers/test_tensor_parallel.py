@@ -157,7 +157,8 @@ class _RecordingGroup(TPGroup):
     def all_reduce(self, x):
         return x
 
-    def all_reduce_add_rms_norm(self, x, residual, weight, eps, slot=None, prefetch=None):
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, slot=None, prefetch=None, pushed=False):
+        assert not pushed, "no symmetric buffers here: nothing can have pushed"
         self.calls.append(slot)
         self.prefetches.append(prefetch)
         return None
@@ -191,6 +192,9 @@ def test_fused_reductions_never_reuse_a_one_barrier_slot_back_to_back(tmp_path, 
     per_pass = after_mlp if attention_bias else [first.mlp.gate_up_proj.weight, after_mlp[0],
                                                  second.mlp.gate_up_proj.weight, None]
     assert [id(w) for w in group.prefetches] == [id(w) for w in per_pass * 2]
+    # a matmul that may push its partial sums pushes into the slot of the reduction right after it
+    assert [(layer.self_attn.o_proj.push_slot, layer.mlp.down_proj.push_slot) for layer in model.model.layers] == \
+        [(None, None) if attention_bias else (0, 1)] * 2
 
 
 @pytest.mark.parametrize("vocab, tp", [(VOCAB, 2), (VOCAB, 4), (6, 4)])  # 6 rows over 4 ranks: one holds padding only
