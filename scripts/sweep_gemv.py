@@ -19,10 +19,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_common as bc  # noqa: E402
+from bench_gemm import shapes  # noqa: E402  (a Llama-8B rank's projections, as bench_gemm times them)
 from kernels import gemv as gemv_kernel  # noqa: E402
 from kernels import rms_norm  # noqa: E402
-
-HIDDEN, INTERMEDIATE, Q = 4096, 14336, 4096
 
 
 def main() -> None:
@@ -48,10 +47,8 @@ def main() -> None:
         configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
     configs = [(c, bm) for c in configs for bm in args.block_m]
     for tp in args.tp:
-        shapes = {"qkv_proj": ((Q + 2 * 1024) // tp, HIDDEN), "o_proj": (HIDDEN, Q // tp),
-                  "gate_up_proj": (2 * INTERMEDIATE // tp, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE // tp)}
         for proj in args.projections:
-            n, k = shapes[proj]
+            n, k = shapes(tp)[proj]
             copies = max(2, min(args.iters, math.ceil(256e6 / (n * k * 2))))
             weights = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
             for rows in args.rows:
