@@ -109,6 +109,16 @@ def row_parallel_gemv() -> bool:
     return value == "1"
 
 
+def gated_gemv() -> bool | None:
+    """$PAGEDSERVE_GATED_GEMV: whether a gated MLP's gate_up matmul and SiLU-and-mul run as one launch of
+    kernels/gemv.py (`gated_gemv`) at decode sizes. "1": at 1-64 token rows, "0": never (cuBLAS, then
+    kernels/activation.py), unset (None): where kernels.gemv.takes_gated measured it faster."""
+    value = os.environ.get("PAGEDSERVE_GATED_GEMV", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_GATED_GEMV must be 0 or 1, not {value!r}")
+    return None if value == "" else value == "1"
+
+
 def torch_profiler_dir() -> str | None:
     """$PAGEDSERVE_TORCH_PROFILER_DIR: profile a window of worker steps with torch.profiler and write
     the per-kernel table there (gpu_workers/step_profiler.py)."""

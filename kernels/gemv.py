@@ -73,7 +73,7 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     LINE_ELEMS: tl.constexpr,
     PUSH: tl.constexpr = False, RANK: tl.constexpr = 0, WORLD: tl.constexpr = 1, ITYPE: tl.constexpr = tl.int16,
-    SENT: tl.constexpr = 0,
+    SENT: tl.constexpr = 0, GATED: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if SPLIT_K == 1:  # all of K: the bound stays K itself, whose divisibility Triton knows (vector loads)
@@ -91,6 +91,8 @@ def _gemv_kernel(
         lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, k_end - 1)  # in bounds
         safe_rows = w_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_wn  # in-bounds rows
         l2_prefetch(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
+        if GATED:  # ... and the same lines of the up rows
+            l2_prefetch(safe_rows + N * stride_wn + lines[None, :])
     pdl_prologue(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
@@ -98,13 +100,21 @@ def _gemv_kernel(
     w_ptrs = w_rows + ks[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]  # [BLOCK_M, BLOCK_K]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if GATED:  # W is [gate | up], N rows each: this program's up rows are N further on
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = (k0 + ks) < k_end
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if GATED:
+            u = tl.load(w_ptrs + N * stride_wn + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if GATED:
+            acc_up += tl.dot(x, tl.trans(u), input_precision=DOT_PRECISION)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if SPLIT_K > 1:
+    if GATED:  # SPLIT_K 1, no PUSH (the wrapper's checks)
+        _store_gated(acc, acc_up, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N, HAS_BIAS)
+    elif SPLIT_K > 1:
         # Partial sums to scratch; the last of the column tile's SPLIT_K programs to arrive adds them in
         # split order (the same sum whoever arrives last) and writes y. The barrier orders every thread's
         # stores before the atomic, whose release makes them visible to the program that acquires.
@@ -144,6 +154,21 @@ def _store_y(acc, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N,
                 region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset
                 dst = tl.multiple_of(region.to(tl.pointer_type(y_ptr.dtype.element_ty)), 16)
                 tl.store(dst + flat, y, mask=out_mask)
+
+
+@triton.jit
+def _store_gated(gate, up, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N, HAS_BIAS: tl.constexpr):
+    """y = silu(gate) * up for a finished pair of [BLOCK_M, BLOCK_N] tiles, rounded as the unfused path
+    rounds: gate and up to y's dtype (the gate_up matmul's output), silu in float32 rounded to the
+    dtype, then the product (kernels/activation.py)."""
+    dtype = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        gate += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    gate = gate.to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    y = act * up.to(dtype).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(dtype), mask=out_mask)
 
 
 Config = tuple[int, int, int, int] | tuple[int, int, int, int, int]
@@ -228,6 +253,33 @@ def takes_row_parallel(rows: int, n: int, dtype: torch.dtype, device: torch.devi
             and device.type == "cuda" and use_pdl(device) and envs.row_parallel_gemv())
 
 
+def gated_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | None]:
+    """(config, block_m) of a gated MLP's fused gate_up matmul and activation (`gated_gemv`): 32
+    columns of each half a program (64 weight rows), 128-wide K tiles (64 in float32, for shared
+    memory), 6 stages; the dot tile padded to 64 rows over 16."""
+    return (32, 128 if dtype.itemsize <= 2 else 64, 4, 6, 1), (64 if rows > 16 else None)
+
+
+GATED_MIN_ROWS = 1
+"""Unless $PAGEDSERVE_GATED_GEMV says otherwise, the fewest token rows a decode step needs for its gated
+MLP to take `gated_gemv` (to be set from the engine's A/B)."""
+
+
+def takes_gated(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a gated MLP's gate_up projection of `rows` token rows into `n` features a half runs as
+    `gated_gemv`: GATED_MIN_ROWS-64 rows ($PAGEDSERVE_GATED_GEMV=1: 1-64; =0: never), n >= 2048, a CUDA
+    device under PDL. Shape, dtype and device kind only: every tensor-parallel rank decides alike."""
+    forced = envs.gated_gemv()
+    if forced is False or not (0 < rows <= MAX_ROWS and n >= ROW_PARALLEL_MIN_N and dtype in SUPPORTED_DTYPES):
+        return False
+    return device.type == "cuda" and use_pdl(device) and (forced or rows >= GATED_MIN_ROWS)
+
+
+def gated_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) for weight = [gate | up] ([2 D, K]): `gemv(..., gated=True)`."""
+    return gemv(x, weight, bias, gated=True)
+
+
 _WIDE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 64, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3),
                  (64, 64, 4, 6), (64, 128, 4, 4), (64, 128, 8, 4)]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages) tried for 17-64 rows, K unsplit: Triton times each once per
@@ -246,6 +298,7 @@ def gemv(
     prefetch_tiles: int = 2,  # up to 16 rows: K tiles of W prefetched before the PDL wait
     push: tuple[PeerBuffers, int] | None = None,  # (peers, slot): also push y to them (see below)
     block_m: int | None = None,  # the dot tile's rows (16, 32 or 64, >= M); None: the smallest that holds M
+    gated: bool = False,  # weight (and bias) are [gate | up]: return silu(x gate^T) * (x up^T), [M, N / 2]
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) as a new [M, N] tensor in x's dtype, for M <= 64 rows.
 
@@ -258,10 +311,22 @@ def gemv(
     where `all_reduce_add_rms_norm(y, ..., slot=slot, pushed=True)` then finds it: the all-reduce's
     push leaves its own launch and overlaps the matmul's last tiles. Collective like that call: every
     rank pushes, with the same shapes and slot. Takes `config` or row_parallel_config's, never the
-    autotuned launch."""
+    autotuned launch.
+
+    `gated` (a gated MLP's merged gate_up projection, `gated_gemv`): each program computes the same
+    columns of the gate and the up half and stores silu(gate) * up, rounded as the unfused matmul and
+    kernels/activation.py's silu_and_mul round: one launch and no [M, N] intermediate. K is unsplit
+    and it takes `config` or gated_config's."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
+    if gated:
+        if n % 2 or push is not None:
+            raise ValueError(f"a gated matmul takes [gate | up] weights (an even row count, not {n}) and no push")
+        n //= 2
+        if config is None:
+            config, block_m = gated_config(m, x.dtype)
+        config = (*config[:4], 1)  # K unsplit: the epilogue needs both whole sums
     if push is not None:
         check_pushable(m, n, x.dtype, *push)
         if bias is not None:
@@ -281,7 +346,7 @@ def gemv(
     operands = (x, weight, bias if bias is not None else weight, y)
     peer_args, push_meta = push_args(*push, x.dtype) if push is not None else ((0,) * 9, {})
     strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args)
-    if block_m > 16 and config is None and not envs.triton_interpret():
+    if block_m > 16 and config is None and not envs.triton_interpret():  # (never gated or pushed: both set config)
         prefetch_k = max(line_elems, min(_WIDE_PREFETCH_COLS, prev_pow2(k)))
         _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](  # K unsplit: no scratch, no counters
             *operands, y, y, m, n, k, k, *strides, SPLIT_K=1, PREFETCH_K=prefetch_k, **common)
@@ -300,6 +365,6 @@ def gemv(
     _gemv_kernel[(cdiv(n, block_n), split_k)](
         *operands, part, counters, m, n, k, k_per_split, *strides,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH_K=prefetch_tiles * block_k,
-        num_warps=num_warps, num_stages=num_stages, **common, **push_meta,
+        num_warps=num_warps, num_stages=num_stages, GATED=gated, **common, **push_meta,
     )
     return y

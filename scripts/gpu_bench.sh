@@ -27,6 +27,8 @@
 #                          at 17-32 rows, 8B TP=1 with the row-parallel GEMV on / off, TP=2 (~8 min)
 #   push-small             2 GPUs: 8B TP=1 at batch 1, 16, 64 and TP=2 at 1, 16, 24, 64, the row-parallel GEMV on (and
 #                          TP=2 at 16, 24 off) (~4 min)
+#   gated-ab               2 GPUs: gate_up + SiLU-and-mul as one GEMV launch: GEMV GPU tests, sweep vs cuBLAS + activation,
+#                          attention split counts at TP=2 batch 64, 8B TP=1 / TP=2 b1, 16, 64 gated on / off (~9 min)
 #   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
 #                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
 #   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
@@ -755,6 +757,26 @@ stage_push-small() {  # 2 GPUs: the row-parallel GEMV under 32 rows (TP > 1, pus
     PAGEDSERVE_ROW_PARALLEL_GEMV=$on run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
       --batch-sizes $([ $on = 1 ] && echo "1 16 24 64" || echo "16 24") --output-len 256 --budget-s 65 \
       --out "$OUT/tp2_8b_gemv$on.json"
+  done
+}
+
+stage_gated-ab() {  # 2 GPUs: gate_up + SiLU-and-mul in one GEMV launch (PAGEDSERVE_GATED_GEMV): the GEMV's GPU tests,
+  # the gated launch swept against cuBLAS + silu_and_mul (TP=2 / TP=1 slices, 1-64 rows), decode attention's split
+  # counts at the TP=2 batch-64 shape, then 8B TP=1 and TP=2 at batch 1, 16, 64 with the gated launch on / off (~9 min)
+  run 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  run 120 "$PY" scripts/sweep_gemv.py --gated --rows 64 32 16 1 --tp 2 1 --top 4 \
+    --configs "16,128,4,6,1;16,256,4,4,1;32,128,4,6,1;32,128,4,4,1;32,64,4,6,1;32,256,4,3,1;64,128,8,4,1" \
+    2>&1 | grep -v "^  (" | tee -a "$OUT/kernels.txt"
+  run 90 "$PY" scripts/bench_attention.py --decode-sweep --sweep-splits auto 1 2 3 --sweep-cases 64x256 64x384 \
+    --sweep-configs 128,4,2 64,4,2 64,4,1 128,4,1 64,8,2 --output-json "$RUNS/attention_splits.json" \
+    2>&1 | tee -a "$OUT/kernels.txt"
+  local on
+  for on in 1 0; do
+    echo "== PAGEDSERVE_GATED_GEMV=$on"
+    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp1_8b_gated$on.json"
+    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp2_8b_gated$on.json"
   done
 }
 

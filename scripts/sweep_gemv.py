@@ -2,7 +2,10 @@
 the row-parallel projections of a Llama-3.1-8B tensor-parallel rank (o_proj, down_proj), against cuBLAS.
 
     python scripts/sweep_gemv.py --rows 64 32 --tp 2            # CUDA, bf16
+    python scripts/sweep_gemv.py --gated --rows 64 --tp 2 1     # gate_up + SiLU-and-mul in one launch
 Prints us per (RMSNorm, matmul) pair in a CUDA graph over rotating weights (bench_common.time_us), best first.
+With --gated the projection is gate_up_proj and every timing includes the activation: cuBLAS then
+kernels/activation.py's silu_and_mul, against the GEMV's gated launch (`gemv(..., gated=True)`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import bench_common as bc  # noqa: E402
 from bench_gemm import shapes  # noqa: E402  (a Llama-8B rank's projections, as bench_gemm times them)
 from kernels import gemv as gemv_kernel  # noqa: E402
 from kernels import rms_norm  # noqa: E402
+from kernels.activation import silu_and_mul  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +38,12 @@ def main() -> None:
     p.add_argument("--narrow", action="store_true", help="only the configs around session 15's winners")
     p.add_argument("--configs", default=None, help="only these, e.g. '32,128,4,6,1;64,128,4,6,2'")
     p.add_argument("--block-m", type=int, nargs="+", default=[0], help="dot tile rows to try (0: from the rows)")
+    p.add_argument("--gated", action="store_true", help="gate_up_proj with its SiLU-and-mul (see above)")
     args = p.parse_args()
+    gated = args.gated
+    if gated:
+        args.projections = ["gate_up_proj"]
+    act = silu_and_mul if gated else (lambda y: y)
     device, dtype = torch.device("cuda"), torch.bfloat16
     configs = [(bn, bk, 8 if bn * bk >= 64 * 256 else 4, st, sk)
                for bn, bk, st, sk in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 6), (1, 2, 4))
@@ -55,17 +64,19 @@ def main() -> None:
                 x = torch.randn(rows, k, device=device, dtype=dtype)
                 nw = torch.ones(k, device=device, dtype=dtype)
                 norm_us = bc.time_us(lambda i: rms_norm(x, nw, 1e-6), args.iters, device)
-                cublas = bc.time_us(lambda i: F.linear(rms_norm(x, nw, 1e-6), weights[i % copies]), args.iters, device)
-                ref = F.linear(x, weights[0]).float()
+                cublas = bc.time_us(lambda i: act(F.linear(rms_norm(x, nw, 1e-6), weights[i % copies])), args.iters,
+                                    device)
+                ref = act(F.linear(x, weights[0])).float()
                 results = []
                 for cfg, bm in configs:
                     if bm and bm < rows:
                         continue
                     try:
-                        y = gemv_kernel.gemv(x, weights[0], config=cfg, block_m=bm or None)
+                        y = gemv_kernel.gemv(x, weights[0], config=cfg, block_m=bm or None, gated=gated)
                         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                         us = bc.time_us(lambda i: gemv_kernel.gemv(rms_norm(x, nw, 1e-6), weights[i % copies],
-                                                                   config=cfg, block_m=bm or None), args.iters, device)
+                                                                   config=cfg, block_m=bm or None, gated=gated),
+                                        args.iters, device)
                         results.append((us, (cfg, bm or "auto"), err))
                     except Exception as e:  # out of resources
                         print(f"  {cfg}: {type(e).__name__}", flush=True)

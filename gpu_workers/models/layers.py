@@ -143,6 +143,13 @@ class SiluAndMulMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels import gemv
+
+        weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
+        if (x.dim() == 2 and gemv.takes_gated(x.shape[0], weight.shape[0] // 2, x.dtype, x.device)
+                and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
+            # a decode step: the matmul and the activation in one launch (kernels/gemv.py, gated)
+            return self.down_proj(gemv.gated_gemv(x.contiguous(), weight, bias))
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size / tp]
         if elementwise.use_triton(gate_up):  # fused Triton kernel (see elementwise.py)
             return self.down_proj(elementwise.silu_and_mul(gate_up))

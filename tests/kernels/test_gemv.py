@@ -163,3 +163,82 @@ def test_row_parallel_matmuls_take_the_gemv_only_on_cuda_at_decode_sizes(monkeyp
     monkeypatch.setenv("PAGEDSERVE_ROW_PARALLEL_GEMV", "on")
     with pytest.raises(ValueError, match="PAGEDSERVE_ROW_PARALLEL_GEMV must be 0 or 1"):
         takes_row_parallel(64, 4096, torch.bfloat16, cuda)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 40: the 64-row dot tile
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_gated_launch_is_silu_of_gate_times_up(dtype, tol, rows, bias):
+    """gate_up and SiLU-and-mul in one launch: the weight is [gate | up] (83 features a half: the column
+    tiles' edge is masked, and the up half starts mid-tile); each output is silu(x g) * (x u)."""
+    from kernels.gemv import gated_gemv
+
+    d, k = 83, 300
+    weight = torch.randn(2 * d, k, device=DEVICE).to(dtype)
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    b = torch.randn(2 * d, device=DEVICE).to(dtype) if bias else None
+    got = gated_gemv(x, weight, b)
+    gate, up = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double()).chunk(2, -1)
+    assert got.shape == (rows, d) and got.dtype == dtype
+    assert _rel_err(got, torch.nn.functional.silu(gate) * up) < tol
+
+
+@pytest.mark.parametrize("rows", [3, 64])
+def test_the_gated_launch_rounds_as_the_matmul_then_the_activation_kernel(rows):
+    """Same tiles, same sums: the fused launch gives bitwise what the GEMV's gate_up output through
+    kernels/activation.py's silu_and_mul gives (the activation of the unfused path)."""
+    from kernels.activation import silu_and_mul
+    from kernels.gemv import gated_config, gated_gemv
+
+    d, k = 96, 256
+    weight, x = torch.randn(2 * d, k, device=DEVICE).half(), torch.randn(rows, k, device=DEVICE).half()
+    config, block_m = gated_config(rows, torch.float16)
+    assert torch.equal(gated_gemv(x, weight), silu_and_mul(gemv(x, weight, config=config, block_m=block_m)))
+
+
+def test_the_gated_launch_rejects_what_it_cannot_fuse():
+    from kernels.gemv import gated_gemv
+
+    with pytest.raises(ValueError, match="even row count"):
+        gated_gemv(torch.randn(2, 32, device=DEVICE), torch.randn(7, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        gated_gemv(torch.randn(65, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE))
+
+
+def test_gated_mlps_take_the_fused_launch_only_on_cuda_at_decode_sizes(monkeypatch):
+    from kernels import gemv as gemv_mod
+
+    cuda = torch.device("cuda", 0)
+    assert not gemv_mod.takes_gated(8, 7168, torch.bfloat16, torch.device("cpu"))  # no PDL, no GPU
+    monkeypatch.setattr("kernels.gemv.use_pdl", lambda device: True)
+    monkeypatch.setattr("kernels.gemv.GATED_MIN_ROWS", 32)
+    assert gemv_mod.takes_gated(64, 7168, torch.bfloat16, cuda) and gemv_mod.takes_gated(32, 2048, torch.float32, cuda)
+    assert not gemv_mod.takes_gated(31, 7168, torch.bfloat16, cuda)  # under the measured minimum
+    assert not gemv_mod.takes_gated(65, 7168, torch.bfloat16, cuda)  # a prefill's rows: cuBLAS
+    assert not gemv_mod.takes_gated(64, 1536, torch.bfloat16, cuda)  # too narrow
+    monkeypatch.setenv("PAGEDSERVE_GATED_GEMV", "1")
+    assert gemv_mod.takes_gated(1, 7168, torch.bfloat16, cuda) and not gemv_mod.takes_gated(65, 7168, torch.bfloat16, cuda)
+    monkeypatch.setenv("PAGEDSERVE_GATED_GEMV", "0")
+    assert not gemv_mod.takes_gated(64, 7168, torch.bfloat16, cuda)
+    monkeypatch.setenv("PAGEDSERVE_GATED_GEMV", "yes")
+    with pytest.raises(ValueError, match="PAGEDSERVE_GATED_GEMV must be 0 or 1"):
+        gemv_mod.takes_gated(64, 7168, torch.bfloat16, cuda)
+
+
+def test_the_mlp_routes_decode_steps_to_the_gated_launch(monkeypatch):
+    """SiluAndMulMLP: where takes_gated says so, one gated launch gives what gate_up, the activation and
+    down_proj give unfused (float32: the same to rounding); elsewhere the unfused path runs."""
+    from gpu_workers.models.layers import SiluAndMulMLP
+    from kernels import gemv as gemv_mod
+
+    mlp = SiluAndMulMLP(64, 96).to(DEVICE)
+    for p in mlp.parameters():
+        p.data.copy_(torch.randn_like(p) * 0.2)
+    x = torch.randn(5, 64, device=DEVICE)
+    unfused = mlp(x)
+    calls = []
+    real = gemv_mod.gated_gemv
+    monkeypatch.setattr("kernels.gemv.takes_gated", lambda rows, n, dtype, device: (rows, n) == (5, 96))
+    monkeypatch.setattr("kernels.gemv.gated_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+    assert _rel_err(mlp(x), unfused) < 1e-5 and calls == [(5, 64)]
+    assert _rel_err(mlp(x[:4]), unfused[:4]) < 1e-6 and calls == [(5, 64)]  # 4 rows: not taken

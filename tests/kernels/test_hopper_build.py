@@ -39,7 +39,7 @@ NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write
          "decode_attention+rope", "decode_attention+rope_norm", "decode_attention+8b_rope",
          "prefill_attention", "sampling",
          "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+row_parallel_fp32",
-         "gemv+row_parallel_split", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
+         "gemv+row_parallel_split", "gemv+gated", "gemv+gated_fp32", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
          "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32",
          "all_reduce_rms_norm+embedding"]
 
@@ -197,6 +197,11 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, "gemv+64rows")
     gemv_mod.gemv(torch.randn(64, 256, dtype=dt), torch.randn(128, 256, dtype=dt), None, (64, 128, 4, 4))
 
+    # a decode step's gated MLP (gate_up + SiLU-and-mul, gated_config) at 64 rows: two weight tiles a stage
+    for name, gdt in (("gemv+gated", dt), ("gemv+gated_fp32", torch.float32)):
+        record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
+        gemv_mod.gated_gemv(torch.randn(64, 256, dtype=gdt), torch.randn(128, 256, dtype=gdt))
+
     # Run as one rank (the interpreter has no peer), built as rank 0 of 2 at Llama-8B's hidden size.
     buffer = torch.zeros(fused_mod.buffer_bytes(1 << 16, 1), dtype=torch.uint8)
     peers = fused_mod.PeerBuffers(torch.tensor([buffer.data_ptr()]), 0, 1, 1 << 16)
@@ -248,7 +253,8 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     assert sorted(results) == sorted(NAMES), sorted(results)
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
-    for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "decode_attention+prefetch"):
+    for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+gated",
+                 "decode_attention+prefetch"):
         assert "prefetch.global.L2" in results[name]["ptx_head"], name  # the weight prefetch before the wait
     # the fused all-reduce prefetches between its signal and its wait; without a weight, nothing does
     ptx = results["all_reduce_rms_norm+prefetch"]["ptx"]
