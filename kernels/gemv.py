@@ -254,10 +254,17 @@ def takes_row_parallel(rows: int, n: int, dtype: torch.dtype, device: torch.devi
 
 
 def gated_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | None]:
-    """(config, block_m) of a gated MLP's fused gate_up matmul and activation (`gated_gemv`): 32
-    columns of each half a program (64 weight rows), 128-wide K tiles (64 in float32, for shared
-    memory), 6 stages; the dot tile padded to 64 rows over 16."""
-    return (32, 128 if dtype.itemsize <= 2 else 64, 4, 6, 1), (64 if rows > 16 else None)
+    """(config, block_m) of a gated MLP's fused gate_up matmul and activation (`gated_gemv`), 128-wide K
+    tiles (64 in float32, for shared memory) in 4 stages: up to 16 rows, 32 columns of each half a
+    program (80 KiB of shared memory: two programs an SM, so a TP=2 rank of Llama-8B's 224 run in one
+    wave); over 16, 64 columns, 8 warps, the dot tile padded to 64 rows. H200 sweep (sweep_gemv.py
+    --gated, BENCHMARKS.md session 16), us with the RMSNorm before it, this / cuBLAS + silu_and_mul:
+    TP=2 64 rows 35.7 / 37.3, 32 rows 33.2 / 34.4, 16 rows 32.6 / 35.3, 1 row 31.9 / 33.6; TP=1 64
+    rows 64.9 / 66.7, 1 row 59.4 / 62.6."""
+    block_k = 128 if dtype.itemsize <= 2 else 64
+    if rows > 16:
+        return (64, block_k, 8, 4, 1), 64
+    return (32, block_k, 4, 4, 1), None
 
 
 GATED_MIN_ROWS = 1

@@ -780,6 +780,21 @@ stage_gated-ab() {  # 2 GPUs: gate_up + SiLU-and-mul in one GEMV launch (PAGEDSE
   done
 }
 
+stage_gated-ab2() {  # 2 GPUs: gated_config's launches (one wave at <= 16 rows): the gated GEMV GPU tests, 8B TP=2 and
+  # TP=1 at batch 1, 16, 64 with PAGEDSERVE_GATED_GEMV=1 / 0, then TP=2 batch 1 gated under the profiler (~8 min)
+  run 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py -k gated 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  local on
+  for on in 1 0; do
+    echo "== PAGEDSERVE_GATED_GEMV=$on"
+    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp2_8b_gated$on.json"
+    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp1_8b_gated$on.json"
+  done
+  PAGEDSERVE_GATED_GEMV=1 PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 100 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
+    --skip-tp1 --skip-greedy --batch-sizes 1 --output-len 256 --budget-s 90 --out /tmp/tp2_prof.json
+}
+
 stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)
   rope_onoff 1 "1 16" 110 tp1_8b_small
 }
