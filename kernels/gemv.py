@@ -267,9 +267,11 @@ def gated_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | None]:
     return (32, block_k, 4, 4, 1), None
 
 
-GATED_MIN_ROWS = 1
+GATED_MIN_ROWS = 17
 """Unless $PAGEDSERVE_GATED_GEMV says otherwise, the fewest token rows a decode step needs for its gated
-MLP to take `gated_gemv` (to be set from the engine's A/B)."""
+MLP to take `gated_gemv`. Under it the engine's A/B was mixed (2 x H200, 8B, ms a step, on / off: TP=1
+batch 1 4.57 / 4.65 with 6 stages, 4.82 / 4.70 with 4; TP=2 batch 1 3.25 / 2.90), over it it won or
+tied (BENCHMARKS.md, session 16)."""
 
 
 def takes_gated(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:

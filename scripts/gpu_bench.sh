@@ -795,6 +795,21 @@ stage_gated-ab2() {  # 2 GPUs: gated_config's launches (one wave at <= 16 rows):
     --skip-tp1 --skip-greedy --batch-sizes 1 --output-len 256 --budget-s 90 --out /tmp/tp2_prof.json
 }
 
+stage_gated-final() {  # 2 GPUs: the gated GEMV's checks and its batch-64 A/B: its GPU tests, TP=2 float32 greedy == TP=1
+  # (8B shape, 8 layers, PAGEDSERVE_GATED_GEMV=1 so its 4 prompts take it), then 8B batch 64 with the default (gated)
+  # and PAGEDSERVE_GATED_GEMV=0, alternating: TP=1 on / off, TP=2 on / off, TP=1 on / off (~9 min)
+  run 40 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py -k gated 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  PAGEDSERVE_GATED_GEMV=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput \
+    --dtype float32 --out "$OUT/tp2_8b_greedy.json"
+  local tp on i=0
+  for tp in 1 1 2 2 1 1; do
+    on=$(( 1 - i % 2 )); i=$(( i + 1 ))
+    echo "== TP=$tp PAGEDSERVE_GATED_GEMV=$on"
+    PAGEDSERVE_GATED_GEMV=$([ $on = 1 ] && echo "" || echo 0) run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp $tp \
+      --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/tp${tp}_b64_gated$on.$i.json"
+  done
+}
+
 stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)
   rope_onoff 1 "1 16" 110 tp1_8b_small
 }
