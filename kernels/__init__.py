@@ -4,7 +4,8 @@ sampling without a vocabulary sort (sampling.py), the tensor-parallel all-reduce
 add and RMSNorm (all_reduce_rms_norm.py; the buffers and row helpers it shares with the GEMV in
 peer_rows.py), programmatic dependent launch (pdl.py), L2 prefetch of the next matmul's weight from the
 latency-bound kernels before it (prefetch.py) and a few-row GEMV (gemv.py) for decode steps, which for
-row-parallel layers under tensor parallelism also pushes its rows into that all-reduce's buffers."""
+row-parallel layers under tensor parallelism also pushes its rows into that all-reduce's buffers, and
+for a gated MLP's gate_up projection applies SiLU-and-mul in its epilogue."""
 
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import choose_num_splits, decode_attention

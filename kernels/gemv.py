@@ -44,6 +44,14 @@ slot on every peer (`push`; kernels/all_reduce_rms_norm.py then only polls):
 
     program of column tile c:  K loop ──► y[:, c] ──► this rank's y
                                                 └──► region `rank` of slot s on every peer
+
+Session 16 added the gated launch (`gated_gemv`, `GATED`): a gated MLP's merged gate_up weight is
+[gate | up], and program c computes column tile c of both halves and stores silu(gate) * up, so the
+[M, 2 D] gate_up output and the SiLU-and-mul launch go away. SiluAndMulMLP takes it at 17-64 rows
+(`takes_gated`); 2 x H200, Llama-8B batch 64, ms a step, on / off: TP=1 5.330 / 5.354 and 5.326 / 5.350,
+TP=2 3.403 / 3.501, 3.427 / 3.455, 3.392 / 3.424:
+
+    program of column tile c:  K loop ──► gate[:, c], up[:, c] ──► y[:, c] = silu(gate) * up
 """
 
 from __future__ import annotations
@@ -269,9 +277,10 @@ def gated_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | None]:
 
 GATED_MIN_ROWS = 17
 """Unless $PAGEDSERVE_GATED_GEMV says otherwise, the fewest token rows a decode step needs for its gated
-MLP to take `gated_gemv`. Under it the engine's A/B was mixed (2 x H200, 8B, ms a step, on / off: TP=1
-batch 1 4.57 / 4.65 with 6 stages, 4.82 / 4.70 with 4; TP=2 batch 1 3.25 / 2.90), over it it won or
-tied (BENCHMARKS.md, session 16)."""
+MLP to take `gated_gemv`. 2 x H200, Llama-8B, ms a step, on / off (BENCHMARKS.md, session 16): at batch
+64 it won in every pair (TP=1 5.330 / 5.354, 5.326 / 5.350; TP=2 3.403 / 3.501, 3.427 / 3.455, 3.392 /
+3.424); at 1-16 rows it lost or varied (TP=2 batch 1 3.25 / 2.90 and batch 16 3.50 / 3.32 with 6
+stages; TP=1 batch 1 4.57 / 4.65 with 6 stages, 4.82 / 4.70 with the 4 of gated_config)."""
 
 
 def takes_gated(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
