@@ -267,8 +267,9 @@ def gated_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | None]:
     program (80 KiB of shared memory: two programs an SM, so a TP=2 rank of Llama-8B's 224 run in one
     wave); over 16, 64 columns, 8 warps, the dot tile padded to 64 rows. H200 sweep (sweep_gemv.py
     --gated, BENCHMARKS.md session 16), us with the RMSNorm before it, this / cuBLAS + silu_and_mul:
-    TP=2 64 rows 35.7 / 37.3, 32 rows 33.2 / 34.4, 16 rows 32.6 / 35.3, 1 row 31.9 / 33.6; TP=1 64
-    rows 64.9 / 66.7, 1 row 59.4 / 62.6."""
+    the 64-column launch TP=2 64 rows 35.7 / 37.3, 32 rows 33.2 / 34.4, TP=1 64 rows 64.9 / 66.7; the
+    32-column one TP=2 16 rows 32.6 / 35.3, 1 row 31.9 / 33.6 (in the engine, under 17 rows, it did
+    not win: GATED_MIN_ROWS)."""
     block_k = 128 if dtype.itemsize <= 2 else 64
     if rows > 16:
         return (64, block_k, 8, 4, 1), 64
