@@ -1,11 +1,11 @@
-"""y = x W^T (+ b) for a handful of rows (decode at small batch), streaming W, with its first weight
-tiles prefetched before the previous kernel has finished.
+"""y = x W^T (+ b) for a handful of rows (decode steps of 1-64 token rows), streaming W, with its first
+weight tiles prefetched before the previous kernel has finished.
 
-At batch 1-16 a linear layer is a read of W: its time is W's bytes over the bandwidth sustained, plus
+At decode sizes a linear layer is a read of W: its time is W's bytes over the bandwidth sustained, plus
 the bubble at each kernel boundary (the previous kernel drains, this one launches and starts its loads).
-A batch-1 Llama-8B step has 128 such matmuls. Launched with programmatic dependent launch (kernels/pdl.py),
-this kernel starts while the kernel before it still runs, issues L2 prefetches for its first weight
-tiles (W never depends on that kernel), and only then waits for it, before reading x:
+Launched with programmatic dependent launch (kernels/pdl.py), this kernel starts while the kernel
+before it still runs, issues L2 prefetches for its first weight tiles (W never depends on that kernel),
+and only then waits for it, before reading x:
 
     previous kernel  ██████████░░
     this kernel            [prefetch W tiles][wait]████████████   (x is read after the wait)
@@ -13,45 +13,32 @@ tiles (W never depends on that kernel), and only then waits for it, before readi
     grid = (cdiv(N, BLOCK_N), SPLIT_K)
     program (n, s):  acc[BLOCK_M, BLOCK_N] = Σ_k x[:, k:k+BLOCK_K] · W[n*BLOCK_N:(n+1)*BLOCK_N, k:k+BLOCK_K]^T
                      over split s's K range; x padded to BLOCK_M = 16, 32 or 64 rows for tl.dot,
-                     float32 accumulation. Over 16 rows the launch is autotuned, K unsplit.
-    SPLIT_K = 1: one store of the M real rows. SPLIT_K > 1 ($PAGEDSERVE_GEMV_SPLIT_K only): partials
-    to float32 scratch, and the column tile's last program to arrive sums them in split order and
-    stores y, in the same launch (the pattern of decode_attention's splits). It gives 4096-row
-    matrices (o_proj, down_proj at batch 1) SPLIT_K x more programs streaming W. Measured on an H200
-    (BENCHMARKS.md, session 6): slower on every Llama-8B projection (qkv 19.3 -> 24.0 us with 2 splits);
-    faster only on Qwen3-0.6B's o_proj (6.1 -> 5.5) and down_proj (8.1 -> 6.4).
+                     float32 accumulation
+    SPLIT_K = 1: one store of the M real rows. SPLIT_K > 1: partials to float32 scratch, and the column
+    tile's last program to arrive sums them in split order and stores y, in the same launch (the
+    pattern of decode_attention's splits).
 
-Session 3 measured a version without PDL on an H200: faster than cuBLAS alone on some projections
-(Llama-8B o_proj 2,927 vs 2,647 GB/s) and slower on most, and slower end to end (4.751 -> 4.835 ms a
-token). With PDL and the prefetch (session 5, H200, batch 1): Qwen3-0.6B 1.44 -> 1.19 ms a token, Llama-8B
-4.74 -> 5.18; per projection (scripts/bench_gemv.py) cuBLAS matched or beat it on all of Llama's, it won on
-Qwen3's o_proj (6.3 vs 14.2 us) and qkv. So it is the default for models of hidden size <= 2048 under PDL
-(gpu_workers/models/elementwise.small_gemv_default); $PAGEDSERVE_SMALL_GEMV=0/1 forces either way. The
-grid splits N only: on 4096-wide inputs its 128-256 programs do not keep every SM streaming (split-K would).
+Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, sessions 3-16):
 
-17-64 rows (session 7, 2 x H200, autotuned, PDL prefetch of W's first 2048 columns): slower than cuBLAS
-on every Llama-8B projection at 16, 32 and 64 rows (TP=2 slices at 64 rows, us with the RMSNorm before
-it: qkv 16.8 vs 11.7, o_proj 9.7 vs 8.6, gate_up 38.7 vs 35.6, down 27.1 vs 20.2), and end to end (8B
-batch 64: TP=1 6.21 vs 5.51 ms a step, TP=2 3.83 vs 3.61). So steps over 16 rows take it only where
-$PAGEDSERVE_SMALL_GEMV_ROWS says so.
+  - every projection of models of hidden size <= 2048 under PDL, at up to 16 rows
+    (elementwise.small_gemv_default; $PAGEDSERVE_SMALL_GEMV, $PAGEDSERVE_SMALL_GEMV_ROWS): `_config`'s
+    launch, Triton-autotuned over 16 rows. Qwen3-0.6B batch 1: 1.44 -> 1.19 ms a token; on Llama-8B
+    cuBLAS matched or beat it, and split K ($PAGEDSERVE_GEMV_SPLIT_K) lost on every projection.
+  - the row-parallel projections (o_proj, down_proj) of wider models at 32-64 rows, and at 1-64 with
+    tensor parallelism, where the epilogue also pushes each tile into the fused all-reduce's staging
+    slot on every peer (`row_parallel_gemv`, `takes_row_parallel`, `push`; kernels/all_reduce_rms_norm.py
+    then only polls): one fixed launch from sweeps over rotating weights (scripts/sweep_gemv.py), not
+    Triton's autotuner, which times each config on one weight that then sits in L2.
 
-Session 15 timed explicit launches over rotating weights instead (scripts/sweep_gemv.py; Triton's
-autotuner times each config on one weight, which then sits in L2, and _WIDE_CONFIGS lacked the winner):
-one fixed launch, 32 columns by 128-wide K tiles in 6 stages, the dot tile padded to 64 rows, beats cuBLAS on the row-parallel projections (o_proj,
-down_proj) at 32-64 rows. They take it (`row_parallel_gemv`, `takes_row_parallel`), and with tensor
-parallelism at 1-64 rows, where its epilogue also pushes the tile into the fused all-reduce's staging
-slot on every peer (`push`; kernels/all_reduce_rms_norm.py then only polls):
+        program of column tile c:  K loop ──► y[:, c] ──► this rank's y
+                                                    └──► region `rank` of slot s on every peer
 
-    program of column tile c:  K loop ──► y[:, c] ──► this rank's y
-                                                └──► region `rank` of slot s on every peer
+  - a gated MLP's gate_up projection at 17-64 rows (`gated_gemv`, `takes_gated`, GATED): the merged
+    weight is [gate | up]; program c computes column tile c of both halves and stores silu(gate) * up,
+    so the [M, 2 D] gate_up output and the SiLU-and-mul launch go away (Llama-8B batch 64 on 2 x H200:
+    TP=1 -0.45%, TP=2 -1.5% a step).
 
-Session 16 added the gated launch (`gated_gemv`, `GATED`): a gated MLP's merged gate_up weight is
-[gate | up], and program c computes column tile c of both halves and stores silu(gate) * up, so the
-[M, 2 D] gate_up output and the SiLU-and-mul launch go away. SiluAndMulMLP takes it at 17-64 rows
-(`takes_gated`); 2 x H200, Llama-8B batch 64, ms a step, on / off: TP=1 5.330 / 5.354 and 5.326 / 5.350,
-TP=2 3.403 / 3.501, 3.427 / 3.455, 3.392 / 3.424:
-
-    program of column tile c:  K loop ──► gate[:, c], up[:, c] ──► y[:, c] = silu(gate) * up
+        program of column tile c:  K loop ──► gate[:, c], up[:, c] ──► y[:, c] = silu(gate) * up
 """
 
 from __future__ import annotations
@@ -323,7 +310,7 @@ def gemv(
 
     Up to 16 rows the launch takes `config` or `_config`'s; over 16 (a decode batch of 17-64), the
     autotuned one of _WIDE_CONFIGS, with K unsplit, and W's first 2048 columns prefetched before the PDL
-    wait (still slower than cuBLAS on Llama-8B's projections: see the module docstring).
+    wait (slower than cuBLAS on every Llama-8B projection at 16-64 rows: BENCHMARKS.md, session 7).
 
     `push` (a row-parallel layer's partial sums, tensor-parallel, flag-free all-reduce buffers): each
     finished tile also goes into this rank's region of staging slot `slot` (0 or 1) of every peer,
