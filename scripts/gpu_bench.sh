@@ -29,6 +29,9 @@
 #                          TP=2 at 16, 24 off) (~4 min)
 #   gated-ab               2 GPUs: gate_up + SiLU-and-mul as one GEMV launch: GEMV GPU tests, sweep vs cuBLAS + activation,
 #                          attention split counts at TP=2 batch 64, 8B TP=1 / TP=2 b1, 16, 64 gated on / off (~9 min)
+#   gated-ab2              2 GPUs: gated_config's launches: gated GPU tests, 8B TP=2 / TP=1 b1, 16, 64 gated on / off, a TP=2
+#                          batch-1 profile with it on (~8 min)
+#   gated-final            2 GPUs: gated GPU tests, TP=2 float32 greedy == TP=1 through it, 8B batch-64 A/B alternating (~9 min)
 #   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
 #                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
 #   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
