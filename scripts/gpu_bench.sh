@@ -775,12 +775,15 @@ stage_gated-ab() {  # 2 GPUs: gate_up + SiLU-and-mul in one GEMV launch (PAGEDSE
     2>&1 | tee -a "$OUT/kernels.txt"
   local on
   for on in 1 0; do
-    echo "== PAGEDSERVE_GATED_GEMV=$on"
-    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
-      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp1_8b_gated$on.json"
-    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
-      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp2_8b_gated$on.json"
+    gated_run $on 1
+    gated_run $on 2
   done
+}
+
+gated_run() {  # gated_run ON TP: 8B decode at batch 1, 16, 64 with PAGEDSERVE_GATED_GEMV=ON, to tpTP_8b_gatedON.json
+  echo "== TP=$2 PAGEDSERVE_GATED_GEMV=$1"
+  PAGEDSERVE_GATED_GEMV=$1 run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp "$2" --skip-tp1 --skip-greedy \
+    --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp${2}_8b_gated${1}.json"
 }
 
 stage_gated-ab2() {  # 2 GPUs: gated_config's launches (one wave at <= 16 rows): the gated GEMV GPU tests, 8B TP=2 and
@@ -788,11 +791,8 @@ stage_gated-ab2() {  # 2 GPUs: gated_config's launches (one wave at <= 16 rows):
   run 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py -k gated 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
   local on
   for on in 1 0; do
-    echo "== PAGEDSERVE_GATED_GEMV=$on"
-    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
-      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp2_8b_gated$on.json"
-    PAGEDSERVE_GATED_GEMV=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
-      --batch-sizes 1 16 64 --output-len 256 --budget-s 70 --out "$OUT/tp1_8b_gated$on.json"
+    gated_run $on 2
+    gated_run $on 1
   done
   PAGEDSERVE_GATED_GEMV=1 PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 100 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
     --skip-tp1 --skip-greedy --batch-sizes 1 --output-len 256 --budget-s 90 --out /tmp/tp2_prof.json
