@@ -236,13 +236,3 @@ def prefetch_in_attention() -> bool:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def attention_heads_first() -> bool:
-    """$PAGEDSERVE_ATTN_HEADS_FIRST: decode attention's launch order. "1": grid (KV heads, sequences,
-    splits), so the programs of one sequence's KV heads run side by side and read each cache block's
-    interleaved heads together; "0" or unset: grid (sequences, KV heads, splits)."""
-    value = os.environ.get("PAGEDSERVE_ATTN_HEADS_FIRST", "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"PAGEDSERVE_ATTN_HEADS_FIRST must be 0 or 1, not {value!r}")
-    return value == "1"

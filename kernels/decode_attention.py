@@ -40,7 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ipc import envs
 from kernels import prefetch
 from kernels.kv_cache import (SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache,
                               check_last_dim_contiguous, check_same_device, next_pow2, paged_kv_offsets)
@@ -79,17 +78,13 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_GC: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, MAY_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
-    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
-    if HEADS_FIRST:  # grid (KV heads, sequences, splits): a sequence's KV heads launch side by side
-        kv_head = tl.program_id(0)
-        prog = tl.program_id(1)
-    else:  # grid (sequences, KV heads, splits)
-        prog = tl.program_id(0)
-        kv_head = tl.program_id(1)
+    prog = tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if PREFETCH:  # before waiting for the kernel before: o_proj's weight into L2 (it reads it next)
-        flat = (split * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+        flat = (prog * tl.num_programs(1) + kv_head) * tl.num_programs(2) + split
         total = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
         prefetch_rows(pf_ptr, pf_rows, pf_row_bytes, pf_prefix_lines, flat, total, PF_CHUNK)
     pdl_prologue(USE_PDL)
@@ -344,7 +339,6 @@ def decode_attention(
     launch_config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages): tuning sweeps only
     prefetch_weight: torch.Tensor | None = None,  # the next matmul's (o_proj's), prefetched into L2
     rope: NewTokens | None = None,  # query is raw: rotate it and the step's keys, store them (NewTokens)
-    heads_first: bool | None = None,  # launch order (tuning sweeps); None: envs.attention_heads_first()
 ) -> torch.Tensor:
     """Attention of each sequence's single query token over its whole paged context. Returns `out`.
 
@@ -403,10 +397,7 @@ def decode_attention(
     else:  # unused
         has_norm = False
         new = (query, query, seq_lens, query, query, query, query, seq_lens, 0, 0, 0, 0, 0, 0.0)
-    if heads_first is None:
-        heads_first = envs.attention_heads_first()
-    grid = (num_kv_heads, num_programs, max_splits) if heads_first else (num_programs, num_kv_heads, max_splits)
-    _decode_split_kernel[grid](
+    _decode_split_kernel[(num_programs, num_kv_heads, max_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
         seq_lens if seq_ids is None else seq_ids, seq_lens if seq_ids is None else query_start_loc,
         out, part, counters, *new,
@@ -422,6 +413,6 @@ def decode_attention(
         HAS_SEQ_IDS=seq_ids is not None, MAY_SPLIT=may_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         USE_PDL=pdl, PREFETCH=pf.enabled, PF_CHUNK=prefetch.CHUNK, ROPE=rope is not None, HAS_NORM=has_norm,
-        HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return out

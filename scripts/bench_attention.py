@@ -186,14 +186,13 @@ def decode_sweep(args: argparse.Namespace) -> list[dict]:
             inputs = inputs_for(model, case, args)
             out, scale = torch.empty_like(inputs[0].query), model.head_dim ** -0.5
 
-            def call(i, splits, config, heads_first):
+            def call(i, splits, config):
                 x = inputs[i % len(inputs)]
                 return decode_attention(x.query, x.k_cache, x.v_cache, x.block_tables, x.seq_lens, case.context_len,
-                                        scale, out=out, num_splits=splits, launch_config=config,
-                                        heads_first=heads_first)
+                                        scale, out=out, num_splits=splits, launch_config=config)
 
-            def time_us(splits, config, heads_first=None):
-                return bc.time_us(lambda i: call(i, splits, config, heads_first), args.iters, args.device)
+            def time_us(splits, config):
+                return bc.time_us(lambda i: call(i, splits, config), args.iters, args.device)
 
             grid = {(n, c): time_us(n, c) for n in splits for c in configs}
             (best_n, best_c), best_us = min(grid.items(), key=lambda kv: kv[1])
@@ -207,16 +206,6 @@ def decode_sweep(args: argparse.Namespace) -> list[dict]:
             if args.sweep_configs:  # every config's time at each split count
                 for c in configs:
                     print(f"    {str(c or 'auto'):>14}: " + " ".join(f"{grid[(n, c)]:7.1f}" for n in splits), flush=True)
-            if args.sweep_orders:  # the launch order: (sequences, KV heads) against (KV heads, sequences)
-                orders = {}
-                for _ in range(args.sweep_orders):  # alternating, so drift hits both orders alike
-                    for heads_first in (False, True):
-                        for c in configs:
-                            orders.setdefault((heads_first, c), []).append(time_us(1, c, heads_first))
-                rows[-1]["orders"] = [dict(heads_first=h, config=c or "auto", us=t) for (h, c), t in orders.items()]
-                for c in configs:
-                    print(f"    {str(c or 'auto'):>14}, 1 split: seqs first " + " ".join(f"{t:6.1f}" for t in orders[(False, c)])
-                          + " | heads first " + " ".join(f"{t:6.1f}" for t in orders[(True, c)]), flush=True)
     return rows
 
 
@@ -247,8 +236,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--decode-sweep: these tile configs (and the kernel's own) instead of its list")
     parser.add_argument("--sweep-splits", nargs="+", type=lambda v: None if v == "auto" else int(v),
                         help="--decode-sweep: these split counts (auto: the kernel's choice)")
-    parser.add_argument("--sweep-orders", type=int, default=0, metavar="N",
-                        help="--decode-sweep: also time each config at 1 split in both launch orders, N times each")
     parser.add_argument("--output-json", help="write the rows, card, date and command here")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)

@@ -32,8 +32,6 @@
 #   gated-ab2              2 GPUs: gated_config's launches: gated GPU tests, 8B TP=2 / TP=1 b1, 16, 64 gated on / off, a TP=2
 #                          batch-1 profile with it on (~8 min)
 #   gated-final            2 GPUs: gated GPU tests, TP=2 float32 greedy == TP=1 through it, 8B batch-64 A/B alternating (~9 min)
-#   order-ab               2 GPUs: decode attention launched KV heads first: its GPU tests, the sweep both ways, 8B batch-64
-#                          TP=2 / TP=1 A/B alternating (~9 min)
 #   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
 #                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
 #   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
@@ -812,22 +810,6 @@ stage_gated-final() {  # 2 GPUs: the gated GEMV's checks and its batch-64 A/B: i
     echo "== TP=$tp PAGEDSERVE_GATED_GEMV=$on"
     PAGEDSERVE_GATED_GEMV=$([ $on = 1 ] && echo "" || echo 0) run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp $tp \
       --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/tp${tp}_b64_gated$on.$i.json"
-  done
-}
-
-stage_order-ab() {  # 2 GPUs: decode attention's launch order, (KV heads, sequences) vs (sequences, KV heads): its GPU tests
-  # heads first, the sweep both ways, then 8B batch 64 with PAGEDSERVE_ATTN_HEADS_FIRST=0 / 1 alternating:
-  # TP=2 off / on twice, TP=1 off / on (~9 min)
-  PAGEDSERVE_ATTN_HEADS_FIRST=1 run 90 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py 2>&1 \
-    | tail -3 | tee -a "$OUT/kernels.txt"
-  run 150 "$PY" scripts/bench_attention.py --decode-sweep --sweep-splits auto --sweep-cases 16x256 32x256 64x256 64x512 128x256 \
-    --sweep-configs 128,4,2 64,4,2 --sweep-orders 2 --output-json "$RUNS/attention_orders.json" 2>&1 | tee -a "$OUT/kernels.txt"
-  local tp on i=0
-  for tp in 2 2 2 2 1 1; do
-    on=$(( i % 2 )); i=$(( i + 1 ))
-    echo "== TP=$tp PAGEDSERVE_ATTN_HEADS_FIRST=$on"
-    PAGEDSERVE_ATTN_HEADS_FIRST=$on run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp $tp \
-      --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/tp${tp}_b64_heads$on.$i.json"
   done
 }
 
