@@ -84,6 +84,14 @@ class TPGroup:
             return None
         return self.custom_all_reduce.matmul_push(rows, hidden, x.dtype, x.device, slot)
 
+    def matmul_reduce(self, rows: int, hidden: int, x: torch.Tensor, slot: int | None):
+        """(peers, slot) where a row-parallel matmul making [rows, hidden] partial sums of x's dtype sums
+        them over the ranks in its own epilogue (kernels.gemv.reduce_gemv); else None. See
+        SymmMemAllReduce.matmul_reduce."""
+        if self.custom_all_reduce is None:
+            return None
+        return self.custom_all_reduce.matmul_reduce(rows, hidden, x.dtype, x.device, slot)
+
     def embedding_rms_norm(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int,
                            weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -200,6 +200,21 @@ class SymmMemAllReduce:
             return None
         return peers, slot
 
+    def matmul_reduce(self, rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                      slot: int | None) -> tuple[PeerBuffers, int] | None:
+        """(peers, slot) where the row-parallel matmul making a [rows, hidden] message of partial sums
+        sums it over the ranks itself, in slot `slot` of the flag-free buffers, adds the residual and
+        leaves the RMSNorm to the next matmul (kernels.gemv.reduce_gemv); else None. Shape, dtype and
+        slot alone, as on every rank: where one rank reduces in its matmul, all do."""
+        from kernels import gemv
+
+        peers = self.fused_peers
+        if (peers is None or not peers.lamport or slot not in (0, 1)
+                or not gemv.takes_reduce(rows, hidden, dtype, device)
+                or not self._fused_takes(rows, hidden, dtype, device)):
+            return None
+        return peers, slot
+
     def embedding_rms_norm(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int, weight: torch.Tensor,
                            eps: float, prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(RMSNorm(e), e) for e the embedding of input_ids in a vocab-parallel table (this rank's slice

@@ -119,6 +119,17 @@ def gated_gemv() -> bool | None:
     return None if value == "" else value == "1"
 
 
+def reduce_in_matmul() -> bool | None:
+    """$PAGEDSERVE_REDUCE_IN_MATMUL: whether tensor-parallel decode steps sum the ranks' o_proj and down_proj
+    rows in those matmuls' epilogues and leave the RMSNorm after them to the next matmul
+    (kernels.gemv.reduce_gemv), instead of the fused all-reduce + RMSNorm launch. "1": at 1-64 token
+    rows, "0": never, unset (None): where kernels.gemv.takes_reduce measured it faster."""
+    value = os.environ.get("PAGEDSERVE_REDUCE_IN_MATMUL", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_REDUCE_IN_MATMUL must be 0 or 1, not {value!r}")
+    return None if value == "" else value == "1"
+
+
 def torch_profiler_dir() -> str | None:
     """$PAGEDSERVE_TORCH_PROFILER_DIR: profile a window of worker steps with torch.profiler and write
     the per-kernel table there (gpu_workers/step_profiler.py)."""

@@ -63,12 +63,13 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
-    b0, b1, b2, b3, b4, b5, b6, b7, push_offset,  # PUSH: the ranks' all-reduce buffers (_store_y)
+    b0, b1, b2, b3, b4, b5, b6, b7, push_offset,  # PUSH / REDUCE: the ranks' all-reduce buffers (_store_y)
+    region_bytes, res_ptr, stride_r,  # REDUCE (_store_reduced)
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     LINE_ELEMS: tl.constexpr,
     PUSH: tl.constexpr = False, RANK: tl.constexpr = 0, WORLD: tl.constexpr = 1, ITYPE: tl.constexpr = tl.int16,
-    SENT: tl.constexpr = 0, GATED: tl.constexpr = False,
+    SENT: tl.constexpr = 0, GATED: tl.constexpr = False, REDUCE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if SPLIT_K == 1:  # all of K: the bound stays K itself, whose divisibility Triton knows (vector loads)
@@ -107,7 +108,10 @@ def _gemv_kernel(
         if GATED:
             acc_up += tl.dot(x, tl.trans(u), input_precision=DOT_PRECISION)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if GATED:  # SPLIT_K 1, no PUSH (the wrapper's checks)
+    if REDUCE:  # SPLIT_K 1, no bias (the wrapper's checks)
+        _store_reduced(acc, y_ptr, stride_ym, res_ptr, stride_r, rows, cols, out_mask, N,
+                       b0, b1, b2, b3, b4, b5, b6, b7, push_offset, region_bytes, RANK, WORLD, ITYPE, SENT)
+    elif GATED:  # SPLIT_K 1, no PUSH (the wrapper's checks)
         _store_gated(acc, acc_up, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N, HAS_BIAS)
     elif SPLIT_K > 1:
         # Partial sums to scratch; the last of the column tile's SPLIT_K programs to arrive adds them in
@@ -149,6 +153,41 @@ def _store_y(acc, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N,
                 region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset
                 dst = tl.multiple_of(region.to(tl.pointer_type(y_ptr.dtype.element_ty)), 16)
                 tl.store(dst + flat, y, mask=out_mask)
+
+
+@triton.jit
+def _store_reduced(acc, y_ptr, stride_ym, res_ptr, stride_r, rows, cols, out_mask, N,
+                   b0, b1, b2, b3, b4, b5, b6, b7, push_offset, region_bytes,
+                   RANK: tl.constexpr, WORLD: tl.constexpr, ITYPE: tl.constexpr, SENT: tl.constexpr):
+    """The all-reduce and residual add of a row-parallel matmul's finished tile, in its epilogue: push
+    this rank's partial tile into its region of the slot on every peer, poll the peers' regions of this
+    rank's slot for the same tile until no sentinel is left (then write the sentinel back), sum in rank
+    order, add the residual, and store h = the new residual stream into y. Rounded as
+    kernels/all_reduce_rms_norm.py rounds (bf16 partials, float32 sum, bf16 h, bf16 h + residual)."""
+    dtype = y_ptr.dtype.element_ty
+    r_in = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    own = _sanitized(acc.to(dtype), ITYPE, SENT)
+    flat = rows[:, None] * N + cols[None, :]  # < 2**31: the staging region is a few MiB
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset
+            dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
+            tl.store(dst + flat, own, mask=out_mask)
+    slot_start = _base(RANK, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset - RANK * region_bytes
+    empty = tl.full(acc.shape, SENT, ITYPE).to(dtype, bitcast=True)
+    total = tl.zeros(acc.shape, tl.float32)
+    for r in tl.static_range(WORLD):  # in rank order: every rank sums alike
+        if r == RANK:
+            part = own
+        else:
+            src = tl.multiple_of((slot_start + r * region_bytes).to(tl.pointer_type(dtype)), 16) + flat
+            part = tl.load(src, mask=out_mask, other=0.0, volatile=True)
+            while tl.max(tl.max((part.to(ITYPE, bitcast=True) == SENT).to(tl.int32), 1), 0) > 0:
+                part = tl.load(src, mask=out_mask, other=0.0, volatile=True)
+            tl.store(src, empty, mask=out_mask)  # empty again for the slot's next call
+        total += part.to(tl.float32)
+    h = (total.to(dtype).to(tl.float32) + r_in).to(dtype)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], h, mask=out_mask)
 
 
 @triton.jit
@@ -296,6 +335,50 @@ _gemv_wide = triton.autotune(
 )(_gemv_kernel)
 
 
+def reduce_config(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[Config, int] | None:
+    """(config, block_m) of `reduce_gemv`'s launch, or None where it has none. Its programs wait for
+    their peers' tiles, so all of them must be resident at once on every rank: one program an SM at
+    most, the narrowest tile (32, 64 or 128 columns) whose count fits the SMs, K unsplit. Otherwise
+    row_parallel_config's launch: 128-wide K tiles (64 in float32) in 6 stages (4 at 128 columns)."""
+    sms = _num_sms(device)
+    block_k = 128 if dtype.itemsize <= 2 else 64
+    for block_n, stages in ((32, 6), (64, 6 if dtype.itemsize <= 2 else 4), (128, 4 if dtype.itemsize <= 2 else 3)):
+        if cdiv(n, block_n) <= sms:
+            return (block_n, block_k, 4, stages, 1), (64 if rows > 16 else 16)
+    return None
+
+
+REDUCE_MIN_ROWS = 17
+"""Unless $PAGEDSERVE_REDUCE_IN_MATMUL says otherwise, the fewest token rows a tensor-parallel decode step
+needs for its row-parallel matmuls to all-reduce their own rows (`reduce_gemv`)."""
+
+
+def takes_reduce(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a row-parallel matmul of `rows` token rows into `n` features all-reduces its own rows
+    (`reduce_gemv`): REDUCE_MIN_ROWS-64 rows ($PAGEDSERVE_REDUCE_IN_MATMUL=1: 1-64; =0: never), a launch
+    whose programs all fit the SMs at once (`reduce_config`), a CUDA device under PDL. Shape, dtype and
+    device kind only: every rank decides alike, so no rank waits for a tile that is never pushed."""
+    forced = envs.reduce_in_matmul()
+    if forced is False or not (0 < rows <= MAX_ROWS and dtype in SUPPORTED_DTYPES):
+        return False
+    return (device.type == "cuda" and use_pdl(device) and (forced or rows >= REDUCE_MIN_ROWS)
+            and reduce_config(rows, n, dtype, device) is not None)
+
+
+def reduce_gemv(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers, slot: int, residual: torch.Tensor,
+                config: Config | None = None) -> torch.Tensor:
+    """A row-parallel matmul (o_proj, down_proj) whose epilogue also all-reduces over the ranks and adds
+    the residual: h = the sum of every rank's x W^T, plus residual (the new residual stream), as a new
+    tensor; the RMSNorm after it is a plain one of h. Collective like kernels/all_reduce_rms_norm.py's calls, over the same flag-free buffers and slots
+    0 / 1: every rank calls with the same shapes and slot, and the slot is empty again after."""
+    m, n = x.shape[0], weight.shape[0]
+    if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
+        raise ValueError(f"residual must be a [{m}, {n}] {x.dtype} with a contiguous last dim, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    check_same_device(weight.device, residual=residual)
+    return _launch(x, weight, None, config, 2, None, None, False, (peers, slot, residual))
+
+
 def gemv(
     x: torch.Tensor,  # [M, K], M <= MAX_ROWS, last dim contiguous
     weight: torch.Tensor,  # [N, K], last dim contiguous
@@ -323,9 +406,25 @@ def gemv(
     columns of the gate and the up half and stores silu(gate) * up, rounded as the unfused matmul and
     kernels/activation.py's silu_and_mul round: one launch and no [M, N] intermediate. K is unsplit
     and it takes `config` or gated_config's."""
+    return _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated)
+
+
+def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduce=None):
+    """gemv's launch; with `reduce` = (peers, slot, residual), reduce_gemv's (y is then h)."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
+    if reduce is not None:
+        if gated or push is not None or bias is not None:
+            raise ValueError("a reducing matmul takes no bias (it would be summed once per rank), no gate and no push")
+        check_pushable(m, n, x.dtype, *reduce[:2])
+        if config is None:
+            launch = reduce_config(m, n, x.dtype, x.device)
+            if launch is None:
+                raise ValueError(f"{cdiv(n, 128)} column tiles of {n} features cannot all be resident at once")
+            config, block_m = launch
+        if config[4:] not in ((), (1,)) or cdiv(n, config[0]) > _num_sms(x.device):
+            raise ValueError(f"a reducing matmul's launch must leave K unsplit and fit the SMs, not {config}")
     if gated:
         if n % 2 or push is not None:
             raise ValueError(f"a gated matmul takes [gate | up] weights (an even row count, not {n}) and no push")
@@ -350,9 +449,16 @@ def gemv(
     common = dict(HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                   USE_PDL=pdl, LINE_ELEMS=line_elems, launch_pdl=pdl)
     operands = (x, weight, bias if bias is not None else weight, y)
-    peer_args, push_meta = push_args(*push, x.dtype) if push is not None else ((0,) * 9, {})
-    strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args)
-    if block_m > 16 and config is None and not envs.triton_interpret():  # (never gated or pushed: both set config)
+    if reduce is not None:
+        peers, slot, residual = reduce
+        peer_args, push_meta = push_args(peers, slot, x.dtype)
+        push_meta = dict(push_meta, PUSH=False, REDUCE=True)
+        fused_args = (peers.data_bytes, residual, residual.stride(0))
+    else:
+        peer_args, push_meta = push_args(*push, x.dtype) if push is not None else ((0,) * 9, {})
+        fused_args = (0, y, 0)
+    strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args, *fused_args)
+    if block_m > 16 and config is None and not envs.triton_interpret():  # (gated, pushed, reducing: set config)
         prefetch_k = max(line_elems, min(_WIDE_PREFETCH_COLS, prev_pow2(k)))
         _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](  # K unsplit: no scratch, no counters
             *operands, y, y, m, n, k, k, *strides, SPLIT_K=1, PREFETCH_K=prefetch_k, **common)

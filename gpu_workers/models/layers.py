@@ -17,7 +17,7 @@ from torch import nn
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from gpu_workers.distributed import get_tp_group
 from gpu_workers.models import elementwise
-from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear,
+from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear, Reduced,
                                                 RowParallelLinear, default_weight_loader)
 from ipc import envs
 
@@ -143,19 +143,20 @@ class SiluAndMulMLP(nn.Module):
             hidden_size, {0: intermediate_size, 1: intermediate_size}, bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, reduce_results)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | Reduced:
+        """`residual`: down_proj's (RowParallelLinear.forward)."""
         from kernels import gemv
 
         weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
         if (x.dim() == 2 and gemv.takes_gated(x.shape[0], weight.shape[0] // 2, x.dtype, x.device)
                 and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
             # a decode step: the matmul and the activation in one launch (kernels/gemv.py, gated)
-            return self.down_proj(gemv.gated_gemv(x.contiguous(), weight, bias))
+            return self.down_proj(gemv.gated_gemv(x.contiguous(), weight, bias), residual)
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size / tp]
         if elementwise.use_triton(gate_up):  # fused Triton kernel (see elementwise.py)
-            return self.down_proj(elementwise.silu_and_mul(gate_up))
+            return self.down_proj(elementwise.silu_and_mul(gate_up), residual)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)  # [num_tokens, hidden_size]
+        return self.down_proj(F.silu(gate) * up, residual)  # [num_tokens, hidden_size]
 
 
 class Attention(nn.Module):
@@ -202,7 +203,9 @@ class Attention(nn.Module):
         hidden_states: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | Reduced:
+        """`residual`: o_proj's (RowParallelLinear.forward)."""
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
@@ -216,12 +219,12 @@ class Attention(nn.Module):
                 # a small decode step: RoPE, K/V write and attention in one launch
                 out = self.attn_backend.attend_new_tokens(q, k, v, positions, k_cache, v_cache, meta, self.scale,
                                                           self.rotary_emb, self.q_norm, self.k_norm, prefetch)
-                return self.o_proj(out.reshape(-1, self.q_size))
+                return self.o_proj(out.reshape(-1, self.q_size), residual)
             # one Triton kernel: q/k norm (Qwen3), RoPE, and the K/V cache write; then attention alone
             q = elementwise.rotary_and_write_kv(self.rotary_emb, positions, q, k, v, k_cache, v_cache,
                                                 meta.slot_mapping, self.q_norm, self.k_norm)
             out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale, prefetch=prefetch)
-            return self.o_proj(out.reshape(-1, self.q_size))
+            return self.o_proj(out.reshape(-1, self.q_size), residual)
         if elementwise.use_triton(q):  # one fused Triton kernel: q/k norm (Qwen3) + RoPE
             q, k = elementwise.rotary(self.rotary_emb, positions, q, k, self.q_norm, self.k_norm)
         else:
@@ -229,4 +232,4 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary_emb(positions, q, k)
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))  # [num_tokens, hidden_size]
+        return self.o_proj(out.reshape(-1, self.q_size), residual)  # [num_tokens, hidden_size]

@@ -15,8 +15,8 @@ from torch import nn
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from gpu_workers.distributed import get_tp_group
 from gpu_workers.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMulMLP, rope_parameters
-from gpu_workers.models.parallel_layers import (ParallelLMHead, VocabParallelEmbedding, check_tensor_parallel,
-                                                default_weight_loader)
+from gpu_workers.models.parallel_layers import (ParallelLMHead, Reduced, VocabParallelEmbedding,
+                                                check_tensor_parallel, default_weight_loader)
 
 logger = logging.getLogger(__name__)
 
@@ -63,19 +63,28 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(self, positions, hidden_states, residual, kv_cache, meta):
-        """hidden_states: the previous layer's MLP output, partial sums when mlp_partial (every layer
-        alike). Returns this layer's MLP output (partial likewise) and the residual stream."""
-        hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot,
-                                                       self.self_attn.qkv_proj.weight)
+        """hidden_states: the previous layer's MLP output: partial sums when mlp_partial (every layer
+        alike), or Reduced (its down_proj summed them over the ranks and added the residual itself).
+        Returns this layer's MLP output (likewise) and the residual stream."""
+        if isinstance(hidden_states, Reduced):
+            residual = hidden_states.h
+            hidden_states = self.input_layernorm(residual)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot,
+                                                           self.self_attn.qkv_proj.weight)
         return self.forward_normed(positions, hidden_states, residual, kv_cache, meta)
 
     def forward_normed(self, positions, hidden_states, residual, kv_cache, meta):
         """The layer after its input norm: hidden_states is input_layernorm's output (the first
         layer's comes from the embedding, normed with its lookup)."""
-        hidden_states = self.self_attn(positions, hidden_states, kv_cache, meta)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, self.attn_partial,
-                                                                self.attn_slot, self.mlp.gate_up_proj.weight)
-        return self.mlp(hidden_states), residual
+        out = self.self_attn(positions, hidden_states, kv_cache, meta, residual if self.attn_partial else None)
+        if isinstance(out, Reduced):  # o_proj summed over the ranks and added the residual in its epilogue
+            residual = out.h
+            hidden_states = self.post_attention_layernorm(residual)
+        else:
+            hidden_states, residual = self.post_attention_layernorm(out, residual, self.attn_partial, self.attn_slot,
+                                                                    self.mlp.gate_up_proj.weight)
+        return self.mlp(hidden_states, residual if self.mlp_partial else None), residual
 
 
 def head_dim_of(hf_config) -> int:
@@ -117,6 +126,8 @@ class LlamaModel(nn.Module):
         hidden_states, residual = first.forward_normed(positions, hidden_states, residual, kv_caches[0], meta)
         for layer, kv_cache in zip(self.layers[1:], kv_caches[1:], strict=True):
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, meta)
+        if isinstance(hidden_states, Reduced):
+            return self.norm(hidden_states.h)
         last = self.layers[-1]
         hidden_states, _ = self.norm(hidden_states, residual, last.mlp_partial, last.mlp_slot)
         return hidden_states

@@ -81,6 +81,14 @@ def split_heads(num_heads: int, num_kv_heads: int, tp_rank: int, tp_size: int) -
 # ---------------------------------------------------------------- linear layers
 
 
+class Reduced(NamedTuple):
+    """A row-parallel layer's output already summed over the ranks, with the residual added, by its
+    matmul's own epilogue (kernels.gemv.reduce_gemv): the new residual stream. The RMSNorm after it is
+    a plain one of h (no all-reduce launch between them)."""
+
+    h: torch.Tensor  # [num_tokens, hidden]
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b), W [output_size, input_size], replicated on every rank. The parallel variants
     below keep only this rank's slice of W."""
@@ -206,9 +214,18 @@ class RowParallelLinear(Linear):
             return gemv.row_parallel_gemv(x.contiguous(), self.weight, bias, push=push)
         return elementwise.linear(x, self.weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | Reduced:
+        """reduce_results=False: this rank's partial sums; or, given the `residual` and where
+        TPGroup.matmul_reduce takes these rows, Reduced(the sum over the ranks + residual), summed by the
+        matmul's own epilogue."""
         if self.tp.world_size == 1:
             return self._matmul(x, self.bias)
+        if residual is not None and not self.reduce_results and x.dim() == 2 and x.dtype == self.weight.dtype:
+            reduce = self.tp.matmul_reduce(x.shape[0], self.output_size, x, self.push_slot)
+            if reduce is not None:
+                from kernels import gemv
+
+                return Reduced(gemv.reduce_gemv(x.contiguous(), self.weight, *reduce, residual))
         if not self.reduce_results:  # this rank's partial sums [num_tokens, output_size], summed by the next norm
             # pushed into the peers' staging slot too, from the matmul's epilogue, where the norm expects that
             return self._matmul(x, None, self.tp.matmul_push(x.shape[0], self.output_size, x, self.push_slot))

@@ -104,6 +104,9 @@ class _FakeCustom:
     def matmul_push(self, rows, hidden, dtype, device, slot):
         return None
 
+    def matmul_reduce(self, rows, hidden, dtype, device, slot):
+        return None
+
     def embedding_rms_norm(self, input_ids, table, vocab_start, weight, eps, prefetch=None):
         self.calls += 1
         self.prefetch, self.vocab_start = prefetch, vocab_start
@@ -180,6 +183,37 @@ def test_a_row_parallel_layer_pushes_where_the_norm_after_it_expects_a_push(monk
     assert pushes == [("peers", 0)]
     with pytest.raises(ValueError, match="takes a residual"):
         norm(out, None, partial=True, slot=0)
+
+
+class _ReducingCustom(_FakeCustom):
+    """A symmetric path whose matmul_reduce takes slot 1 messages only."""
+
+    def matmul_reduce(self, rows, hidden, dtype, device, slot):
+        return ("peers", slot) if slot == 1 else None
+
+
+def test_a_row_parallel_layer_reduces_its_own_rows_only_given_the_residual_and_where_taken(monkeypatch):
+    """With the residual and where matmul_reduce takes the message, the layer returns Reduced(the
+    matmul's sum + residual) from one reducing launch; otherwise its partial sums, as before."""
+    from gpu_workers.models.parallel_layers import Reduced, RowParallelLinear
+
+    custom = _ReducingCustom(None)
+    previous = distributed.set_tp_group(TPGroup(0, 2, None, custom))
+    try:
+        layer = RowParallelLinear(32, 8, reduce_results=False)
+    finally:
+        distributed.set_tp_group(previous)
+    layer.weight.data.normal_()
+    launches = []
+    monkeypatch.setattr("kernels.gemv.reduce_gemv",
+                        lambda x, w, peers, slot, residual: launches.append((peers, slot)) or x @ w.T + residual)
+    x, residual = torch.randn(3, 16), torch.randn(3, 8)
+    for slot, residual_in, reduced in ((1, residual, True), (0, residual, False), (1, None, False)):
+        layer.push_slot = slot
+        out = layer(x, residual_in)
+        assert isinstance(out, Reduced) is reduced, (slot, residual_in is None)
+        torch.testing.assert_close(out.h if reduced else out, x @ layer.weight.T + (residual if reduced else 0))
+    assert launches == [("peers", 1)]
 
 
 def test_the_embedding_is_looked_up_reduced_and_normed_fused_or_apart(monkeypatch):
@@ -425,6 +459,65 @@ def _pushed_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -
     torch.cuda.synchronize()
 
 
+def _reduced_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
+    """Row-parallel matmuls that all-reduce their own rows in their epilogue and add the residual
+    (kernels.gemv.reduce_gemv), as the model alternates them with pushed calls to the fused kernel:
+    eagerly back to back at decode row counts, then in a CUDA graph replayed with new inputs. Every rank
+    gets the residual stream of the unfused path, identical everywhere."""
+    from kernels.gemv import reduce_gemv, row_parallel_gemv
+    from tests.kernels.test_all_reduce_rms_norm import reference
+
+    k = 512
+
+    def inputs(rows, step):
+        g = torch.Generator(device=device).manual_seed(40_000 + step)
+        xs = [torch.randn(rows, k, generator=g, device=device).to(BF16) for _ in range(world_size)]
+        ws = [(torch.randn(HIDDEN, k, generator=g, device=device) * k ** -0.5).to(BF16) for _ in range(world_size)]
+        _, residual, weight = _fused_inputs((rows, HIDDEN), BF16, 50_000 + step, world_size, device)
+        partials = [row_parallel_gemv(x, w) for x, w in zip(xs, ws)]  # every rank's matmul
+        return xs, ws, residual, weight, partials
+
+    def call(xs, ws, residual, weight, slot, reduce):
+        if not reduce:  # the pushed path, in the same slot alternation
+            target = comm.matmul_push(xs[rank].shape[0], HIDDEN, BF16, device, slot)
+            return comm.add_rms_norm(row_parallel_gemv(xs[rank], ws[rank], push=target), residual, weight, 1e-6,
+                                     slot, pushed=True)[1]
+        target = comm.matmul_reduce(xs[rank].shape[0], HIDDEN, BF16, device, slot)
+        assert target is not None, "matmul_reduce declined a decode-sized bf16 message"
+        return reduce_gemv(xs[rank], ws[rank], *target, residual)
+
+    def check(h, partials, residual, weight, what):
+        _, ref_h = reference([p.cpu() for p in partials], residual.cpu(), weight.cpu(), 1e-6)
+        torch.testing.assert_close(h.cpu(), ref_h, rtol=2e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
+        _assert_same_on_every_rank(h, what)
+
+    outs = []
+    for i in range(24):
+        rows = (1, 17, 64, 5, 40, 24)[i % 6]
+        case = inputs(rows, i)
+        outs.append((call(*case[:4], i % 2, reduce=i % 3 != 2), case))
+    for i, (h, (_, _, residual, weight, partials)) in enumerate(outs):
+        check(h, partials, residual, weight, f"reduced call {i}")
+    assert comm.matmul_reduce(65, HIDDEN, BF16, device, 0) is None  # over the GEMV's 64 rows
+    assert comm.matmul_reduce(8, HIDDEN, BF16, device, None) is None  # slot None counts its calls
+    static = list(inputs(64, 100)[:4])
+    graph = torch.cuda.CUDAGraph()
+    call(*static, 0, True), call(*static, 1, True)  # warm-up (compiles) outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        graph_outs = [call(*static, slot, True) for slot in (0, 1)]
+    for replay in range(4):
+        xs, ws, residual, weight, partials = inputs(64, 200 + replay)
+        for t, new in zip(static, (xs, ws)):
+            for old_t, new_t in zip(t, new):
+                old_t.copy_(new_t)
+        static[2].copy_(residual), static[3].copy_(weight)
+        graph.replay()
+        for slot in (0, 1):
+            check(graph_outs[slot], partials, residual, weight, f"graph replay {replay} reduced, slot {slot}")
+    torch.cuda.synchronize()
+
+
 def _eager_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
     """Every shape and dtype through the routed path and both kernels forced; a non-contiguous input;
     then calls back to back without waiting, reusing the buffer behind queued kernels."""
@@ -517,6 +610,9 @@ def _rank_main(rank: int, world_size: int, store: str) -> None:
     _graph_checks(comm, rank, world_size, device)
     if comm.fused_peers.lamport and torch.cuda.get_device_capability(device)[0] >= 9:  # pushing: PDL, flag-free
         _pushed_checks(comm, rank, world_size, device)
+        with pytest.MonkeyPatch.context() as mp:  # every decode row count, not only where it is the default
+            mp.setenv("PAGEDSERVE_REDUCE_IN_MATMUL", "1")
+            _reduced_checks(comm, rank, world_size, device)
     dist.barrier()
     dist.destroy_process_group()
 

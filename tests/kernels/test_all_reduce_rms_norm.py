@@ -313,3 +313,54 @@ def test_pushing_is_refused_where_the_all_reduce_could_not_take_it():
     with pytest.raises(ValueError, match="flag-free protocol, slot 0 or 1"):
         fused.all_reduce_add_rms_norm(torch.zeros(4, 64), torch.zeros(4, 64), torch.ones(64), EPS,
                                       lamport, None, pushed=True)
+
+
+REDUCE_CALLS = [(5, 200, 96, torch.float32, 0, "reduce"), (5, 200, 96, torch.float32, 1, "reduce"),
+                (40, 48, 64, torch.float16, 0, "reduce"), (3, 200, 300, torch.float16, 1, "push"),
+                (1, 64, 40, torch.float32, 0, "reduce"), (20, 96, 300, torch.bfloat16, 1, "reduce")]
+"""(rows, N, K, dtype, slot, how) of a row-parallel matmul on each rank and the reduction of its partial
+sums: in the matmul's own epilogue (`reduce_gemv`) or pushed to the fused all-reduce kernel, back to
+back in one slot alternation; N not a multiple of the 32-column tile, 40 rows in a 64-row tile, 1 row."""
+
+
+def _reduce_rank_main(rank: int, world_size: int, names: list[str], results) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    from kernels import all_reduce_rms_norm as kernel  # noqa: F811 - imported under the interpreter
+    from kernels.gemv import reduce_gemv, row_parallel_gemv
+
+    kernel.MAX_PROGRAMS = 2
+    segments = [shared_memory.SharedMemory(name=n) for n in names]
+    buffers = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segments]
+    bases = tuple(b.data_ptr() for b in buffers)
+    peers = kernel.PeerBuffers(torch.tensor(bases, dtype=torch.int64), rank, world_size, DATA_BYTES, True, bases)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    outs = []
+    for call, (rows, n, k, dtype, slot, how) in enumerate(REDUCE_CALLS):
+        xs, ws, residual, weight = _matmul_inputs(call, rows, n, k, dtype, world_size)
+        partials = [row_parallel_gemv(x, w) for x, w in zip(xs, ws)]  # what every rank's matmul makes
+        ref_out, ref_h = reference(partials, residual, weight, EPS)
+        if how == "push":
+            y = row_parallel_gemv(xs[rank], ws[rank], push=(peers, slot))
+            out, h = kernel.all_reduce_add_rms_norm(y, residual, weight, EPS, peers, slot, pushed=True)
+            outs.append((out.float().numpy(), h.float().numpy()))
+            continue
+        h = reduce_gemv(xs[rank], ws[rank], peers, slot, residual)
+        torch.testing.assert_close(h, ref_h, rtol=tol[dtype], atol=tol[dtype], msg=lambda m: f"rank {rank} call {call}: {m}")
+        outs.append((h.float().numpy(), h.float().numpy()))
+    staging = kernel.staging_bytes(DATA_BYTES, world_size)
+    emptied = bool((buffers[rank][:staging].view(torch.int32) == kernel.SENTINEL_WORD).all())
+    results.put((rank, outs, [], emptied))
+    del buffers
+    for s in segments:
+        s.close()
+
+
+@cpu_ranks
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_matmul_that_reduces_its_own_rows_gets_the_sums_of_the_all_reduce(world_size):
+    """The row-parallel matmul all-reduces its tiles in its epilogue and adds the residual: the new
+    residual stream of the unfused path, every rank bitwise alike (checked by _run_ranks), the slots
+    empty after, mixed back to back with pushed calls to the fused all-reduce."""
+    got = _run_ranks(world_size, 2, lamport=True, target=_reduce_rank_main)
+    for rank, (_, _, emptied) in got.items():
+        assert emptied, f"rank {rank}: a staging slot still holds pushed rows"

@@ -242,3 +242,45 @@ def test_the_mlp_routes_decode_steps_to_the_gated_launch(monkeypatch):
     monkeypatch.setattr("kernels.gemv.gated_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
     assert _rel_err(mlp(x), unfused) < 1e-5 and calls == [(5, 64)]
     assert _rel_err(mlp(x[:4]), unfused[:4]) < 1e-6 and calls == [(5, 64)]  # 4 rows: not taken
+
+
+def test_matmuls_reduce_their_own_rows_only_where_every_program_fits_the_sms(monkeypatch):
+    """takes_reduce: CUDA under PDL, REDUCE_MIN_ROWS-64 rows (the environment can say 1-64 or never), and
+    a launch whose column tiles all fit the SMs at once (its programs wait for their peers' tiles)."""
+    from kernels import gemv as gemv_mod
+
+    cuda = torch.device("cuda", 0)
+    assert not gemv_mod.takes_reduce(64, 4096, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr("kernels.gemv.use_pdl", lambda device: True)
+    monkeypatch.setattr("kernels.gemv._num_sms", lambda device: 132)
+    assert gemv_mod.takes_reduce(64, 4096, torch.bfloat16, cuda)  # 128 tiles of 32 columns
+    assert gemv_mod.reduce_config(64, 4096, torch.bfloat16, cuda) == ((32, 128, 4, 6, 1), 64)
+    assert gemv_mod.reduce_config(8, 8192, torch.bfloat16, cuda) == ((64, 128, 4, 6, 1), 16)  # 128 tiles of 64
+    assert gemv_mod.reduce_config(8, 4096, torch.float32, cuda)[0][1] == 64  # float32: 64-wide K tiles
+    assert gemv_mod.reduce_config(64, 132 * 128 + 1, torch.bfloat16, cuda) is None
+    assert not gemv_mod.takes_reduce(64, 132 * 128 + 1, torch.bfloat16, cuda)
+    assert not gemv_mod.takes_reduce(gemv_mod.REDUCE_MIN_ROWS - 1, 4096, torch.bfloat16, cuda)
+    assert not gemv_mod.takes_reduce(65, 4096, torch.bfloat16, cuda)  # a prefill's rows
+    monkeypatch.setenv("PAGEDSERVE_REDUCE_IN_MATMUL", "1")
+    assert gemv_mod.takes_reduce(1, 4096, torch.bfloat16, cuda)
+    monkeypatch.setenv("PAGEDSERVE_REDUCE_IN_MATMUL", "0")
+    assert not gemv_mod.takes_reduce(64, 4096, torch.bfloat16, cuda)
+    monkeypatch.setenv("PAGEDSERVE_REDUCE_IN_MATMUL", "on")
+    with pytest.raises(ValueError, match="PAGEDSERVE_REDUCE_IN_MATMUL must be 0 or 1"):
+        gemv_mod.takes_reduce(64, 4096, torch.bfloat16, cuda)
+
+
+def test_a_reducing_matmul_refuses_what_would_hang_or_sum_twice():
+    from kernels.all_reduce_rms_norm import PeerBuffers
+    from kernels.gemv import _launch, reduce_gemv
+
+    peers = PeerBuffers(torch.zeros(2, dtype=torch.int64), 0, 2, 1 << 16, True, (0, 0))
+    x, w, residual = torch.zeros(4, 64), torch.zeros(96, 64), torch.zeros(4, 96)
+    with pytest.raises(ValueError, match="flag-free protocol, slot 0 or 1"):
+        reduce_gemv(x, w, peers, None, residual)
+    with pytest.raises(ValueError, match="residual must be a \\[4, 96\\]"):
+        reduce_gemv(x, w, peers, 0, residual[:3])
+    with pytest.raises(ValueError, match="K unsplit"):
+        reduce_gemv(x, w, peers, 0, residual, config=(32, 64, 4, 2, 2))
+    with pytest.raises(ValueError, match="no bias"):
+        _launch(x, w, torch.zeros(96), None, 2, None, None, False, (peers, 0, residual))
