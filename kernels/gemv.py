@@ -339,12 +339,14 @@ def reduce_config(rows: int, n: int, dtype: torch.dtype, device: torch.device) -
     """(config, block_m) of `reduce_gemv`'s launch, or None where it has none. Its programs wait for
     their peers' tiles, so all of them must be resident at once on every rank: one program an SM at
     most, the narrowest tile (32, 64 or 128 columns) whose count fits the SMs, K unsplit. Otherwise
-    row_parallel_config's launch: 128-wide K tiles (64 in float32) in 6 stages (4 at 128 columns)."""
+    row_parallel_config's launch: 128-wide K tiles (64 and 8 warps in float32) in 6 stages (fewer for
+    wider tiles, within Hopper's shared memory)."""
     sms = _num_sms(device)
-    block_k = 128 if dtype.itemsize <= 2 else 64
-    for block_n, stages in ((32, 6), (64, 6 if dtype.itemsize <= 2 else 4), (128, 4 if dtype.itemsize <= 2 else 3)):
+    half = dtype.itemsize <= 2
+    block_k, warps = (128, 4) if half else (64, 8)  # float32's epilogue tiles spill with 4 warps (ptxas, sm_90)
+    for block_n, stages in ((32, 6), (64, 6 if half else 4), (128, 4 if half else 3)):
         if cdiv(n, block_n) <= sms:
-            return (block_n, block_k, 4, stages, 1), (64 if rows > 16 else 16)
+            return (block_n, block_k, warps, stages, 1), (64 if rows > 16 else 16)
     return None
 
 

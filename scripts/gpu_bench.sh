@@ -32,6 +32,8 @@
 #   gated-ab2              2 GPUs: gated_config's launches: gated GPU tests, 8B TP=2 / TP=1 b1, 16, 64 gated on / off, a TP=2
 #                          batch-1 profile with it on (~8 min)
 #   gated-final            2 GPUs: gated GPU tests, TP=2 float32 greedy == TP=1 through it, 8B batch-64 A/B alternating (~9 min)
+#   reduce-ab              2 GPUs: o_proj / down_proj all-reducing their own rows: GPU tests, TP=2 float32 greedy == TP=1
+#                          through it, 8B TP=2 batch 64 A/B alternating, batch 1 and 16 A/B, TP=1 batch 64 (~9.5 min)
 #   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
 #                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
 #   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
@@ -811,6 +813,30 @@ stage_gated-final() {  # 2 GPUs: the gated GEMV's checks and its batch-64 A/B: i
     PAGEDSERVE_GATED_GEMV=$([ $on = 1 ] && echo "" || echo 0) run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp $tp \
       --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/tp${tp}_b64_gated$on.$i.json"
   done
+}
+
+stage_reduce-ab() {  # 2 GPUs: row-parallel matmuls all-reducing their own rows (kernels.gemv.reduce_gemv): the symmetric
+  # all-reduce GPU tests (2 ranks, reduce_gemv eager and in graphs), TP=2 float32 greedy == TP=1 through it (forced at
+  # every row count), then 8B TP=2 batch 64 with PAGEDSERVE_REDUCE_IN_MATMUL unset / 0 alternating, TP=2 batch 1 and 16
+  # with =1 / 0, TP=1 batch 64 (~9.5 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py \
+    tests/kernels/test_gemv.py -k "(sums_like and 2-1) or reduce_their or reducing_matmul" 2>&1 | tail -5 | tee -a "$OUT/kernels.txt"
+  PAGEDSERVE_REDUCE_IN_MATMUL=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput \
+    --dtype float32 --out "$OUT/tp2_8b_greedy.json"
+  local on i=0
+  for on in "" 0 "" 0; do
+    i=$(( i + 1 ))
+    echo "== TP=2 b64 PAGEDSERVE_REDUCE_IN_MATMUL=$on"
+    PAGEDSERVE_REDUCE_IN_MATMUL=$on run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
+      --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/tp2_b64_reduce$on.$i.json"
+  done
+  for on in 1 0; do
+    echo "== TP=2 b1 b16 PAGEDSERVE_REDUCE_IN_MATMUL=$on"
+    PAGEDSERVE_REDUCE_IN_MATMUL=$on run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
+      --skip-tp1 --skip-greedy --batch-sizes 1 16 --output-len 256 --budget-s 65 --out "$OUT/tp2_small_reduce$on.json"
+  done
+  run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 \
+    --budget-s 55 --out "$OUT/tp1_b64.json"
 }
 
 stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)

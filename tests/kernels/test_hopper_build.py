@@ -39,7 +39,7 @@ NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write
          "decode_attention+rope", "decode_attention+rope_norm", "decode_attention+8b_rope",
          "prefill_attention", "sampling",
          "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+row_parallel_fp32",
-         "gemv+row_parallel_split", "gemv+gated", "gemv+gated_fp32", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
+         "gemv+row_parallel_split", "gemv+gated", "gemv+gated_fp32", "gemv+reduce", "gemv+reduce_fp32", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
          "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32",
          "all_reduce_rms_norm+embedding"]
 
@@ -63,7 +63,7 @@ for job in json.load(sys.stdin):
     ptx = compiled.asm["ptx"]
     results.append({"name": job["name"], "report": report, "pdl": "griddepcontrol.wait" in ptx,
                     "ptx_head": ptx[:ptx.find("griddepcontrol.wait")],
-                    "ptx": ptx if job["name"].startswith("all_reduce_rms_norm") else "",
+                    "ptx": ptx if job["name"].startswith(("all_reduce_rms_norm", "gemv+reduce")) else "",
                     "prefetches": ptx.count("prefetch.global.L2"), "shared": compiled.metadata.shared})
 print(json.dumps(results))
 """
@@ -215,6 +215,13 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         gemv_mod.gemv(torch.randn(rows, 256, dtype=rdt), torch.randn(4096, 256, dtype=rdt), None, config,
                       push=(lamport, 0), block_m=block_m)
         jobs[-1]["constants"]["WORLD"] = 2
+    # o_proj / down_proj reducing their own rows (reduce_gemv, reduce_config) at 64 rows: push, poll, add
+    for name, rdt in (("gemv+reduce", dt), ("gemv+reduce_fp32", torch.float32)):
+        fused_mod.init_lamport(buffer, 1 << 16, 1)
+        record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
+        gemv_mod.reduce_gemv(torch.randn(64, 256, dtype=rdt), torch.randn(64, 256, dtype=rdt), lamport, 0,
+                             torch.randn(64, 64, dtype=rdt))
+        jobs[-1]["constants"]["WORLD"] = 2
     for name, slot in (("all_reduce_rms_norm", None), ("all_reduce_rms_norm+slot", 0)):
         record(monkeypatch, fused_mod, "_all_reduce_add_rms_norm_kernel", jobs, name)
         fused_mod.all_reduce_add_rms_norm(torch.randn(2, 4096, dtype=dt), torch.randn(2, 4096, dtype=dt),
@@ -256,6 +263,8 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+gated",
                  "decode_attention+prefetch"):
         assert "prefetch.global.L2" in results[name]["ptx_head"], name  # the weight prefetch before the wait
+    for name in ("gemv+reduce", "gemv+reduce_fp32"):  # the peer's tile polled with volatile loads, then emptied
+        assert "ld.volatile.global" in results[name]["ptx"], name
     # the fused all-reduce prefetches between its signal and its wait; without a weight, nothing does
     ptx = results["all_reduce_rms_norm+prefetch"]["ptx"]
     signal, wait = ptx.find("atom.global.sys.release.exch.b64"), ptx.find("ld.global.sys.acquire.b64")
