@@ -121,9 +121,9 @@ def gated_gemv() -> bool | None:
 
 def reduce_in_matmul() -> bool | None:
     """$PAGEDSERVE_REDUCE_IN_MATMUL: whether tensor-parallel decode steps sum the ranks' o_proj and down_proj
-    rows in those matmuls' epilogues and leave the RMSNorm after them to the next matmul
-    (kernels.gemv.reduce_gemv), instead of the fused all-reduce + RMSNorm launch. "1": at 1-64 token
-    rows, "0": never, unset (None): where kernels.gemv.takes_reduce measured it faster."""
+    rows in those matmuls' epilogues, adding the residual there (kernels.gemv.reduce_gemv), with a plain
+    RMSNorm after them, instead of the fused all-reduce + RMSNorm launch. "1": at 1-64 token rows, "0":
+    never, unset (None): kernels.gemv.takes_reduce's default (REDUCE_BY_DEFAULT)."""
     value = os.environ.get("PAGEDSERVE_REDUCE_IN_MATMUL", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"PAGEDSERVE_REDUCE_IN_MATMUL must be 0 or 1, not {value!r}")

@@ -39,6 +39,16 @@ Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, se
     TP=1 -0.45%, TP=2 -1.5% a step).
 
         program of column tile c:  K loop ──► gate[:, c], up[:, c] ──► y[:, c] = silu(gate) * up
+
+  - with tensor parallelism, o_proj and down_proj at REDUCE_MIN_ROWS-64 rows (`reduce_gemv`,
+    `takes_reduce`, REDUCE): the epilogue is the all-reduce itself, over the fused all-reduce's
+    flag-free slots, and adds the residual; the norm after it is a plain RMSNorm launch, and the
+    fused all-reduce + RMSNorm launch goes away. Every program must be resident at once, since each
+    waits for its peers' programs (`reduce_config`: at most one program an SM).
+
+        program of column tile c:  K loop ──► partial[:, c] ──► region `rank` of slot s on every peer
+                                   poll this rank's slot s for the peers' [:, c] (then empty it)
+                                   h[:, c] = Σ_rank partial (rank order) + residual[:, c]
 """
 
 from __future__ import annotations
@@ -350,20 +360,24 @@ def reduce_config(rows: int, n: int, dtype: torch.dtype, device: torch.device) -
     return None
 
 
+REDUCE_BY_DEFAULT = False
+"""Whether `reduce_gemv` is taken without $PAGEDSERVE_REDUCE_IN_MATMUL: off until measured in the engine
+on two GPUs (BENCHMARKS.md, session 17)."""
 REDUCE_MIN_ROWS = 17
-"""Unless $PAGEDSERVE_REDUCE_IN_MATMUL says otherwise, the fewest token rows a tensor-parallel decode step
-needs for its row-parallel matmuls to all-reduce their own rows (`reduce_gemv`)."""
+"""Where REDUCE_BY_DEFAULT, the fewest token rows a tensor-parallel decode step needs for its
+row-parallel matmuls to all-reduce their own rows (`reduce_gemv`)."""
 
 
 def takes_reduce(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a row-parallel matmul of `rows` token rows into `n` features all-reduces its own rows
-    (`reduce_gemv`): REDUCE_MIN_ROWS-64 rows ($PAGEDSERVE_REDUCE_IN_MATMUL=1: 1-64; =0: never), a launch
+    (`reduce_gemv`): REDUCE_MIN_ROWS-64 rows where REDUCE_BY_DEFAULT ($PAGEDSERVE_REDUCE_IN_MATMUL=1:
+    1-64; =0: never), a launch
     whose programs all fit the SMs at once (`reduce_config`), a CUDA device under PDL. Shape, dtype and
     device kind only: every rank decides alike, so no rank waits for a tile that is never pushed."""
     forced = envs.reduce_in_matmul()
     if forced is False or not (0 < rows <= MAX_ROWS and dtype in SUPPORTED_DTYPES):
         return False
-    return (device.type == "cuda" and use_pdl(device) and (forced or rows >= REDUCE_MIN_ROWS)
+    return (device.type == "cuda" and use_pdl(device) and (forced or (REDUCE_BY_DEFAULT and rows >= REDUCE_MIN_ROWS))
             and reduce_config(rows, n, dtype, device) is not None)
 
 

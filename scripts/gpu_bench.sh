@@ -817,14 +817,14 @@ stage_gated-final() {  # 2 GPUs: the gated GEMV's checks and its batch-64 A/B: i
 
 stage_reduce-ab() {  # 2 GPUs: row-parallel matmuls all-reducing their own rows (kernels.gemv.reduce_gemv): the symmetric
   # all-reduce GPU tests (2 ranks, reduce_gemv eager and in graphs), TP=2 float32 greedy == TP=1 through it (forced at
-  # every row count), then 8B TP=2 batch 64 with PAGEDSERVE_REDUCE_IN_MATMUL unset / 0 alternating, TP=2 batch 1 and 16
+  # every row count), then 8B TP=2 batch 64 with PAGEDSERVE_REDUCE_IN_MATMUL=1 / 0 alternating, TP=2 batch 1 and 16
   # with =1 / 0, TP=1 batch 64 (~9.5 min)
   run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py \
     tests/kernels/test_gemv.py -k "(sums_like and 2-1) or reduce_their or reducing_matmul" 2>&1 | tail -5 | tee -a "$OUT/kernels.txt"
   PAGEDSERVE_REDUCE_IN_MATMUL=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput \
     --dtype float32 --out "$OUT/tp2_8b_greedy.json"
   local on i=0
-  for on in "" 0 "" 0; do
+  for on in 1 0 1 0; do
     i=$(( i + 1 ))
     echo "== TP=2 b64 PAGEDSERVE_REDUCE_IN_MATMUL=$on"
     PAGEDSERVE_REDUCE_IN_MATMUL=$on run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \

@@ -153,9 +153,14 @@ class _RecordingGroup(TPGroup):
         super().__init__(0, 2)
         object.__setattr__(self, "calls", calls)
         object.__setattr__(self, "prefetches", [])
+        object.__setattr__(self, "reduce_asks", [])
 
     def all_reduce(self, x):
         return x
+
+    def matmul_reduce(self, rows, hidden, x, slot):
+        self.reduce_asks.append(slot)
+        return None
 
     def all_reduce_add_rms_norm(self, x, residual, weight, eps, slot=None, prefetch=None, pushed=False):
         assert not pushed, "no symmetric buffers here: nothing can have pushed"
@@ -180,11 +185,14 @@ def test_fused_reductions_never_reuse_a_one_barrier_slot_back_to_back(tmp_path, 
         model = load_model(path, torch.float32, "cpu", get_attention_backend("torch", torch.device("cpu")))
     finally:
         set_tp_group(previous)
-    monkeypatch.setattr(Attention, "forward", lambda self, positions, h, kv_cache, meta: h[:, :64].clone())
+    monkeypatch.setattr(Attention, "forward",
+                        lambda self, positions, h, kv_cache, meta, residual=None: self.o_proj(h[:, :32].clone(), residual))
     ids = torch.tensor([1, 5, 7])
     for _ in range(2):  # two forward passes back to back
         model(ids, torch.arange(3), [None, None], None)
     assert calls == expected * 2
+    # o_proj and down_proj, handed the residual, ask to reduce their rows in the same slots (declined here)
+    assert group.reduce_asks == expected * 2
     # each fused reduction prefetches the weight of the matmul right after it: the MLP's gate_up after
     # attention, the next layer's qkv after an MLP, nothing after the last layer (the LM head runs later)
     first, second = model.model.layers

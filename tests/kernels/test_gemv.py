@@ -253,6 +253,9 @@ def test_matmuls_reduce_their_own_rows_only_where_every_program_fits_the_sms(mon
     assert not gemv_mod.takes_reduce(64, 4096, torch.bfloat16, torch.device("cpu"))
     monkeypatch.setattr("kernels.gemv.use_pdl", lambda device: True)
     monkeypatch.setattr("kernels.gemv._num_sms", lambda device: 132)
+    monkeypatch.setattr("kernels.gemv.REDUCE_BY_DEFAULT", False)
+    assert not gemv_mod.takes_reduce(64, 4096, torch.bfloat16, cuda)
+    monkeypatch.setattr("kernels.gemv.REDUCE_BY_DEFAULT", True)
     assert gemv_mod.takes_reduce(64, 4096, torch.bfloat16, cuda)  # 128 tiles of 32 columns
     assert gemv_mod.reduce_config(64, 4096, torch.bfloat16, cuda) == ((32, 128, 4, 6, 1), 64)
     assert gemv_mod.reduce_config(8, 8192, torch.bfloat16, cuda) == ((64, 128, 4, 6, 1), 16)  # 128 tiles of 64
