@@ -44,7 +44,7 @@ Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, se
     `takes_reduce`, REDUCE): the epilogue is the all-reduce itself, over the fused all-reduce's
     flag-free slots, and adds the residual; the norm after it is a plain RMSNorm launch, and the
     fused all-reduce + RMSNorm launch goes away. Every program must be resident at once, since each
-    waits for its peers' programs (`reduce_config`: at most one program an SM).
+    waits for its peers' programs (`reduce_config`: no more programs than SMs).
 
         program of column tile c:  K loop ──► partial[:, c] ──► region `rank` of slot s on every peer
                                    poll this rank's slot s for the peers' [:, c] (then empty it)
@@ -347,10 +347,10 @@ _gemv_wide = triton.autotune(
 
 def reduce_config(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[Config, int] | None:
     """(config, block_m) of `reduce_gemv`'s launch, or None where it has none. Its programs wait for
-    their peers' tiles, so all of them must be resident at once on every rank: one program an SM at
-    most, the narrowest tile (32, 64 or 128 columns) whose count fits the SMs, K unsplit. Otherwise
-    row_parallel_config's launch: 128-wide K tiles (64 and 8 warps in float32) in 6 stages (fewer for
-    wider tiles, within Hopper's shared memory)."""
+    their peers' tiles, so all of them must be resident at once on every rank: no more programs than
+    SMs (the narrowest tile of 32, 64 or 128 columns whose count fits), K unsplit. The rest as
+    row_parallel_config's: 128-wide K tiles (64, on 8 warps, in float32) in 6 stages (fewer for wider
+    tiles, within Hopper's shared memory), the dot tile 64 rows over 16."""
     sms = _num_sms(device)
     half = dtype.itemsize <= 2
     block_k, warps = (128, 4) if half else (64, 8)  # float32's epilogue tiles spill with 4 warps (ptxas, sm_90)
@@ -371,9 +371,9 @@ row-parallel matmuls to all-reduce their own rows (`reduce_gemv`)."""
 def takes_reduce(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a row-parallel matmul of `rows` token rows into `n` features all-reduces its own rows
     (`reduce_gemv`): REDUCE_MIN_ROWS-64 rows where REDUCE_BY_DEFAULT ($PAGEDSERVE_REDUCE_IN_MATMUL=1:
-    1-64; =0: never), a launch
-    whose programs all fit the SMs at once (`reduce_config`), a CUDA device under PDL. Shape, dtype and
-    device kind only: every rank decides alike, so no rank waits for a tile that is never pushed."""
+    1-64; =0: never), a launch whose programs all fit the SMs at once (`reduce_config`), a CUDA device
+    under PDL. Shape, dtype and device kind only: every rank decides alike, so no rank waits for a
+    tile that is never pushed."""
     forced = envs.reduce_in_matmul()
     if forced is False or not (0 < rows <= MAX_ROWS and dtype in SUPPORTED_DTYPES):
         return False
@@ -385,8 +385,9 @@ def reduce_gemv(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers, slot:
                 config: Config | None = None) -> torch.Tensor:
     """A row-parallel matmul (o_proj, down_proj) whose epilogue also all-reduces over the ranks and adds
     the residual: h = the sum of every rank's x W^T, plus residual (the new residual stream), as a new
-    tensor; the RMSNorm after it is a plain one of h. Collective like kernels/all_reduce_rms_norm.py's calls, over the same flag-free buffers and slots
-    0 / 1: every rank calls with the same shapes and slot, and the slot is empty again after."""
+    tensor; the RMSNorm after it is a plain one of h. Collective like kernels/all_reduce_rms_norm.py's
+    calls, over the same flag-free buffers and slots 0 / 1: every rank calls with the same shapes and
+    slot, and the slot is empty again after."""
     m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
         raise ValueError(f"residual must be a [{m}, {n}] {x.dtype} with a contiguous last dim, got "
