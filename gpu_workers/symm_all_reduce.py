@@ -203,9 +203,9 @@ class SymmMemAllReduce:
     def matmul_reduce(self, rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
                       slot: int | None) -> tuple[PeerBuffers, int] | None:
         """(peers, slot) where the row-parallel matmul making a [rows, hidden] message of partial sums
-        sums it over the ranks itself, in slot `slot` of the flag-free buffers, adds the residual and
-        leaves the RMSNorm to the next matmul (kernels.gemv.reduce_gemv); else None. Shape, dtype and
-        slot alone, as on every rank: where one rank reduces in its matmul, all do."""
+        sums it over the ranks itself, in slot `slot` of the flag-free buffers, and adds the residual
+        (kernels.gemv.reduce_gemv; a plain RMSNorm follows); else None. Shape, dtype and slot alone, as
+        on every rank: where one rank reduces in its matmul, all do."""
         from kernels import gemv
 
         peers = self.fused_peers
