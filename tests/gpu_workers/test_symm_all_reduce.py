@@ -406,41 +406,30 @@ def _fused_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) ->
             _check(got, xs, f"back-to-back plain call {i}")
 
 
-def _pushed_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
-    """Row-parallel matmuls that push their partial sums themselves (kernels/gemv.py) and the fused
-    all-reduce that then only polls, as the model alternates them: eagerly back to back, mixed with
-    unpushed calls, then in a CUDA graph replayed with new inputs. Every rank's sums must be those of
-    all ranks' matmuls, identical everywhere."""
+def _row_parallel_inputs(rows: int, step: int, world_size: int, device, seed: int):
+    """(every rank's activations, every rank's weight slice, the residual, the norm weight, every rank's
+    partial sums) of one row-parallel matmul [rows, 512] x [512, HIDDEN] per rank."""
     from kernels.gemv import row_parallel_gemv
 
     k = 512
+    g = torch.Generator(device=device).manual_seed(seed + step)
+    xs = [torch.randn(rows, k, generator=g, device=device).to(BF16) for _ in range(world_size)]
+    ws = [(torch.randn(HIDDEN, k, generator=g, device=device) * k ** -0.5).to(BF16) for _ in range(world_size)]
+    _, residual, weight = _fused_inputs((rows, HIDDEN), BF16, seed + 10_000 + step, world_size, device)
+    partials = [row_parallel_gemv(x, w) for x, w in zip(xs, ws)]  # every rank's matmul
+    return xs, ws, residual, weight, partials
 
-    def inputs(rows, step):
-        g = torch.Generator(device=device).manual_seed(20_000 + step)
-        xs = [torch.randn(rows, k, generator=g, device=device).to(BF16) for _ in range(world_size)]
-        ws = [(torch.randn(HIDDEN, k, generator=g, device=device) * k ** -0.5).to(BF16) for _ in range(world_size)]
-        _, residual, weight = _fused_inputs((rows, HIDDEN), BF16, 30_000 + step, world_size, device)
-        partials = [row_parallel_gemv(x, w) for x, w in zip(xs, ws)]  # every rank's matmul
-        return xs, ws, residual, weight, partials
 
-    def call(xs, ws, residual, weight, slot, push):
-        target = comm.matmul_push(xs[rank].shape[0], HIDDEN, BF16, device, slot) if push else None
-        assert (target is not None) == push, "matmul_push declined a decode-sized bf16 message"
-        y = row_parallel_gemv(xs[rank], ws[rank], push=target)
-        return comm.add_rms_norm(y, residual, weight, 1e-6, slot, pushed=push)
-
+def _matmul_calls(call, inputs, check, what: str) -> None:
+    """24 calls back to back at decode row counts, alternating slots 0 / 1, one in three with call's
+    other path (`call(xs, ws, residual, weight, slot, main_path)`); then both slots' calls in one CUDA
+    graph, replayed with new inputs. `check(got, partials, residual, weight, what)` each result."""
     outs = []
     for i in range(24):
-        rows = (1, 17, 64, 5, 40, 24)[i % 6]
-        case = inputs(rows, i)
-        outs.append((call(*case[:4], i % 2, push=i % 3 != 2), case))
+        case = inputs((1, 17, 64, 5, 40, 24)[i % 6], i)
+        outs.append((call(*case[:4], i % 2, i % 3 != 2), case))
     for i, (got, (_, _, residual, weight, partials)) in enumerate(outs):
-        _check_fused(got, partials, residual, weight, f"pushed call {i}")
-    assert comm.matmul_push(65, HIDDEN, BF16, device, 0) is None  # over the GEMV's 64 rows
-    assert comm.matmul_push(8, HIDDEN, BF16, device, None) is None  # slot None counts its calls: never pushed
-    with pytest.raises(ValueError, match="not one matmul_push takes"):
-        comm.add_rms_norm(torch.zeros(65, HIDDEN, dtype=BF16, device=device), torch.zeros(65, HIDDEN, dtype=BF16,
-                          device=device), torch.ones(HIDDEN, dtype=BF16, device=device), 1e-6, 0, pushed=True)
+        check(got, partials, residual, weight, f"{what} call {i}")
     static = list(inputs(64, 100)[:4])
     graph = torch.cuda.CUDAGraph()
     call(*static, 0, True), call(*static, 1, True)  # warm-up (compiles) outside the capture
@@ -455,8 +444,30 @@ def _pushed_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -
         static[2].copy_(residual), static[3].copy_(weight)
         graph.replay()
         for slot in (0, 1):
-            _check_fused(graph_outs[slot], partials, residual, weight, f"graph replay {replay} pushed, slot {slot}")
+            check(graph_outs[slot], partials, residual, weight, f"graph replay {replay} {what}, slot {slot}")
     torch.cuda.synchronize()
+
+
+def _pushed_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
+    """Row-parallel matmuls that push their partial sums themselves (kernels/gemv.py) and the fused
+    all-reduce that then only polls, as the model alternates them: eagerly back to back, mixed with
+    unpushed calls, then in a CUDA graph replayed with new inputs. Every rank's sums must be those of
+    all ranks' matmuls, identical everywhere."""
+    from kernels.gemv import row_parallel_gemv
+
+    def call(xs, ws, residual, weight, slot, push):
+        target = comm.matmul_push(xs[rank].shape[0], HIDDEN, BF16, device, slot) if push else None
+        assert (target is not None) == push, "matmul_push declined a decode-sized bf16 message"
+        y = row_parallel_gemv(xs[rank], ws[rank], push=target)
+        return comm.add_rms_norm(y, residual, weight, 1e-6, slot, pushed=push)
+
+    assert comm.matmul_push(65, HIDDEN, BF16, device, 0) is None  # over the GEMV's 64 rows
+    assert comm.matmul_push(8, HIDDEN, BF16, device, None) is None  # slot None counts its calls: never pushed
+    with pytest.raises(ValueError, match="not one matmul_push takes"):
+        comm.add_rms_norm(torch.zeros(65, HIDDEN, dtype=BF16, device=device), torch.zeros(65, HIDDEN, dtype=BF16,
+                          device=device), torch.ones(HIDDEN, dtype=BF16, device=device), 1e-6, 0, pushed=True)
+    _matmul_calls(call, lambda rows, step: _row_parallel_inputs(rows, step, world_size, device, 20_000),
+                  _check_fused, "pushed")
 
 
 def _reduced_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:
@@ -466,16 +477,6 @@ def _reduced_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) 
     gets the residual stream of the unfused path, identical everywhere."""
     from kernels.gemv import reduce_gemv, row_parallel_gemv
     from tests.kernels.test_all_reduce_rms_norm import reference
-
-    k = 512
-
-    def inputs(rows, step):
-        g = torch.Generator(device=device).manual_seed(40_000 + step)
-        xs = [torch.randn(rows, k, generator=g, device=device).to(BF16) for _ in range(world_size)]
-        ws = [(torch.randn(HIDDEN, k, generator=g, device=device) * k ** -0.5).to(BF16) for _ in range(world_size)]
-        _, residual, weight = _fused_inputs((rows, HIDDEN), BF16, 50_000 + step, world_size, device)
-        partials = [row_parallel_gemv(x, w) for x, w in zip(xs, ws)]  # every rank's matmul
-        return xs, ws, residual, weight, partials
 
     def call(xs, ws, residual, weight, slot, reduce):
         if not reduce:  # the pushed path, in the same slot alternation
@@ -491,31 +492,10 @@ def _reduced_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) 
         torch.testing.assert_close(h.cpu(), ref_h, rtol=2e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
         _assert_same_on_every_rank(h, what)
 
-    outs = []
-    for i in range(24):
-        rows = (1, 17, 64, 5, 40, 24)[i % 6]
-        case = inputs(rows, i)
-        outs.append((call(*case[:4], i % 2, reduce=i % 3 != 2), case))
-    for i, (h, (_, _, residual, weight, partials)) in enumerate(outs):
-        check(h, partials, residual, weight, f"reduced call {i}")
     assert comm.matmul_reduce(65, HIDDEN, BF16, device, 0) is None  # over the GEMV's 64 rows
     assert comm.matmul_reduce(8, HIDDEN, BF16, device, None) is None  # slot None counts its calls
-    static = list(inputs(64, 100)[:4])
-    graph = torch.cuda.CUDAGraph()
-    call(*static, 0, True), call(*static, 1, True)  # warm-up (compiles) outside the capture
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        graph_outs = [call(*static, slot, True) for slot in (0, 1)]
-    for replay in range(4):
-        xs, ws, residual, weight, partials = inputs(64, 200 + replay)
-        for t, new in zip(static, (xs, ws)):
-            for old_t, new_t in zip(t, new):
-                old_t.copy_(new_t)
-        static[2].copy_(residual), static[3].copy_(weight)
-        graph.replay()
-        for slot in (0, 1):
-            check(graph_outs[slot], partials, residual, weight, f"graph replay {replay} reduced, slot {slot}")
-    torch.cuda.synchronize()
+    _matmul_calls(call, lambda rows, step: _row_parallel_inputs(rows, step, world_size, device, 40_000),
+                  check, "reduced")
 
 
 def _eager_checks(comm: SymmMemAllReduce, rank: int, world_size: int, device) -> None:

@@ -258,16 +258,33 @@ def _matmul_inputs(call: int, rows: int, n: int, k: int, dtype: torch.dtype, wor
     return xs, ws, residual, weight
 
 
+def _attach_lamport_ranks(kernel, rank: int, world_size: int, names: list[str]):
+    """In a rank's process: map every rank's shared-memory buffer, as the flag-free protocol's peers
+    (segments, buffers, PeerBuffers), with the fused kernel's grid shrunk to 2 programs."""
+    kernel.MAX_PROGRAMS = 2
+    segments = [shared_memory.SharedMemory(name=n) for n in names]
+    buffers = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segments]
+    bases = tuple(b.data_ptr() for b in buffers)
+    return segments, buffers, kernel.PeerBuffers(torch.tensor(bases, dtype=torch.int64), rank, world_size,
+                                                 DATA_BYTES, True, bases)
+
+
+def _report_and_detach(kernel, rank: int, world_size: int, outs, segments, buffers, results) -> None:
+    """Hand this rank's outputs, and whether its staging slots are all empty again, to the parent; unmap."""
+    staging = kernel.staging_bytes(DATA_BYTES, world_size)
+    emptied = bool((buffers[rank][:staging].view(torch.int32) == kernel.SENTINEL_WORD).all())
+    results.put((rank, outs, [], emptied))
+    buffers.clear()
+    for s in segments:
+        s.close()
+
+
 def _push_rank_main(rank: int, world_size: int, names: list[str], results) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     from kernels import all_reduce_rms_norm as kernel  # noqa: F811 - imported under the interpreter
     from kernels.gemv import row_parallel_gemv
 
-    kernel.MAX_PROGRAMS = 2
-    segments = [shared_memory.SharedMemory(name=n) for n in names]
-    buffers = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segments]
-    bases = tuple(b.data_ptr() for b in buffers)
-    peers = kernel.PeerBuffers(torch.tensor(bases, dtype=torch.int64), rank, world_size, DATA_BYTES, True, bases)
+    segments, buffers, peers = _attach_lamport_ranks(kernel, rank, world_size, names)
     outs = []
     for call, (rows, n, k, dtype, slot, pushed) in enumerate(PUSH_CALLS):
         xs, ws, residual, weight = _matmul_inputs(call, rows, n, k, dtype, world_size)
@@ -278,12 +295,7 @@ def _push_rank_main(rank: int, world_size: int, names: list[str], results) -> No
         out, new_residual = kernel.all_reduce_add_rms_norm(y, residual, weight, EPS, peers, slot, pushed=pushed)
         _check(out, new_residual, partials, residual, weight, f"rank {rank} call {call}")
         outs.append((out.float().numpy(), new_residual.float().numpy()))
-    staging = kernel.staging_bytes(DATA_BYTES, world_size)
-    emptied = bool((buffers[rank][:staging].view(torch.int32) == kernel.SENTINEL_WORD).all())
-    results.put((rank, outs, [], emptied))
-    del buffers
-    for s in segments:
-        s.close()
+    _report_and_detach(kernel, rank, world_size, outs, segments, buffers, results)
 
 
 @cpu_ranks
@@ -328,11 +340,7 @@ def _reduce_rank_main(rank: int, world_size: int, names: list[str], results) -> 
     from kernels import all_reduce_rms_norm as kernel  # noqa: F811 - imported under the interpreter
     from kernels.gemv import reduce_gemv, row_parallel_gemv
 
-    kernel.MAX_PROGRAMS = 2
-    segments = [shared_memory.SharedMemory(name=n) for n in names]
-    buffers = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segments]
-    bases = tuple(b.data_ptr() for b in buffers)
-    peers = kernel.PeerBuffers(torch.tensor(bases, dtype=torch.int64), rank, world_size, DATA_BYTES, True, bases)
+    segments, buffers, peers = _attach_lamport_ranks(kernel, rank, world_size, names)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
     outs = []
     for call, (rows, n, k, dtype, slot, how) in enumerate(REDUCE_CALLS):
@@ -347,12 +355,7 @@ def _reduce_rank_main(rank: int, world_size: int, names: list[str], results) -> 
         h = reduce_gemv(xs[rank], ws[rank], peers, slot, residual)
         torch.testing.assert_close(h, ref_h, rtol=tol[dtype], atol=tol[dtype], msg=lambda m: f"rank {rank} call {call}: {m}")
         outs.append((h.float().numpy(), h.float().numpy()))
-    staging = kernel.staging_bytes(DATA_BYTES, world_size)
-    emptied = bool((buffers[rank][:staging].view(torch.int32) == kernel.SENTINEL_WORD).all())
-    results.put((rank, outs, [], emptied))
-    del buffers
-    for s in segments:
-        s.close()
+    _report_and_detach(kernel, rank, world_size, outs, segments, buffers, results)
 
 
 @cpu_ranks
