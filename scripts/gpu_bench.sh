@@ -88,6 +88,8 @@
 #                          ./old (AB_TREES, default "new old"), TP=1 b64, then this tree's TP=2 timeline (tp-trace)
 #   rope-ab                2+ GPUs: RoPE + K/V write inside decode attention: GPU tests, smoke, 8B TP=1 b1 + b64 and
 #                          TP=2 b64 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
+#   reduce-one             one GPU: reduce_gemv on two streams of one GPU (its epilogue on real memory), sweep_gemv.py
+#                          --reduce (cuBLAS + fused / push + poll / reduce + norm at world size 1) (~3 min)
 #   rope-small             one GPU: 8B TP=1 b1 + b16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
 #   greedy-ab1             one GPU: 8B TP=1 decode b1 + b64 vs ./old (AB_TREES), then the top-p pivot table
 #   top-p-pivots           one GPU: the top-p search's time at 16 / 8 / 4 / 2 pivots a pass (bench_top_p.py)
@@ -837,6 +839,13 @@ stage_reduce-ab() {  # 2 GPUs: row-parallel matmuls all-reducing their own rows 
   done
   run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 \
     --budget-s 55 --out "$OUT/tp1_b64.json"
+}
+
+stage_reduce-one() {  # one GPU: reduce_gemv's epilogue on real GPU memory (two ranks on two streams of one GPU), the
+  # reducing GEMV's GPU tests, then the three matmul + all-reduce + norm paths timed at world size 1 (~3 min)
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_all_reduce_rms_norm.py tests/kernels/test_gemv.py \
+    -k "sharing or reducing_matmul or reduce_their" 2>&1 | tail -5 | tee -a "$OUT/kernels.txt"
+  run 150 "$PY" scripts/sweep_gemv.py --reduce --rows 1 16 32 64 --tp 2 1 2>&1 | tee -a "$OUT/kernels.txt"
 }
 
 stage_rope-small() {  # one GPU: 8B TP=1 decode at batch 1 and 16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0 (~4 min)

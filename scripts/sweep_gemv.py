@@ -3,7 +3,12 @@ the row-parallel projections of a Llama-3.1-8B tensor-parallel rank (o_proj, dow
 
     python scripts/sweep_gemv.py --rows 64 32 --tp 2            # CUDA, bf16
     python scripts/sweep_gemv.py --gated --rows 64 --tp 2 1     # gate_up + SiLU-and-mul in one launch
+    python scripts/sweep_gemv.py --reduce --rows 1 16 32 64 --tp 2   # the matmul + all-reduce + norm paths
 Prints us per (RMSNorm, matmul) pair in a CUDA graph over rotating weights (bench_common.time_us), best first.
+With --reduce, one GPU times a row-parallel matmul, its all-reduce and the RMSNorm after it as one rank
+of world size 1 (no peer to wait for: the local cost of each path, not the NVLink latency): cuBLAS then
+the fused all-reduce + RMSNorm, the pushing GEMV then the polling fused kernel (the engine's TP path),
+and reduce_gemv then a plain RMSNorm.
 With --gated the projection is gate_up_proj and every timing includes the activation: cuBLAS then
 kernels/activation.py's silu_and_mul, against the GEMV's gated launch (`gemv(..., gated=True)`).
 """
@@ -39,7 +44,10 @@ def main() -> None:
     p.add_argument("--configs", default=None, help="only these, e.g. '32,128,4,6,1;64,128,4,6,2'")
     p.add_argument("--block-m", type=int, nargs="+", default=[0], help="dot tile rows to try (0: from the rows)")
     p.add_argument("--gated", action="store_true", help="gate_up_proj with its SiLU-and-mul (see above)")
+    p.add_argument("--reduce", action="store_true", help="the three all-reduce paths at world size 1 (see above)")
     args = p.parse_args()
+    if args.reduce:
+        return sweep_reduce(args)
     gated = args.gated
     if gated:
         args.projections = ["gate_up_proj"]
@@ -84,6 +92,46 @@ def main() -> None:
                 print(f"tp {tp} rows {rows} {proj} {n}x{k}: norm {norm_us:.2f} cublas {cublas:.2f} us", flush=True)
                 for us, cfg, err in results[:args.top]:
                     print(f"    {us:7.2f} us  {cfg}  rel err {err:.1e}", flush=True)
+
+
+def sweep_reduce(args) -> None:
+    from kernels import all_reduce_rms_norm as fused
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    data_bytes = 64 * 8192 * 2
+    buffer = torch.empty(fused.buffer_bytes(data_bytes, 1), dtype=torch.uint8, device=device)
+    fused.init_lamport(buffer, data_bytes, 1)
+    peers = fused.PeerBuffers(torch.tensor([buffer.data_ptr()], device=device), 0, 1, data_bytes, True,
+                              (buffer.data_ptr(),))
+    for tp in args.tp:
+        for proj in args.projections:
+            n, k = shapes(tp)[proj]
+            copies = max(2, min(args.iters, math.ceil(256e6 / (n * k * 2))))
+            weights = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+            for rows in args.rows:
+                x = torch.randn(rows, k, device=device, dtype=dtype)
+                residual = torch.randn(rows, n, device=device, dtype=dtype)
+                nw = torch.ones(n, device=device, dtype=dtype)
+
+                def unfused(i):
+                    return fused.all_reduce_add_rms_norm(F.linear(x, weights[i % copies]), residual, nw, 1e-6, peers,
+                                                         i % 2)
+
+                def pushed(i):
+                    y = gemv_kernel.row_parallel_gemv(x, weights[i % copies], push=(peers, i % 2))
+                    return fused.all_reduce_add_rms_norm(y, residual, nw, 1e-6, peers, i % 2, pushed=True)
+
+                def reduced(i):
+                    h = gemv_kernel.reduce_gemv(x, weights[i % copies], peers, i % 2, residual)
+                    return rms_norm(h, nw, 1e-6), h
+
+                ref = unfused(0)
+                line = []
+                for name, call in (("cublas+fused", unfused), ("push+poll", pushed), ("reduce+norm", reduced)):
+                    out, h = call(0)
+                    err = max((out.float() - ref[0].float()).abs().max().item(), (h.float() - ref[1].float()).abs().max().item())
+                    line.append(f"{name} {bc.time_us(call, args.iters, device):7.2f} us (err {err:.1e})")
+                print(f"tp {tp} rows {rows} {proj} {n}x{k}: " + "  ".join(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -367,3 +367,52 @@ def test_a_matmul_that_reduces_its_own_rows_gets_the_sums_of_the_all_reduce(worl
     got = _run_ranks(world_size, 2, lamport=True, target=_reduce_rank_main)
     for rank, (_, _, emptied) in got.items():
         assert emptied, f"rank {rank}: a staging slot still holds pushed rows"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="a Hopper GPU (the reducing matmul runs under PDL)")
+def test_two_ranks_sharing_one_gpu_reduce_their_rows_on_two_streams():
+    """reduce_gemv's epilogue on real GPU memory (volatile polls, the sentinel written back) with one GPU:
+    two ranks' launches on two streams, few enough column tiles that both grids are resident at once.
+    Each gets the unfused path's residual stream, both bitwise alike, and every slot is empty after."""
+    from kernels.gemv import reduce_gemv, row_parallel_gemv
+
+    device, world = torch.device("cuda"), 2
+    data_bytes = 64 * 1024 * 4
+    buffers = [torch.empty(fused.buffer_bytes(data_bytes, world), dtype=torch.uint8, device=device)
+               for _ in range(world)]
+    for b in buffers:
+        fused.init_lamport(b, data_bytes, world)
+    bases = tuple(b.data_ptr() for b in buffers)
+    peers = [fused.PeerBuffers(torch.tensor(bases, device=device), r, world, data_bytes, True, bases)
+             for r in range(world)]
+    streams = [torch.cuda.Stream(device) for _ in range(world)]
+    calls = [(1, 256, 2048, torch.bfloat16, 0), (16, 256, 7168, torch.bfloat16, 1), (40, 200, 2048, torch.float16, 0),
+             (64, 256, 4096, torch.bfloat16, 1), (7, 96, 512, torch.float32, 0), (64, 256, 2048, torch.bfloat16, 1)]
+    for call, (rows, n, k, dtype, slot) in enumerate(calls):
+        xs, ws, residual, _ = _matmul_inputs(call, rows, n, k, dtype, world)
+        xs, ws, residual = [x.to(device) for x in xs], [w.to(device) for w in ws], residual.to(device)
+        partials = [row_parallel_gemv(x, w).cpu() for x, w in zip(xs, ws)]  # every rank's own matmul
+        # Each rank's launch alone first, its peer's tile already in place (zeros): Triton compiles and
+        # loads each rank's kernel here, since loading a module while the other rank's grid spins on
+        # the GPU would wait for that grid, which waits for this one.
+        for r in range(world):
+            peer = 1 - r
+            buffers[r][(slot * world + peer) * data_bytes:][:rows * n * dtype.itemsize].zero_()
+            reduce_gemv(xs[r], ws[r], peers[r], slot, residual)
+            torch.cuda.synchronize()
+            fused.init_lamport(buffers[peer], data_bytes, world)  # what rank r pushed to it
+        torch.cuda.synchronize()
+        hs = []
+        for r in range(world):
+            with torch.cuda.stream(streams[r]):
+                hs.append(reduce_gemv(xs[r], ws[r], peers[r], slot, residual))  # reduce_config's launch: 7-8 tiles
+        torch.cuda.synchronize()
+        ref_h = reference(partials, residual.cpu(), torch.ones(n, dtype=dtype), EPS)[1]
+        tol = 1e-5 if dtype is torch.float32 else 2e-2
+        torch.testing.assert_close(hs[0].cpu(), ref_h, rtol=tol, atol=tol, msg=lambda m: f"call {call}: {m}")
+        assert torch.equal(hs[0], hs[1]), f"call {call}: the ranks' sums differ"
+        for r, b in enumerate(buffers):
+            staging = b[:fused.staging_bytes(data_bytes, world)].view(torch.int32)
+            assert bool((staging == fused.SENTINEL_WORD).all()), f"call {call}: rank {r}'s slots still hold rows"
