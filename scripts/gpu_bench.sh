@@ -32,8 +32,9 @@
 #   gated-ab2              2 GPUs: gated_config's launches: gated GPU tests, 8B TP=2 / TP=1 b1, 16, 64 gated on / off, a TP=2
 #                          batch-1 profile with it on (~8 min)
 #   gated-final            2 GPUs: gated GPU tests, TP=2 float32 greedy == TP=1 through it, 8B batch-64 A/B alternating (~9 min)
-#   reduce-ab              2 GPUs: o_proj / down_proj all-reducing their own rows: GPU tests, TP=2 float32 greedy == TP=1
-#                          through it, 8B TP=2 batch 64 A/B alternating, batch 1 and 16 A/B, TP=1 batch 64 (~9.5 min)
+#   reduce-ab              2 GPUs: o_proj / down_proj all-reducing their own rows: GPU tests, the matmul + all-reduce +
+#                          norm paths timed over 2 GPUs, 8B TP=2 batch 64 A/B alternating, TP=1 batch 64 (~8.5 min)
+#   reduce-ab2             2 GPUs: TP=2 float32 greedy == TP=1 through it, 8B TP=2 batch 1 and 16 A/B (~6 min)
 #   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
 #                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
 #   gemm-kn                one GPU: cuBLAS on weights [N, K] (TN, the engine's) vs [K, N] (NN) at 1-256 rows, TP=1/2/4
@@ -818,13 +819,13 @@ stage_gated-final() {  # 2 GPUs: the gated GEMV's checks and its batch-64 A/B: i
 }
 
 stage_reduce-ab() {  # 2 GPUs: row-parallel matmuls all-reducing their own rows (kernels.gemv.reduce_gemv): the symmetric
-  # all-reduce GPU tests (2 ranks, reduce_gemv eager and in graphs), TP=2 float32 greedy == TP=1 through it (forced at
-  # every row count), then 8B TP=2 batch 64 with PAGEDSERVE_REDUCE_IN_MATMUL=1 / 0 alternating, TP=2 batch 1 and 16
-  # with =1 / 0, TP=1 batch 64 (~9.5 min)
+  # all-reduce GPU tests (2 ranks, reduce_gemv eager and in graphs), the three matmul + all-reduce + norm paths timed
+  # over 2 GPUs, 8B TP=2 batch 64 with PAGEDSERVE_REDUCE_IN_MATMUL=1 / 0 alternating, TP=1 batch 64 (~8.5 min)
   run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_workers/test_symm_all_reduce.py \
-    tests/kernels/test_gemv.py -k "(sums_like and 2-1) or reduce_their or reducing_matmul" 2>&1 | tail -5 | tee -a "$OUT/kernels.txt"
-  PAGEDSERVE_REDUCE_IN_MATMUL=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput \
-    --dtype float32 --out "$OUT/tp2_8b_greedy.json"
+    tests/kernels/test_gemv.py tests/kernels/test_all_reduce_rms_norm.py \
+    -k "(sums_like and 2-1) or reducing_matmul or sharing" 2>&1 | tail -5 | tee -a "$OUT/kernels.txt"
+  run 120 "$PY" scripts/gpu_tp_check.py --tp 2 --matmul-reduce-bench --skip-greedy --skip-throughput \
+    --out "$OUT/matmul_reduce_bench.json" 2>&1 | tee -a "$OUT/kernels.txt"
   local on i=0
   for on in 1 0 1 0; do
     i=$(( i + 1 ))
@@ -832,13 +833,20 @@ stage_reduce-ab() {  # 2 GPUs: row-parallel matmuls all-reducing their own rows 
     PAGEDSERVE_REDUCE_IN_MATMUL=$on run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
       --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/tp2_b64_reduce$on.$i.json"
   done
+  run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 \
+    --budget-s 55 --out "$OUT/tp1_b64.json"
+}
+
+stage_reduce-ab2() {  # 2 GPUs: TP=2 float32 greedy == TP=1 through reduce_gemv (forced at every row count), then 8B
+  # TP=2 batch 1 and 16 with PAGEDSERVE_REDUCE_IN_MATMUL=1 / 0 (~6 min)
+  PAGEDSERVE_REDUCE_IN_MATMUL=1 run 170 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --num-layers 8 --skip-throughput \
+    --dtype float32 --out "$OUT/tp2_8b_greedy.json"
+  local on
   for on in 1 0; do
     echo "== TP=2 b1 b16 PAGEDSERVE_REDUCE_IN_MATMUL=$on"
     PAGEDSERVE_REDUCE_IN_MATMUL=$on run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
       --skip-tp1 --skip-greedy --batch-sizes 1 16 --output-len 256 --budget-s 65 --out "$OUT/tp2_small_reduce$on.json"
   done
-  run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 \
-    --budget-s 55 --out "$OUT/tp1_b64.json"
 }
 
 stage_reduce-one() {  # one GPU: reduce_gemv's epilogue on real GPU memory (two ranks on two streams of one GPU), the
