@@ -89,6 +89,8 @@
 #                          ./old (AB_TREES, default "new old"), TP=1 b64, then this tree's TP=2 timeline (tp-trace)
 #   rope-ab                2+ GPUs: RoPE + K/V write inside decode attention: GPU tests, smoke, 8B TP=1 b1 + b64 and
 #                          TP=2 b64 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
+#   rank-emu               one GPU: 8B TP=1 batch 64, then a TP=2 rank's slices as a whole model (8b-rank2) at batch 64
+#                          twice: a TP=2 step without its collectives (~3.5 min)
 #   reduce-one             one GPU: reduce_gemv on two streams of one GPU (its epilogue on real memory), sweep_gemv.py
 #                          --reduce (cuBLAS + fused / push + poll / reduce + norm at world size 1) (~3 min)
 #   rope-small             one GPU: 8B TP=1 b1 + b16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
@@ -846,6 +848,17 @@ stage_reduce-ab2() {  # 2 GPUs: TP=2 float32 greedy == TP=1 through reduce_gemv 
     echo "== TP=2 b1 b16 PAGEDSERVE_REDUCE_IN_MATMUL=$on"
     PAGEDSERVE_REDUCE_IN_MATMUL=$on run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
       --skip-tp1 --skip-greedy --batch-sizes 1 16 --output-len 256 --budget-s 65 --out "$OUT/tp2_small_reduce$on.json"
+  done
+}
+
+stage_rank-emu() {  # one GPU: 8B TP=1 batch 64, then one TP=2 rank's slices as a whole model (--size 8b-rank2:
+  # a TP=2 step's work without its collectives) at batch 64, twice (~3.5 min)
+  run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 --output-len 256 \
+    --budget-s 60 --out "$OUT/tp1_b64.json"
+  local i
+  for i in 1 2; do
+    run 65 "$PY" scripts/gpu_tp_check.py --size 8b-rank2 --tp 1 --skip-tp1 --skip-greedy --batch-sizes 64 \
+      --output-len 256 --budget-s 55 --out "$OUT/rank2_b64.$i.json"
   done
 }
 

@@ -13,6 +13,9 @@ microbenchmark of one all-reduce per message size and path.
 --size small: a 8-layer, 1024-wide Llama built in-process (16 heads, 8 KV heads).
 --size 8b:    Llama-3.1-8B shapes from scripts/make_random_checkpoint.py (16 GB of bf16 on disk; use
               --num-layers to cut layers). Throughput runs use load_format="dummy" (only config.json).
+--size 8b-rank2: one Llama-3.1-8B TP=2 rank's slices as a whole model (16 heads, 4 KV heads, MLP 7168,
+              vocabulary 64128; throughput only, at --tp 1): a TP=2 step's work on one GPU without its
+              all-reduces, so TP=2 less this is what the collectives cost.
 --size 70b:   Llama-3.1-70B shapes, throughput only (dummy weights; 35 GB a rank at TP=4): the greedy
               check needs written weights (140 GB) and TP=1 does not fit one GPU, so both are skipped.
 
@@ -67,10 +70,15 @@ def make_checkpoint(size: str, out: Path, num_layers: int | None, weights: bool)
                                     num_hidden_layers=num_layers or 8, num_attention_heads=16,
                                     num_key_value_heads=8, vocab_size=8192, max_position_embeddings=4096,
                                     initializer_range=0.05)
-    cmd = [sys.executable, str(REPO / "scripts/make_random_checkpoint.py"), "--arch", ARCHS[size],
+    cmd = [sys.executable, str(REPO / "scripts/make_random_checkpoint.py"), "--arch", ARCHS[size.split("-")[0]],
            "--out", str(out)] + (["--num-layers", str(num_layers)] if num_layers else []) + \
         ([] if weights else ["--config-only"])
     subprocess.run(cmd, check=True)
+    if size == "8b-rank2":  # one TP=2 rank's slices as a whole model: half the heads, MLP and vocabulary
+        config = json.loads((out / "config.json").read_text())
+        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
+            config[key] //= 2
+        (out / "config.json").write_text(json.dumps(config, indent=2))
     return str(out)
 
 
@@ -371,7 +379,7 @@ def all_reduce_bench(world_size: int, workdir: Path, timeout_s: float = 240) -> 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("small", "8b", "70b"), default="small", help="checkpoint shape")
+    p.add_argument("--size", choices=("small", "8b", "8b-rank2", "70b"), default="small", help="checkpoint shape")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size to compare with 1")
     p.add_argument("--num-layers", type=int, default=None,
                    help="fewer decoder layers in the greedy check's checkpoint (8b: faster to write); the "
