@@ -92,6 +92,7 @@
 #   rank-emu               one GPU: 8B TP=1 batch 64, then a TP=2 rank's slices as a whole model (8b-rank2) at batch 64
 #                          twice: a TP=2 step without its collectives (~3.5 min)
 #   attn-ab1               one GPU: decode attention tests, ./old vs this tree on 8b-rank2 b64 (x2) and 8B TP=1 b64 (~5 min)
+#   rank-prof              one GPU: 8b-rank2 and 8B TP=1 at batch 64 under the profiler: per-kernel tables (~3 min)
 #   reduce-one             one GPU: reduce_gemv on two streams of one GPU (its epilogue on real memory), sweep_gemv.py
 #                          --reduce (cuBLAS + fused / push + poll / reduce + norm at world size 1) (~3 min)
 #   rope-small             one GPU: 8B TP=1 b1 + b16 with PAGEDSERVE_ROPE_IN_ATTENTION=1 / 0
@@ -868,6 +869,15 @@ stage_attn-ab1() {  # one GPU: decode attention GPU tests, then ./old against th
   run 90 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py 2>&1 | tail -2 | tee -a "$OUT/kernels.txt"
   AB_TREES="new old new old" ab_decode 1 64 --size 8b-rank2 --budget-s 50
   AB_TREES="new old" ab_decode 1 64
+}
+
+stage_rank-prof() {  # one GPU: one TP=2 rank's work (8b-rank2) and Llama-8B TP=1 at batch 64 under the profiler
+  # (steps 100-149; the per-kernel tables land in the log) (~3 min)
+  local size
+  for size in 8b-rank2 8b; do
+    PAGEDSERVE_TORCH_PROFILER_DIR=/tmp/prof run 90 "$PY" scripts/gpu_tp_check.py --size $size --tp 1 --skip-tp1 \
+      --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 80 --out "$OUT/prof_$size.json"
+  done
 }
 
 stage_reduce-one() {  # one GPU: reduce_gemv's epilogue on real GPU memory (two ranks on two streams of one GPU), the
