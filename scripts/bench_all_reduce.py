@@ -15,21 +15,31 @@ import time
 from pathlib import Path
 
 
+def _init_rank(rank: int, world_size: int, store: str):
+    """(device, symmetric all-reduce) of a benchmark rank, its process group set up as the engine's ranks do."""
+    import torch
+    import torch.distributed as dist
+
+    from gpu_workers.symm_all_reduce import create_symm_all_reduce
+    from ipc import envs
+
+    envs.pin_collectives_to_loopback()
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            device_id=device)
+    return device, create_symm_all_reduce(dist.group.WORLD, rank, world_size, device, peers=range(world_size))
+
+
 def _bench_rank(rank: int, world_size: int, store: str, sizes: list[int], results) -> None:
     import torch
     import torch.distributed as dist
 
     from bench_common import time_us  # one CUDA graph of back-to-back calls, us per call
-    from gpu_workers.symm_all_reduce import create_symm_all_reduce, pick_algorithm
-    from ipc import envs
+    from gpu_workers.symm_all_reduce import pick_algorithm
     from kernels.rms_norm import rms_norm
 
-    envs.pin_collectives_to_loopback()  # as the engine's ranks do
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            device_id=device)
-    comm = create_symm_all_reduce(dist.group.WORLD, rank, world_size, device, peers=range(world_size))
+    device, comm = _init_rank(rank, world_size, store)
     rows = []
     for nbytes in sizes:
         x = torch.randn(nbytes // 2, device=device).to(torch.bfloat16)
@@ -62,29 +72,20 @@ def _matmul_bench_rank(rank: int, world_size: int, store: str, _sizes, results) 
     """us per row-parallel matmul + all-reduce + RMSNorm (Llama-8B TP=2 slices, weights rotating past L2)
     down each path: cuBLAS then the fused kernel, the pushing GEMV then the polling fused kernel (the
     engine's default), reduce_gemv then a plain RMSNorm."""
-    import math
-
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from bench_common import time_us
-    from gpu_workers.symm_all_reduce import create_symm_all_reduce
-    from ipc import envs
+    from bench_common import rotating_weights, time_us
     from kernels.gemv import reduce_gemv, row_parallel_gemv
     from kernels.rms_norm import rms_norm
 
     os.environ["PAGEDSERVE_REDUCE_IN_MATMUL"] = "1"  # every row count, as the A/B's "=1" runs
-    envs.pin_collectives_to_loopback()
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            device_id=device)
-    comm = create_symm_all_reduce(dist.group.WORLD, rank, world_size, device, peers=range(world_size))
+    device, comm = _init_rank(rank, world_size, store)
     calls, rows_out = itertools.count(), []  # slots 0 and 1 alternate over every call, as in the model
     for proj, (n, k) in MATMUL_SHAPES.items():
-        copies = max(2, math.ceil(256e6 / (n * k * 2)))
-        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+        weights = rotating_weights(n, k, 64, device, torch.bfloat16)
+        copies = len(weights)
         nw = torch.ones(n, device=device, dtype=torch.bfloat16)
         for rows in MATMUL_ROWS:
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)

@@ -218,6 +218,17 @@ def hf_generation_kwargs(tokenizer_pad_id: int | None, num_tokens: int, temperat
     return kwargs
 
 
+def rotating_weights(n: int, k: int, max_copies: int, device, dtype) -> list:
+    """Copies of a random [n, k] weight, enough for 256 MB (at least 2, at most max_copies): timed calls
+    that rotate through them read each weight from HBM, never from a 50 MB L2."""
+    import math
+
+    import torch
+
+    copies = max(2, min(max_copies, math.ceil(256e6 / (n * k * dtype.itemsize))))
+    return [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+
+
 def time_us(call, iters: int, device) -> float:
     """Mean microseconds of call(0), ..., call(iters - 1), after one warm-up call (Triton compiles then).
     On CUDA the calls are captured into one graph and replayed, so launch overhead counts as it does in

@@ -275,20 +275,14 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(results, indent=2))
 
     work = Path(args.workdir)
-    if args.all_reduce_bench:
-        try:
-            results["all_reduce_bench"] = all_reduce_bench(args.tp, work)
-        except Exception as e:  # noqa: BLE001 - the engine runs below still run
-            traceback.print_exc()
-            results["all_reduce_bench"] = {"error": f"{type(e).__name__}: {e}"}
-        save()
-    if args.matmul_reduce_bench:
-        try:
-            results["matmul_reduce_bench"] = matmul_reduce_bench(args.tp, work)
-        except Exception as e:  # noqa: BLE001 - the engine runs below still run
-            traceback.print_exc()
-            results["matmul_reduce_bench"] = {"error": f"{type(e).__name__}: {e}"}
-        save()
+    for key, bench in (("all_reduce_bench", all_reduce_bench), ("matmul_reduce_bench", matmul_reduce_bench)):
+        if getattr(args, key):
+            try:
+                results[key] = bench(args.tp, work)
+            except Exception as e:  # noqa: BLE001 - the engine runs below still run
+                traceback.print_exc()
+                results[key] = {"error": f"{type(e).__name__}: {e}"}
+            save()
     if args.size == "70b" and not (args.skip_greedy and args.skip_throughput):
         print("70b: greedy check and TP=1 skipped (no written weights; one GPU cannot hold it)", flush=True)
     if not args.skip_greedy and args.size != "70b":

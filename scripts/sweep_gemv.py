@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import sys
 
@@ -66,8 +65,8 @@ def main() -> None:
     for tp in args.tp:
         for proj in args.projections:
             n, k = shapes(tp)[proj]
-            copies = max(2, min(args.iters, math.ceil(256e6 / (n * k * 2))))
-            weights = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+            weights = bc.rotating_weights(n, k, args.iters, device, dtype)
+            copies = len(weights)
             for rows in args.rows:
                 x = torch.randn(rows, k, device=device, dtype=dtype)
                 nw = torch.ones(k, device=device, dtype=dtype)
@@ -106,8 +105,8 @@ def sweep_reduce(args) -> None:
     for tp in args.tp:
         for proj in args.projections:
             n, k = shapes(tp)[proj]
-            copies = max(2, min(args.iters, math.ceil(256e6 / (n * k * 2))))
-            weights = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+            weights = bc.rotating_weights(n, k, args.iters, device, dtype)
+            copies = len(weights)
             for rows in args.rows:
                 x = torch.randn(rows, k, device=device, dtype=dtype)
                 residual = torch.randn(rows, n, device=device, dtype=dtype)
