@@ -269,11 +269,15 @@ def _attach_lamport_ranks(kernel, rank: int, world_size: int, names: list[str]):
                                                  DATA_BYTES, True, bases)
 
 
+def _slots_empty(buffer: torch.Tensor, data_bytes: int, world_size: int) -> bool:
+    """Whether every staging slot of a rank's buffer holds only the sentinel again."""
+    staging = fused.staging_bytes(data_bytes, world_size)
+    return bool((buffer[:staging].view(torch.int32) == fused.SENTINEL_WORD).all())
+
+
 def _report_and_detach(kernel, rank: int, world_size: int, outs, segments, buffers, results) -> None:
     """Hand this rank's outputs, and whether its staging slots are all empty again, to the parent; unmap."""
-    staging = kernel.staging_bytes(DATA_BYTES, world_size)
-    emptied = bool((buffers[rank][:staging].view(torch.int32) == kernel.SENTINEL_WORD).all())
-    results.put((rank, outs, [], emptied))
+    results.put((rank, outs, [], _slots_empty(buffers[rank], DATA_BYTES, world_size)))
     buffers.clear()
     for s in segments:
         s.close()
@@ -403,7 +407,6 @@ def test_two_ranks_sharing_one_gpu_reduce_their_rows_on_two_streams():
             reduce_gemv(xs[r], ws[r], peers[r], slot, residual)
             torch.cuda.synchronize()
             fused.init_lamport(buffers[peer], data_bytes, world)  # what rank r pushed to it
-        torch.cuda.synchronize()
         hs = []
         for r in range(world):
             with torch.cuda.stream(streams[r]):
@@ -414,5 +417,4 @@ def test_two_ranks_sharing_one_gpu_reduce_their_rows_on_two_streams():
         torch.testing.assert_close(hs[0].cpu(), ref_h, rtol=tol, atol=tol, msg=lambda m: f"call {call}: {m}")
         assert torch.equal(hs[0], hs[1]), f"call {call}: the ranks' sums differ"
         for r, b in enumerate(buffers):
-            staging = b[:fused.staging_bytes(data_bytes, world)].view(torch.int32)
-            assert bool((staging == fused.SENTINEL_WORD).all()), f"call {call}: rank {r}'s slots still hold rows"
+            assert _slots_empty(b, data_bytes, world), f"call {call}: rank {r}'s slots still hold rows"
