@@ -287,3 +287,95 @@ def test_a_reducing_matmul_refuses_what_would_hang_or_sum_twice():
         reduce_gemv(x, w, peers, 0, residual, config=(32, 64, 4, 2, 2))
     with pytest.raises(ValueError, match="no bias"):
         _launch(x, w, torch.zeros(96), None, 2, None, None, False, (peers, 0, residual))
+
+
+def _rms_norm_ref(x, g, eps):
+    """gpu_workers.models.layers.RMSNorm's math in float64."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 40: the 64-row dot tile
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_norm_prologue_is_rms_norm_then_the_matmul(dtype, tol, rows, gated):
+    """gemv(x, W, b, norm=(g, eps)) = RMSNorm(x) W^T + b (gated: silu(gate) * up of it), K = 300 over
+    several K tiles with a masked edge, so the squares must be summed over every tile of each row; the
+    rows' scales differ tenfold, so a row normed by another's rms would show."""
+    from kernels.gemv import gated_gemv
+
+    n, k, eps = 83, 300, 1e-5
+    x = (torch.randn(rows, k, device=DEVICE) * torch.logspace(0, 1, rows, device=DEVICE)[:, None]).to(dtype)
+    g = (1 + 0.5 * torch.randn(k, device=DEVICE)).to(dtype)
+    weight = torch.randn((2 if gated else 1) * n, k, device=DEVICE).to(dtype)
+    b = torch.randn(weight.shape[0], device=DEVICE).to(dtype)
+    ref = torch.nn.functional.linear(_rms_norm_ref(x, g, eps), weight.double(), b.double())
+    if gated:
+        gate, up = ref.chunk(2, -1)
+        ref, got = torch.nn.functional.silu(gate) * up, gated_gemv(x, weight, b, norm=(g, eps))
+    else:
+        got = gemv(x, weight, b, norm=(g, eps))
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert _rel_err(got, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_residual_epilogue_adds_as_the_unfused_add_does(dtype, rows, bias):
+    """row_parallel_gemv(x, W, b, residual=r) = the matmul's rounded output + r, rounded as
+    kernels/rms_norm.py's residual add rounds it: bitwise the unfused path's new residual stream."""
+    from kernels.gemv import row_parallel_config, row_parallel_gemv
+    from kernels.rms_norm import rms_norm
+
+    n, k = 96, 256
+    x, weight = torch.randn(rows, k, device=DEVICE).to(dtype), torch.randn(n, k, device=DEVICE).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    residual = torch.randn(rows, n, device=DEVICE).to(dtype)
+    config, block_m = row_parallel_config(rows, dtype)
+    unfused = gemv(x, weight, b, config=(*config[:4], 1), block_m=block_m)
+    _, h = rms_norm(unfused, torch.ones(n, device=DEVICE, dtype=dtype), 1e-6, residual)
+    got = row_parallel_gemv(x, weight, b, residual=residual)
+    assert torch.equal(got, h)
+    assert not torch.equal(got, unfused)  # the residual is in it
+
+
+def test_norm_and_residual_refuse_what_they_cannot_fuse():
+    from kernels.gemv import _launch
+    from kernels.peer_rows import PeerBuffers
+
+    x, w = torch.randn(4, 64, device=DEVICE), torch.randn(96, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="norm's weight must be a contiguous float \\[64\\]"):
+        gemv(x, w, norm=(torch.ones(32, device=DEVICE), 1e-6))
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        gemv(x, w, norm=(torch.ones(64, device=DEVICE), 0.0))
+    with pytest.raises(ValueError, match="residual must be a \\[4, 96\\]"):
+        gemv(x, w, residual=torch.zeros(4, 48, device=DEVICE))
+    with pytest.raises(ValueError, match="gated matmul takes no residual"):
+        _launch(x, w, None, None, 2, None, None, True, residual=torch.zeros(4, 48, device=DEVICE))
+    peers = PeerBuffers(torch.zeros(2, dtype=torch.int64), 0, 2, 1 << 16, True, (0, 0))
+    with pytest.raises(ValueError, match="takes no norm and no residual"):
+        gemv(x, w, push=(peers, 0), norm=(torch.ones(64, device=DEVICE), 1e-6))
+    # a split-K config is made whole: the norm needs every K tile of its row in one program
+    got = gemv(x, w, config=(32, 32, 4, 2, 2), norm=(torch.ones(64, device=DEVICE), 1e-6))
+    assert _rel_err(got, _rms_norm_ref(x, torch.ones(64), 1e-6).float() @ w.T) < 1e-6
+
+
+def test_column_parallel_matmuls_take_their_norm_only_on_cuda_at_decode_sizes(monkeypatch):
+    from kernels import gemv as gemv_mod
+
+    cuda = torch.device("cuda", 0)
+    assert not gemv_mod.takes_norm(64, 6144, torch.bfloat16, torch.device("cpu"))  # no PDL, no GPU
+    monkeypatch.setattr("kernels.gemv.use_pdl", lambda device: True)
+    monkeypatch.setattr("kernels.gemv.NORM_MIN_ROWS", 32)
+    assert gemv_mod.takes_norm(64, 6144, torch.bfloat16, cuda) and gemv_mod.takes_norm(32, 2048, torch.float32, cuda)
+    assert not gemv_mod.takes_norm(31, 6144, torch.bfloat16, cuda)  # under the measured minimum
+    assert not gemv_mod.takes_norm(65, 6144, torch.bfloat16, cuda)  # a prefill's rows: cuBLAS
+    assert not gemv_mod.takes_norm(64, 1536, torch.bfloat16, cuda)  # too narrow
+    monkeypatch.setenv("PAGEDSERVE_NORM_IN_MATMUL", "1")
+    assert gemv_mod.takes_norm(1, 6144, torch.bfloat16, cuda)
+    monkeypatch.setenv("PAGEDSERVE_NORM_IN_MATMUL", "0")
+    assert not gemv_mod.takes_norm(64, 6144, torch.bfloat16, cuda)
+    monkeypatch.setenv("PAGEDSERVE_NORM_IN_MATMUL", "yes")
+    with pytest.raises(ValueError, match="PAGEDSERVE_NORM_IN_MATMUL must be 0 or 1"):
+        gemv_mod.takes_norm(64, 6144, torch.bfloat16, cuda)
