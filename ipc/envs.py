@@ -119,17 +119,6 @@ def gated_gemv() -> bool | None:
     return None if value == "" else value == "1"
 
 
-def norm_in_matmul() -> bool | None:
-    """$PAGEDSERVE_NORM_IN_MATMUL: whether decode steps move each RMSNorm into the matmul after it (qkv_proj,
-    and gate_up_proj where it takes kernels.gemv.gated_gemv), with the residual add moved into the matmul
-    before it (kernels.gemv's `norm` and `residual`). "1": at 1-64 token rows, "0": never, unset (None):
-    kernels.gemv.takes_norm's default (NORM_MIN_ROWS)."""
-    value = os.environ.get("PAGEDSERVE_NORM_IN_MATMUL", "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"PAGEDSERVE_NORM_IN_MATMUL must be 0 or 1, not {value!r}")
-    return None if value == "" else value == "1"
-
-
 def reduce_in_matmul() -> bool | None:
     """$PAGEDSERVE_REDUCE_IN_MATMUL: whether tensor-parallel decode steps sum the ranks' o_proj and down_proj
     rows in those matmuls' epilogues, adding the residual there (kernels.gemv.reduce_gemv), with a plain

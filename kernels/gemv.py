@@ -74,14 +74,12 @@ def _gemv_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     b0, b1, b2, b3, b4, b5, b6, b7, push_offset,  # PUSH / REDUCE: the ranks' all-reduce buffers (_store_y)
-    region_bytes, res_ptr, stride_r,  # REDUCE (_store_reduced), RESIDUAL
-    nw_ptr, eps,  # NORM: the RMSNorm's weight [K] and epsilon
+    region_bytes, res_ptr, stride_r,  # REDUCE (_store_reduced)
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     LINE_ELEMS: tl.constexpr,
     PUSH: tl.constexpr = False, RANK: tl.constexpr = 0, WORLD: tl.constexpr = 1, ITYPE: tl.constexpr = tl.int16,
     SENT: tl.constexpr = 0, GATED: tl.constexpr = False, REDUCE: tl.constexpr = False,
-    NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if SPLIT_K == 1:  # all of K: the bound stays K itself, whose divisibility Triton knows (vector loads)
@@ -110,36 +108,17 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if GATED:  # W is [gate | up], N rows each: this program's up rows are N further on
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if NORM:
-        sumsq = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = (k0 + ks) < k_end
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         if GATED:
             u = tl.load(w_ptrs + N * stride_wn + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if NORM:  # RMSNorm(x) W^T = rstd * (x * g) W^T: the squares summed on the way, rstd applied after
-            xf = x.to(tl.float32)
-            sumsq += tl.sum(xf * xf, 1)
-            g = tl.load(nw_ptr + k0 + ks, mask=k_mask, other=0.0).to(tl.float32)
-            x = (xf * g[None, :]).to(x.dtype)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         if GATED:
             acc_up += tl.dot(x, tl.trans(u), input_precision=DOT_PRECISION)
-    if NORM:  # SPLIT_K 1 (the wrapper's checks): every program saw all of each row
-        rstd = tl.rsqrt(sumsq / K + eps)[:, None]
-        acc *= rstd
-        if GATED:
-            acc_up *= rstd
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if RESIDUAL:  # SPLIT_K 1, no push (the wrapper's checks)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        dtype = y_ptr.dtype.element_ty
-        r = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        h = (acc.to(dtype).to(tl.float32) + r).to(dtype)  # as the matmul's rounded output + kernels/rms_norm.py's add
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], h, mask=out_mask)
-    elif REDUCE:  # SPLIT_K 1, no bias (the wrapper's checks)
+    if REDUCE:  # SPLIT_K 1, no bias (the wrapper's checks)
         _store_reduced(acc, y_ptr, stride_ym, res_ptr, stride_r, rows, cols, out_mask, N,
                        b0, b1, b2, b3, b4, b5, b6, b7, push_offset, region_bytes, RANK, WORLD, ITYPE, SENT)
     elif GATED:  # SPLIT_K 1, no PUSH (the wrapper's checks)
@@ -295,12 +274,10 @@ def row_parallel_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | No
 
 
 def row_parallel_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                      push: tuple[PeerBuffers, int] | None = None, residual: torch.Tensor | None = None,
-                      ) -> torch.Tensor:
-    """`gemv` with `row_parallel_config`'s launch (where `takes_row_parallel`), `push` and `residual` as
-    in gemv."""
+                      push: tuple[PeerBuffers, int] | None = None) -> torch.Tensor:
+    """`gemv` with `row_parallel_config`'s launch (where `takes_row_parallel`), `push` as in gemv."""
     config, block_m = row_parallel_config(x.shape[0], x.dtype)
-    return gemv(x, weight, bias, config=config, push=push, block_m=block_m, residual=residual)
+    return gemv(x, weight, bias, config=config, push=push, block_m=block_m)
 
 
 ROW_PARALLEL_MIN_N = 2048
@@ -353,47 +330,9 @@ def takes_gated(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> 
     return device.type == "cuda" and use_pdl(device) and (forced or rows >= GATED_MIN_ROWS)
 
 
-def gated_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-    """silu(x gate^T) * (x up^T) for weight = [gate | up] ([2 D, K]): `gemv(..., gated=True)`; with
-    `norm`, x is RMSNorm'ed first (as in gemv)."""
-    return gemv(x, weight, bias, gated=True, norm=norm)
-
-
-def norm_config(rows: int, dtype: torch.dtype) -> tuple[Config, int | None]:
-    """(config, block_m) of a matmul with the RMSNorm before it in its prologue (`gemv(..., norm=)`, not
-    gated): qkv_proj. As row_parallel_config's launch, K unsplit."""
-    config, block_m = row_parallel_config(rows, dtype)
-    return (*config[:4], 1), (block_m or max(16, next_pow2(rows)))
-
-
-NORM_MIN_ROWS = 32
-"""Unless $PAGEDSERVE_NORM_IN_MATMUL says otherwise, the fewest token rows a decode step needs for its
-RMSNorms to move into the matmuls after them (`takes_norm`)."""
-
-
-def takes_norm(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a column-parallel matmul (qkv_proj) of `rows` token rows into `n` features applies the
-    RMSNorm before it in its own prologue (`gemv(..., norm=)`): NORM_MIN_ROWS-64 rows
-    ($PAGEDSERVE_NORM_IN_MATMUL=1: 1-64; =0: never), n >= ROW_PARALLEL_MIN_N, a CUDA device under PDL.
-    A gated MLP's gate_up takes its norm wherever it takes `gated_gemv`."""
-    forced = envs.norm_in_matmul()
-    if forced is False or not (0 < rows <= MAX_ROWS and n >= ROW_PARALLEL_MIN_N and dtype in SUPPORTED_DTYPES):
-        return False
-    return device.type == "cuda" and use_pdl(device) and (forced or rows >= NORM_MIN_ROWS)
-
-
-def takes_residual(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a row-parallel matmul at TP=1 (o_proj, down_proj) adds the residual in its epilogue
-    (`row_parallel_gemv(..., residual=)`), leaving the RMSNorm after it to the next matmul's prologue:
-    where it takes row_parallel_gemv and a column-parallel matmul of these rows takes its norm."""
-    return takes_row_parallel(rows, n, dtype, device) and takes_norm(rows, n, dtype, device)
-
-
-def fuses_norm() -> bool:
-    """Whether a gated MLP's gate_up, where it takes `gated_gemv` (takes_gated) and its input is a
-    layers' Prenorm, applies that norm in its prologue: unless $PAGEDSERVE_NORM_IN_MATMUL=0."""
-    return envs.norm_in_matmul() is not False
+def gated_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) for weight = [gate | up] ([2 D, K]): `gemv(..., gated=True)`."""
+    return gemv(x, weight, bias, gated=True)
 
 
 _WIDE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 64, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3),
@@ -449,24 +388,12 @@ def reduce_gemv(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers, slot:
     tensor; the RMSNorm after it is a plain one of h. Collective like kernels/all_reduce_rms_norm.py's
     calls, over the same flag-free buffers and slots 0 / 1: every rank calls with the same shapes and
     slot, and the slot is empty again after."""
-    _check_residual(residual, x.shape[0], weight.shape[0], x)
-    return _launch(x, weight, None, config, 2, None, None, False, (peers, slot, residual))
-
-
-def _check_residual(residual: torch.Tensor, m: int, n: int, x: torch.Tensor) -> None:
+    m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
         raise ValueError(f"residual must be a [{m}, {n}] {x.dtype} with a contiguous last dim, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
-    check_same_device(x.device, residual=residual)
-
-
-def _check_norm(norm: tuple[torch.Tensor, float], k: int, x: torch.Tensor) -> None:
-    weight, eps = norm
-    if weight.shape != (k,) or weight.stride(0) != 1 or not weight.is_floating_point():
-        raise ValueError(f"the norm's weight must be a contiguous float [{k}], got {tuple(weight.shape)} {weight.dtype}")
-    if not eps > 0:
-        raise ValueError(f"the norm's eps must be > 0, not {eps}")
-    check_same_device(x.device, norm_weight=weight)
+    check_same_device(weight.device, residual=residual)
+    return _launch(x, weight, None, config, 2, None, None, False, (peers, slot, residual))
 
 
 def gemv(
@@ -478,8 +405,6 @@ def gemv(
     push: tuple[PeerBuffers, int] | None = None,  # (peers, slot): also push y to them (see below)
     block_m: int | None = None,  # the dot tile's rows (16, 32 or 64, >= M); None: the smallest that holds M
     gated: bool = False,  # weight (and bias) are [gate | up]: return silu(x gate^T) * (x up^T), [M, N / 2]
-    norm: tuple[torch.Tensor, float] | None = None,  # (weight [K], eps): RMSNorm x first (see below)
-    residual: torch.Tensor | None = None,  # [M, N]: return x W^T (+ bias) + residual (see below)
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) as a new [M, N] tensor in x's dtype, for M <= 64 rows.
 
@@ -497,39 +422,15 @@ def gemv(
     `gated` (a gated MLP's merged gate_up projection, `gated_gemv`): each program computes the same
     columns of the gate and the up half and stores silu(gate) * up, rounded as the unfused matmul and
     kernels/activation.py's silu_and_mul round: one launch and no [M, N] intermediate. K is unsplit
-    and it takes `config` or gated_config's.
-
-    `norm` (the RMSNorm before a column-parallel matmul, qkv_proj or gate_up_proj): y = RMSNorm(x) W^T,
-    the norm's launch gone. RMSNorm(x) = rstd * (x * g) per row, so each program multiplies its x
-    tiles by g on the way into the dot, sums the rows' squares as it goes, and scales its float32
-    sums by rstd = 1 / sqrt(mean(x^2) + eps) at the end: no second pass over x. Rounding differs from
-    the unfused norm only in where the normalized row meets the dtype (x * g is rounded, then the sum
-    is scaled). K unsplit; `config` or norm_config's (gated: gated_config's).
-
-    `residual` (a row-parallel matmul at TP=1, o_proj or down_proj): y = x W^T (+ bias) + residual,
-    the new residual stream, rounded as the matmul's output then kernels/rms_norm.py's add round it;
-    the norm after it is then the next matmul's `norm`. K unsplit; `config` or row_parallel_config's."""
-    return _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, norm=norm, residual=residual)
+    and it takes `config` or gated_config's."""
+    return _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated)
 
 
-def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduce=None, norm=None, residual=None):
+def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduce=None):
     """gemv's launch; with `reduce` = (peers, slot, residual), reduce_gemv's (y is then h)."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
-    if norm is not None or residual is not None:
-        if push is not None or reduce is not None:
-            raise ValueError("a pushed or reducing matmul takes no norm and no residual")
-        if norm is not None:
-            _check_norm(norm, k, x)
-        if residual is not None:
-            if gated:
-                raise ValueError("a gated matmul takes no residual")
-            _check_residual(residual, m, n, x)
-        if config is None and not gated:
-            config, block_m = norm_config(m, x.dtype) if residual is None else row_parallel_config(m, x.dtype)
-        if config is not None:
-            config = (*config[:4], 1)  # K unsplit: the norm needs whole rows, the residual whole sums
     if reduce is not None:
         if gated or push is not None or bias is not None:
             raise ValueError("a reducing matmul takes no bias (it would be summed once per rank), no gate and no push")
@@ -566,16 +467,14 @@ def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduc
                   USE_PDL=pdl, LINE_ELEMS=line_elems, launch_pdl=pdl)
     operands = (x, weight, bias if bias is not None else weight, y)
     if reduce is not None:
-        peers, slot, reduce_residual = reduce
+        peers, slot, residual = reduce
         peer_args, push_meta = push_args(peers, slot, x.dtype)
         push_meta = dict(push_meta, PUSH=False, REDUCE=True)
-        fused_args = (peers.data_bytes, reduce_residual, reduce_residual.stride(0))
+        fused_args = (peers.data_bytes, residual, residual.stride(0))
     else:
         peer_args, push_meta = push_args(*push, x.dtype) if push is not None else ((0,) * 9, {})
-        fused_args = (0, y, 0) if residual is None else (0, residual, residual.stride(0))
-    norm_args = (weight, 0.0) if norm is None else (norm[0], float(norm[1]))
-    push_meta = dict(push_meta, NORM=norm is not None, RESIDUAL=residual is not None)
-    strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args, *fused_args, *norm_args)
+        fused_args = (0, y, 0)
+    strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args, *fused_args)
     if block_m > 16 and config is None and not envs.triton_interpret():  # (gated, pushed, reducing: set config)
         prefetch_k = max(line_elems, min(_WIDE_PREFETCH_COLS, prev_pow2(k)))
         _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](  # K unsplit: no scratch, no counters

@@ -92,8 +92,7 @@
 #   rank-emu               one GPU: 8B TP=1 batch 64, then a TP=2 rank's slices as a whole model (8b-rank2) at batch 64
 #                          twice: a TP=2 step without its collectives (~3.5 min)
 #   attn-ab1               one GPU: decode attention tests, ./old vs this tree on 8b-rank2 b64 (x2) and 8B TP=1 b64 (~5 min)
-#   norm-ab1               one GPU: RMSNorms in the matmuls after them: GPU tests, gpu_smoke --wide, qkv / gated sweeps
-#                          with the norm inside, 8B TP=1 b64 + b32 and 8b-rank2 b64 with the norm moved / not (~9.5 min)
+#   smoke-wide             one GPU: float32 greedy of 32 prompts at once == transformers, hidden-2048 Llama / Qwen2 (~2 min)
 #   rank-prof              one GPU: 8b-rank2 and 8B TP=1 at batch 64 under the profiler: per-kernel tables (~3 min)
 #   reduce-one             one GPU: reduce_gemv on two streams of one GPU (its epilogue on real memory), sweep_gemv.py
 #                          --reduce (cuBLAS + fused / push + poll / reduce + norm at world size 1) (~3 min)
@@ -873,22 +872,9 @@ stage_attn-ab1() {  # one GPU: decode attention GPU tests, then ./old against th
   AB_TREES="new old" ab_decode 1 64
 }
 
-stage_norm-ab1() {  # one GPU: each RMSNorm in the matmul after it (PAGEDSERVE_NORM_IN_MATMUL): the GEMV's norm and
-  # residual GPU tests, float32 greedy of 32 prompts at once == transformers (gpu_smoke.py --wide), qkv_proj and the
-  # gated gate_up swept with the norm inside against norm + cuBLAS, then 8B TP=1 b64 + b32 and 8b-rank2 b64 with
-  # PAGEDSERVE_NORM_IN_MATMUL unset / 0 (~9.5 min)
-  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/gpu_workers/test_elementwise.py \
-    -k "norm or residual" 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
-  run 120 "$PY" scripts/gpu_smoke.py "$OUT/smoke" --wide
-  run 100 "$PY" scripts/sweep_gemv.py --norm --projections qkv_proj --rows 64 32 --tp 1 2 --narrow --top 4
-  run 60 "$PY" scripts/sweep_gemv.py --norm --gated --rows 64 32 --tp 1 2 --configs "64,128,8,4" --block-m 64 --top 1
-  local on
-  for on in "" 0; do
-    PAGEDSERVE_NORM_IN_MATMUL=$on run 75 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
-      --batch-sizes 64 32 --output-len 256 --budget-s 70 --out "$OUT/tp1_8b_norm${on:-default}.json"
-    PAGEDSERVE_NORM_IN_MATMUL=$on run 65 "$PY" scripts/gpu_tp_check.py --size 8b-rank2 --tp 1 --skip-tp1 --skip-greedy \
-      --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/rank2_norm${on:-default}.json"
-  done
+stage_smoke-wide() {  # one GPU: float32 greedy of 32 prompts at once == transformers on hidden-2048 checkpoints (the
+  # decode step's GEMV launches at 32 rows; gpu_smoke.py --wide) (~2 min)
+  run 150 "$PY" scripts/gpu_smoke.py "$OUT/smoke" --wide
 }
 
 stage_rank-prof() {  # one GPU: one TP=2 rank's work (8b-rank2) and Llama-8B TP=1 at batch 64 under the profiler

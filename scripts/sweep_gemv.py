@@ -11,10 +11,6 @@ the fused all-reduce + RMSNorm, the pushing GEMV then the polling fused kernel (
 and reduce_gemv then a plain RMSNorm.
 With --gated the projection is gate_up_proj and every timing includes the activation: cuBLAS then
 kernels/activation.py's silu_and_mul, against the GEMV's gated launch (`gemv(..., gated=True)`).
-With --norm the GEMV applies the RMSNorm in its prologue (`gemv(..., norm=)`, x itself goes in), against
-the norm's launch then cuBLAS (and, --gated, then gated_config's launch):
-
-    python scripts/sweep_gemv.py --norm --projections qkv_proj --rows 64 32 --tp 1 2 --narrow
 """
 
 from __future__ import annotations
@@ -48,7 +44,6 @@ def main() -> None:
     p.add_argument("--block-m", type=int, nargs="+", default=[0], help="dot tile rows to try (0: from the rows)")
     p.add_argument("--gated", action="store_true", help="gate_up_proj with its SiLU-and-mul (see above)")
     p.add_argument("--reduce", action="store_true", help="the three all-reduce paths at world size 1 (see above)")
-    p.add_argument("--norm", action="store_true", help="the RMSNorm in the GEMV's prologue (see above)")
     args = p.parse_args()
     if args.reduce:
         return sweep_reduce(args)
@@ -66,8 +61,6 @@ def main() -> None:
         configs = [c for c in configs if c[0] > 16]
     if args.configs:
         configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
-    if args.norm or gated:  # K unsplit: the norm needs whole rows, the gated epilogue whole sums
-        configs = [c for c in configs if c[4:] in ((), (1,))]
     configs = [(c, bm) for c in configs for bm in args.block_m]
     for tp in args.tp:
         for proj in args.projections:
@@ -80,27 +73,17 @@ def main() -> None:
                 norm_us = bc.time_us(lambda i: rms_norm(x, nw, 1e-6), args.iters, device)
                 cublas = bc.time_us(lambda i: act(F.linear(rms_norm(x, nw, 1e-6), weights[i % copies])), args.iters,
                                     device)
-                ref = act(F.linear(rms_norm(x, nw, 1e-6) if args.norm else x, weights[0])).float()
+                ref = act(F.linear(x, weights[0])).float()
                 results = []
-                if args.norm and gated:  # the engine's launch before the norm moved in: norm, then gated_config's
-                    unfused = bc.time_us(lambda i: gemv_kernel.gated_gemv(rms_norm(x, nw, 1e-6), weights[i % copies]),
-                                         args.iters, device)
-                    print(f"    norm + gated_config's launch {unfused:.2f} us", flush=True)
-
-                def call(i, cfg, bm):
-                    if args.norm:  # the norm inside: x itself goes in
-                        return gemv_kernel.gemv(x, weights[i % copies], config=cfg, block_m=bm or None, gated=gated,
-                                                norm=(nw, 1e-6))
-                    return gemv_kernel.gemv(rms_norm(x, nw, 1e-6), weights[i % copies], config=cfg,
-                                            block_m=bm or None, gated=gated)
                 for cfg, bm in configs:
                     if bm and bm < rows:
                         continue
                     try:
-                        y = call(0, cfg, bm) if args.norm else gemv_kernel.gemv(x, weights[0], config=cfg,
-                                                                                block_m=bm or None, gated=gated)
+                        y = gemv_kernel.gemv(x, weights[0], config=cfg, block_m=bm or None, gated=gated)
                         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                        us = bc.time_us(lambda i: call(i, cfg, bm), args.iters, device)
+                        us = bc.time_us(lambda i: gemv_kernel.gemv(rms_norm(x, nw, 1e-6), weights[i % copies],
+                                                                   config=cfg, block_m=bm or None, gated=gated),
+                                        args.iters, device)
                         results.append((us, (cfg, bm or "auto"), err))
                     except Exception as e:  # out of resources
                         print(f"  {cfg}: {type(e).__name__}", flush=True)

@@ -17,7 +17,7 @@ from torch import nn
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from gpu_workers.distributed import get_tp_group
 from gpu_workers.models import elementwise
-from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, Prenorm, QKVParallelLinear, Reduced,
+from gpu_workers.models.parallel_layers import (MergedColumnParallelLinear, QKVParallelLinear, Reduced,
                                                 RowParallelLinear, default_weight_loader)
 from ipc import envs
 
@@ -143,21 +143,15 @@ class SiluAndMulMLP(nn.Module):
             hidden_size, {0: intermediate_size, 1: intermediate_size}, bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, reduce_results)
 
-    def forward(self, x: torch.Tensor | Prenorm, residual: torch.Tensor | None = None) -> torch.Tensor | Reduced:
-        """x: the post-attention norm's output, or a Prenorm (that norm still to apply); `residual`:
-        down_proj's (RowParallelLinear.forward)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | Reduced:
+        """`residual`: down_proj's (RowParallelLinear.forward)."""
         from kernels import gemv
 
         weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
-        h = x.x if isinstance(x, Prenorm) else x
-        if (h.dim() == 2 and gemv.takes_gated(h.shape[0], weight.shape[0] // 2, h.dtype, h.device)
-                and weight.dtype == h.dtype and (bias is None or bias.dtype == h.dtype)
-                and (not isinstance(x, Prenorm) or gemv.fuses_norm())):
-            # a decode step: the norm (a Prenorm's), the matmul and the activation in one launch (kernels/gemv.py)
-            norm = x.args if isinstance(x, Prenorm) else None
-            return self.down_proj(gemv.gated_gemv(h.contiguous(), weight, bias, norm), residual)
-        if isinstance(x, Prenorm):
-            x = x.normed()
+        if (x.dim() == 2 and gemv.takes_gated(x.shape[0], weight.shape[0] // 2, x.dtype, x.device)
+                and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
+            # a decode step: the matmul and the activation in one launch (kernels/gemv.py, gated)
+            return self.down_proj(gemv.gated_gemv(x.contiguous(), weight, bias), residual)
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size / tp]
         if elementwise.use_triton(gate_up):  # fused Triton kernel (see elementwise.py)
             return self.down_proj(elementwise.silu_and_mul(gate_up), residual)
@@ -211,8 +205,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor | Reduced:
-        """hidden_states: the input norm's output, or a Prenorm (qkv_proj applies it); `residual`:
-        o_proj's (RowParallelLinear.forward)."""
+        """`residual`: o_proj's (RowParallelLinear.forward)."""
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]

@@ -15,7 +15,7 @@ from torch import nn
 from gpu_workers.attention.base import AttentionBackend, AttentionMetadata
 from gpu_workers.distributed import get_tp_group
 from gpu_workers.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMulMLP, rope_parameters
-from gpu_workers.models.parallel_layers import (ParallelLMHead, Prenorm, Reduced, VocabParallelEmbedding,
+from gpu_workers.models.parallel_layers import (ParallelLMHead, Reduced, VocabParallelEmbedding,
                                                 check_tensor_parallel, default_weight_loader)
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ class LlamaDecoderLayer(nn.Module):
         # With tensor parallelism, o_proj and down_proj (when they have no bias) leave their partial
         # sums to the RMSNorm after them, which sums them over the ranks fused with its residual add.
         tp_size = get_tp_group().world_size
-        self.single = tp_size == 1
         self.attn_partial = tp_size > 1 and not o_bias
         self.mlp_partial = tp_size > 1 and not mlp_bias
         # Fused reductions alternate staging slots (0 after attention, 1 after the MLP: a forward pass
@@ -65,30 +64,27 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden_states, residual, kv_cache, meta):
         """hidden_states: the previous layer's MLP output: partial sums when mlp_partial (every layer
-        alike), or Reduced (its down_proj added the residual itself, and summed over the ranks). Returns
-        this layer's MLP output (likewise) and the residual stream."""
-        if isinstance(hidden_states, Reduced):  # the input norm is left to qkv_proj (Prenorm)
+        alike), or Reduced (its down_proj summed them over the ranks and added the residual itself).
+        Returns this layer's MLP output (likewise) and the residual stream."""
+        if isinstance(hidden_states, Reduced):
             residual = hidden_states.h
-            hidden_states = Prenorm(residual, self.input_layernorm)
+            hidden_states = self.input_layernorm(residual)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual, self.mlp_partial, self.mlp_slot,
                                                            self.self_attn.qkv_proj.weight)
         return self.forward_normed(positions, hidden_states, residual, kv_cache, meta)
 
     def forward_normed(self, positions, hidden_states, residual, kv_cache, meta):
-        """The layer after its input norm: hidden_states is input_layernorm's output or a Prenorm of it
-        (the first layer's comes from the embedding, normed with its lookup). o_proj and down_proj get
-        the residual: at TP=1, and with tensor parallelism where they leave their partial sums to the
-        next norm, their epilogues may add it (Reduced)."""
-        out = self.self_attn(positions, hidden_states, kv_cache, meta, residual if self.attn_partial or self.single
-                             else None)
-        if isinstance(out, Reduced):  # o_proj added the residual in its epilogue (and summed over the ranks)
+        """The layer after its input norm: hidden_states is input_layernorm's output (the first
+        layer's comes from the embedding, normed with its lookup)."""
+        out = self.self_attn(positions, hidden_states, kv_cache, meta, residual if self.attn_partial else None)
+        if isinstance(out, Reduced):  # o_proj summed over the ranks and added the residual in its epilogue
             residual = out.h
-            hidden_states = Prenorm(residual, self.post_attention_layernorm)  # left to gate_up_proj
+            hidden_states = self.post_attention_layernorm(residual)
         else:
             hidden_states, residual = self.post_attention_layernorm(out, residual, self.attn_partial, self.attn_slot,
                                                                     self.mlp.gate_up_proj.weight)
-        return self.mlp(hidden_states, residual if self.mlp_partial or self.single else None), residual
+        return self.mlp(hidden_states, residual if self.mlp_partial else None), residual
 
 
 def head_dim_of(hf_config) -> int:

@@ -82,29 +82,11 @@ def split_heads(num_heads: int, num_kv_heads: int, tp_rank: int, tp_size: int) -
 
 
 class Reduced(NamedTuple):
-    """A row-parallel layer's output with the residual already added by its matmul's own epilogue
-    (and, with tensor parallelism, summed over the ranks: kernels.gemv.reduce_gemv; at TP=1
-    row_parallel_gemv's `residual`): the new residual stream. The RMSNorm after it is a plain one of h
-    (no all-reduce launch between them), or the next matmul's prologue (`Prenorm`)."""
+    """A row-parallel layer's output already summed over the ranks, with the residual added, by its
+    matmul's own epilogue (kernels.gemv.reduce_gemv): the new residual stream. The RMSNorm after it is
+    a plain one of h (no all-reduce launch between them)."""
 
     h: torch.Tensor  # [num_tokens, hidden]
-
-
-class Prenorm(NamedTuple):
-    """An RMSNorm of x left to the matmul after it: a column-parallel layer (qkv_proj, gate_up_proj)
-    given a Prenorm applies the norm in its own prologue where kernels.gemv takes it (`norm=`), and
-    otherwise in the norm's own launch (`normed`)."""
-
-    x: torch.Tensor  # [num_tokens, hidden]: the residual stream
-    norm: nn.Module  # layers.RMSNorm: .weight, .eps
-
-    def normed(self) -> torch.Tensor:
-        return self.norm(self.x)
-
-    @property
-    def args(self) -> tuple[torch.Tensor, float]:
-        """kernels.gemv's `norm` argument."""
-        return self.norm.weight, self.norm.eps
 
 
 class Linear(nn.Module):
@@ -126,17 +108,7 @@ class Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         default_weight_loader(param, loaded, shard_id)
 
-    def forward(self, x: torch.Tensor | Prenorm) -> torch.Tensor:
-        """x W^T (+ b); for a Prenorm, RMSNorm(x) W^T (+ b), the norm in the matmul's prologue where
-        kernels.gemv.takes_norm says so."""
-        if isinstance(x, Prenorm):
-            from kernels import gemv
-
-            h = x.x
-            if (h.dim() == 2 and gemv.takes_norm(h.shape[0], self.output_size, h.dtype, h.device)
-                    and self.weight.dtype == h.dtype and (self.bias is None or self.bias.dtype == h.dtype)):
-                return gemv.gemv(h.contiguous(), self.weight, self.bias, norm=x.args)
-            x = x.normed()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return elementwise.linear(x, self.weight, self.bias)
 
 
@@ -245,15 +217,8 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | Reduced:
         """reduce_results=False: this rank's partial sums; or, given the `residual` and where
         TPGroup.matmul_reduce takes these rows, Reduced(the sum over the ranks + residual), summed by the
-        matmul's own epilogue. At TP=1, given the `residual` and where kernels.gemv.takes_residual says
-        so, Reduced(x W^T (+ b) + residual), added by the matmul's epilogue; else x W^T (+ b)."""
+        matmul's own epilogue."""
         if self.tp.world_size == 1:
-            if residual is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
-                from kernels import gemv
-
-                if (gemv.takes_residual(x.shape[0], self.output_size, x.dtype, x.device)
-                        and (self.bias is None or self.bias.dtype == x.dtype)):
-                    return Reduced(gemv.row_parallel_gemv(x.contiguous(), self.weight, self.bias, residual=residual))
             return self._matmul(x, self.bias)
         if residual is not None and not self.reduce_results and x.dim() == 2 and x.dtype == self.weight.dtype:
             reduce = self.tp.matmul_reduce(x.shape[0], self.output_size, x, self.push_slot)

@@ -127,39 +127,6 @@ def test_decode_step_does_rope_and_kv_write_inside_attention(variant, tmp_path, 
     assert ((got_off - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_decode_step_moves_each_norm_into_the_matmul_after_it(variant, tmp_path, monkeypatch):
-    """Where kernels.gemv takes them (forced here, on the interpreter): o_proj and down_proj add the
-    residual in their epilogues, and qkv_proj and the gated gate_up apply the RMSNorm before them in
-    their prologues, so a layer runs no norm launch of its own: the step's only rms_norm launches are
-    the embedding's and the final norm. Same logits as the torch path (biases included, in the llama
-    variant). Where no matmul takes its norm ($PAGEDSERVE_NORM_IN_MATMUL=0), every norm launch is back."""
-    from kernels import gemv as gemv_mod
-
-    arch, overrides = VARIANTS[variant]
-    path = make_tiny_checkpoint(arch, tmp_path / variant, **overrides)
-    model = load_model(path, torch.float32, DEVICE, get_attention_backend("triton", torch.device(DEVICE)))
-    ref, _ = decode_step(model, "torch", monkeypatch)
-    for name in ("takes_row_parallel", "takes_gated", "takes_norm"):
-        monkeypatch.setattr(gemv_mod, name, lambda rows, n, dtype, device, push=False: True)
-    norms, normed_matmuls = [], []
-    monkeypatch.setattr(elementwise, "rms_norm", lambda *a, _fn=elementwise.rms_norm: norms.append(1) or _fn(*a))
-    monkeypatch.setattr(gemv_mod, "_launch", lambda *a, _fn=gemv_mod._launch, **kw:
-                        normed_matmuls.append(kw.get("norm") is not None) or _fn(*a, **kw))
-    got, _ = decode_step(model, "triton", monkeypatch)
-    layers = model.config.num_hidden_layers
-    assert len(norms) == 2  # the embedding's and the final norm: none inside a layer
-    # GEMV launches a layer: qkv (normed), o_proj (+ residual), gate_up (gated, normed), down_proj (+ residual);
-    # layer 0's qkv takes the embedding's normed output on cuBLAS
-    assert normed_matmuls == [False, True, False] + [True, False, True, False] * (layers - 1)
-    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
-    monkeypatch.setattr(gemv_mod, "takes_norm", lambda rows, n, dtype, device: False)  # as NORM_IN_MATMUL=0
-    norms.clear()
-    got_off, _ = decode_step(model, "triton", monkeypatch)
-    assert len(norms) == 2 * layers + 1
-    assert ((got_off - ref).norm() / ref.norm()).item() < 1e-5
-
-
 def test_path_choice(monkeypatch):
     cpu = torch.ones(1)
     monkeypatch.setattr(elementwise, "MODE", None)

@@ -39,7 +39,7 @@ NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write
          "decode_attention+rope", "decode_attention+rope_norm", "decode_attention+8b_rope",
          "prefill_attention", "sampling",
          "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+row_parallel_fp32",
-         "gemv+row_parallel_split", "gemv+gated", "gemv+gated_fp32", "gemv+norm", "gemv+gated_norm", "gemv+residual", "gemv+reduce", "gemv+reduce_fp32", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
+         "gemv+row_parallel_split", "gemv+gated", "gemv+gated_fp32", "gemv+reduce", "gemv+reduce_fp32", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
          "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32",
          "all_reduce_rms_norm+embedding"]
 
@@ -202,17 +202,6 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
         gemv_mod.gated_gemv(torch.randn(64, 256, dtype=gdt), torch.randn(128, 256, dtype=gdt))
 
-    # the norm in the prologue (qkv_proj with norm_config, the gated gate_up) and the residual in the epilogue
-    # (o_proj / down_proj at TP=1, row_parallel_config) of a batch-64 decode step
-    norm = (torch.ones(256, dtype=dt), 1e-6)
-    record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, "gemv+norm")
-    gemv_mod.gemv(torch.randn(64, 256, dtype=dt), torch.randn(4096, 256, dtype=dt), norm=norm)
-    record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, "gemv+gated_norm")
-    gemv_mod.gated_gemv(torch.randn(64, 256, dtype=dt), torch.randn(128, 256, dtype=dt), norm=norm)
-    record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, "gemv+residual")
-    gemv_mod.row_parallel_gemv(torch.randn(64, 256, dtype=dt), torch.randn(4096, 256, dtype=dt),
-                               residual=torch.randn(64, 4096, dtype=dt))
-
     # Run as one rank (the interpreter has no peer), built as rank 0 of 2 at Llama-8B's hidden size.
     buffer = torch.zeros(fused_mod.buffer_bytes(1 << 16, 1), dtype=torch.uint8)
     peers = fused_mod.PeerBuffers(torch.tensor([buffer.data_ptr()]), 0, 1, 1 << 16)
@@ -272,7 +261,7 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
     for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+gated",
-                 "gemv+norm", "gemv+gated_norm", "gemv+residual", "decode_attention+prefetch"):
+                 "decode_attention+prefetch"):
         assert "prefetch.global.L2" in results[name]["ptx_head"], name  # the weight prefetch before the wait
     for name in ("gemv+reduce", "gemv+reduce_fp32"):  # the peer's tile polled with volatile loads, then emptied
         assert "ld.volatile.global" in results[name]["ptx"], name
