@@ -136,6 +136,17 @@ def test_bench_attention_reports_kernels_that_agree_with_sdpa(tmp_path):
     assert row["best"]["us"] == min(cell["us"] for cell in row["grid"])  # the best of every (splits, tile) pair
 
 
+def test_bench_norm_prologue_variants_that_do_the_whole_norm_match_torch():
+    """The kernel variants behind keeping the RMSNorm its own launch (BENCHMARKS.md, session 19): the two
+    that apply the whole norm in the GEMV's K loop compute RMSNorm(x) W^T (--check, interpreter, float32);
+    a wrong sum of squares or a missed g would show."""
+    run = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_norm_prologue.py"), "--device", "cpu",
+                          "--check"], check=True, timeout=120, capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    errs = [float(e) for e in re.findall(r"rel err ([0-9.e+-]+)", run.stdout)]
+    assert len(errs) == 2 and max(errs) < 1e-5, run.stdout
+
+
 def test_bench_sampling_times_every_path_for_every_setting():
     """The CPU smoke mode of the sampling benchmark prints, per filter setting, the four paths' times
     (sort, top-p search, search + Gumbel race, Triton kernel; GPU-alone times are nan without a GPU)."""
