@@ -93,6 +93,7 @@
 #                          twice: a TP=2 step without its collectives (~3.5 min)
 #   attn-ab1               one GPU: decode attention tests, ./old vs this tree on 8b-rank2 b64 (x2) and 8B TP=1 b64 (~5 min)
 #   smoke-wide             one GPU: float32 greedy of 32 prompts at once == transformers, hidden-2048 Llama / Qwen2 (~2 min)
+#   rank-steps             one GPU: 8b-rank2 and 8B TP=1 b64 under the worker's step timer (GPU gap, CPU phases) (~2.5 min)
 #   rank-prof              one GPU: 8b-rank2 and 8B TP=1 at batch 64 under the profiler: per-kernel tables (~3 min)
 #   reduce-one             one GPU: reduce_gemv on two streams of one GPU (its epilogue on real memory), sweep_gemv.py
 #                          --reduce (cuBLAS + fused / push + poll / reduce + norm at world size 1) (~3 min)
@@ -875,6 +876,15 @@ stage_attn-ab1() {  # one GPU: decode attention GPU tests, then ./old against th
 stage_smoke-wide() {  # one GPU: float32 greedy of 32 prompts at once == transformers on hidden-2048 checkpoints (the
   # decode step's GEMV launches at 32 rows; gpu_smoke.py --wide) (~2 min)
   run 150 "$PY" scripts/gpu_smoke.py "$OUT/smoke" --wide
+}
+
+stage_rank-steps() {  # one GPU: 8b-rank2 and 8B TP=1 at batch 64 with the worker's step timer (GPU step, GPU gap,
+  # CPU phases; the summary lines land in the log) (~2.5 min)
+  local size
+  for size in 8b-rank2 8b; do
+    PAGEDSERVE_STEP_TIMING=1 run 75 "$PY" scripts/gpu_tp_check.py --size $size --tp 1 --skip-tp1 --skip-greedy \
+      --batch-sizes 64 --output-len 512 --budget-s 70 --out "$OUT/steps_$size.json"
+  done
 }
 
 stage_rank-prof() {  # one GPU: one TP=2 rank's work (8b-rank2) and Llama-8B TP=1 at batch 64 under the profiler
