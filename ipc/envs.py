@@ -119,6 +119,16 @@ def gated_gemv() -> bool | None:
     return None if value == "" else value == "1"
 
 
+def qkv_rope_gemv() -> bool | None:
+    """$PAGEDSERVE_QKV_ROPE_GEMV: whether an attention layer's qkv projection runs with RoPE and the K/V
+    cache write in its epilogue (kernels.gemv.qkv_rope_gemv), the rotary launch gone. "1": at 1-64 token
+    rows, "0": never, unset (None): where kernels.gemv.takes_qkv_rope measured it faster."""
+    value = os.environ.get("PAGEDSERVE_QKV_ROPE_GEMV", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PAGEDSERVE_QKV_ROPE_GEMV must be 0 or 1, not {value!r}")
+    return None if value == "" else value == "1"
+
+
 def reduce_in_matmul() -> bool | None:
     """$PAGEDSERVE_REDUCE_IN_MATMUL: whether tensor-parallel decode steps sum the ranks' o_proj and down_proj
     rows in those matmuls' epilogues, adding the residual there (kernels.gemv.reduce_gemv), with a plain

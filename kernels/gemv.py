@@ -53,13 +53,15 @@ Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, se
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ipc import envs
 from kernels.decode_attention import _num_sms, _SplitCounters
-from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
+from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
 from kernels.peer_rows import PeerBuffers, _base, _sanitized, check_pushable, push_args
 from kernels.prefetch import LINE, l2_prefetch
@@ -75,20 +77,32 @@ def _gemv_kernel(
     stride_xm, stride_wn, stride_ym,
     b0, b1, b2, b3, b4, b5, b6, b7, push_offset,  # PUSH / REDUCE: the ranks' all-reduce buffers (_store_y)
     region_bytes, res_ptr, stride_r,  # REDUCE (_store_reduced)
+    # ROPE (_store_rope): the tokens' positions and cache slots, RoPE's cos / sin [max_position, HEAD_DIM / 2]
+    # float32, the paged K / V caches (a slot a row) and this rank's head counts
+    pos_ptr, cos_ptr, sin_ptr, stride_cos, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_ch,
+    num_heads, num_kv_heads,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     LINE_ELEMS: tl.constexpr,
     PUSH: tl.constexpr = False, RANK: tl.constexpr = 0, WORLD: tl.constexpr = 1, ITYPE: tl.constexpr = tl.int16,
     SENT: tl.constexpr = 0, GATED: tl.constexpr = False, REDUCE: tl.constexpr = False,
+    ROPE: tl.constexpr = False, HEAD_DIM: tl.constexpr = 128,
 ):
     pid = tl.program_id(0)
+    PAIRED: tl.constexpr = GATED or ROPE  # two blocks of W rows a program, summed into acc and acc_up
     if SPLIT_K == 1:  # all of K: the bound stays K itself, whose divisibility Triton knows (vector loads)
         k_start = 0
         k_end = K
     else:  # this program's K range, whole BLOCK_K tiles
         k_start = tl.program_id(1) * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features of this program
+    if ROPE:  # head pid // QUARTERS, features [j, j + BLOCK_N) of its first half and the same of its second
+        QUARTERS: tl.constexpr = HEAD_DIM // 2 // BLOCK_N
+        cols = (pid // QUARTERS) * HEAD_DIM + (pid % QUARTERS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pair_rows = HEAD_DIM // 2
+    else:
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features of this program
+        pair_rows = N  # GATED: W is [gate | up], N rows each
     col_mask = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     if USE_PDL:
@@ -97,8 +111,8 @@ def _gemv_kernel(
         lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS, k_end - 1)  # in bounds
         safe_rows = w_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_wn  # in-bounds rows
         l2_prefetch(safe_rows + lines[None, :])  # [BLOCK_N, PREFETCH_K / LINE_ELEMS] cache lines
-        if GATED:  # ... and the same lines of the up rows
-            l2_prefetch(safe_rows + N * stride_wn + lines[None, :])
+        if PAIRED:  # ... and the same lines of the paired rows
+            l2_prefetch(safe_rows + pair_rows * stride_wn + lines[None, :])
     pdl_prologue(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
@@ -106,16 +120,16 @@ def _gemv_kernel(
     w_ptrs = w_rows + ks[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]  # [BLOCK_M, BLOCK_K]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if GATED:  # W is [gate | up], N rows each: this program's up rows are N further on
+    if PAIRED:  # this program's paired rows are pair_rows further on (GATED: up; ROPE: the head's second half)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = (k0 + ks) < k_end
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if GATED:
-            u = tl.load(w_ptrs + N * stride_wn + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if PAIRED:
+            u = tl.load(w_ptrs + pair_rows * stride_wn + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-        if GATED:
+        if PAIRED:
             acc_up += tl.dot(x, tl.trans(u), input_precision=DOT_PRECISION)
     out_mask = row_mask[:, None] & col_mask[None, :]
     if REDUCE:  # SPLIT_K 1, no bias (the wrapper's checks)
@@ -123,6 +137,10 @@ def _gemv_kernel(
                        b0, b1, b2, b3, b4, b5, b6, b7, push_offset, region_bytes, RANK, WORLD, ITYPE, SENT)
     elif GATED:  # SPLIT_K 1, no PUSH (the wrapper's checks)
         _store_gated(acc, acc_up, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N, HAS_BIAS)
+    elif ROPE:  # SPLIT_K 1, no PUSH (the wrapper's checks)
+        _store_rope(acc, acc_up, b_ptr, y_ptr, stride_ym, rows, row_mask, cols, pos_ptr, cos_ptr, sin_ptr,
+                    stride_cos, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_ch, num_heads, num_kv_heads,
+                    HAS_BIAS, HEAD_DIM)
     elif SPLIT_K > 1:
         # Partial sums to scratch; the last of the column tile's SPLIT_K programs to arrive adds them in
         # split order (the same sum whoever arrives last) and writes y. The barrier orders every thread's
@@ -213,6 +231,45 @@ def _store_gated(gate, up, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_ma
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     y = act * up.to(dtype).to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(dtype), mask=out_mask)
+
+
+@triton.jit
+def _store_rope(x1, x2, b_ptr, q_ptr, stride_qt, rows, row_mask, cols, pos_ptr, cos_ptr, sin_ptr, stride_cos,
+                slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_ch, num_heads, num_kv_heads,
+                HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A finished pair of [BLOCK_M, BLOCK_N] tiles of one head (x1: features d of its first half, x2: the
+    same of its second): a query head is rotated and stored into q [M, num_heads, HEAD_DIM]; a key head
+    rotated and a value head as it is stored into the paged cache at each token's slot (< 0: a padding
+    token, nothing stored). Rounded as the unfused path rounds: the matmul's output to the dtype, then
+    kernels/rotary.py's float32 rotation rounded once."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dtype = q_ptr.dtype.element_ty
+    head = cols // HEAD_DIM  # [BLOCK_N], every column the program's head
+    d = cols % HEAD_DIM  # [BLOCK_N] features within the first half
+    if HAS_BIAS:
+        x1 += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+        x2 += tl.load(b_ptr + cols + HALF).to(tl.float32)[None, :]
+    x1 = x1.to(dtype).to(tl.float32)
+    x2 = x2.to(dtype).to(tl.float32)
+    rotated = (head < num_heads + num_kv_heads)[None, :]  # query and key heads; a value head is stored as it is
+    pos = tl.load(pos_ptr + rows, mask=row_mask, other=0)  # [BLOCK_M]
+    cs = pos.to(tl.int64)[:, None] * stride_cos + d[None, :]
+    cos = tl.load(cos_ptr + cs, mask=row_mask[:, None] & rotated, other=1.0)
+    sin = tl.load(sin_ptr + cs, mask=row_mask[:, None] & rotated, other=0.0)  # a value head: cos 1, sin 0
+    x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    is_q = (head < num_heads)[None, :]
+    q = q_ptr + rows[:, None] * stride_qt + cols[None, :]  # q's rows are [num_heads * HEAD_DIM]
+    tl.store(q, x1.to(dtype), mask=row_mask[:, None] & is_q)
+    tl.store(q + HALF, x2.to(dtype), mask=row_mask[:, None] & is_q)
+    slot = tl.load(slot_ptr + rows, mask=row_mask, other=-1).to(tl.int64)  # [BLOCK_M]
+    is_k = head < num_heads + num_kv_heads
+    kv_off = (head - num_heads - tl.where(is_k, 0, num_kv_heads)) * stride_ch + d  # [BLOCK_N]
+    kv_mask = (row_mask & (slot >= 0))[:, None] & ~is_q
+    dst = slot[:, None] * stride_cs + kv_off[None, :]  # element offsets into either cache
+    tl.store(k_cache_ptr + dst, x1.to(dtype), mask=kv_mask & is_k[None, :])
+    tl.store(k_cache_ptr + dst + HALF, x2.to(dtype), mask=kv_mask & is_k[None, :])
+    tl.store(v_cache_ptr + dst, x1.to(dtype), mask=kv_mask & ~is_k[None, :])
+    tl.store(v_cache_ptr + dst + HALF, x2.to(dtype), mask=kv_mask & ~is_k[None, :])
 
 
 Config = tuple[int, int, int, int] | tuple[int, int, int, int, int]
@@ -335,6 +392,98 @@ def gated_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return gemv(x, weight, bias, gated=True)
 
 
+class _Rope(NamedTuple):
+    """qkv_rope_gemv's operands besides the matmul's."""
+
+    positions: torch.Tensor  # [M] int
+    cos_cache: torch.Tensor  # [max_position, head_dim / 2] float32
+    sin_cache: torch.Tensor
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor  # [M] int, < 0: not stored
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def qkv_rope_config(rows: int, n: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                    ) -> tuple[Config, int]:
+    """(config, block_m) of `qkv_rope_gemv`'s launch: BLOCK_N features of each half of a head a program
+    (so its columns hold both features of every RoPE pair): 32 where the n / 64 programs still cover
+    two thirds of the SMs (Llama-8B at TP=1: 96), else 16 (a TP=2 rank: 96 programs of 2 x 16), the
+    tile widths sweep_gemv.py found best for these shapes (session 19, qkv_proj at 64 rows: TP=1 64
+    columns a program 18.65 us, cuBLAS 18.40; a TP=2 rank 32 columns 11.54-11.60, cuBLAS 11.73, each
+    with the RMSNorm before it). 128-wide K tiles in 6 stages on 4 warps (float32: 64-wide, 8 warps);
+    the dot tile 64 rows over 16."""
+    half = head_dim // 2
+    block_n = 32 if half % 32 == 0 and n // 64 >= 2 * _num_sms(device) // 3 else 16
+    block_k, warps = (128, 4) if dtype.itemsize <= 2 else (64, 8)
+    return (block_n, block_k, warps, 6, 1), (64 if rows > 16 else 16)
+
+
+QKV_ROPE_MIN_ROWS = 17
+"""Unless $PAGEDSERVE_QKV_ROPE_GEMV says otherwise, the fewest token rows a step needs for its qkv_proj to
+take `qkv_rope_gemv` (below it, small decode steps rotate inside decode attention instead)."""
+
+
+def takes_qkv_rope(rows: int, n: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a qkv_proj of `rows` token rows into `n` features runs as `qkv_rope_gemv`:
+    QKV_ROPE_MIN_ROWS-64 rows ($PAGEDSERVE_QKV_ROPE_GEMV=1: 1-64; =0: never), n >= 2048, a head_dim
+    that is a multiple of 32, a CUDA device under PDL. Shape, dtype and device kind only."""
+    forced = envs.qkv_rope_gemv()
+    if forced is False or not (0 < rows <= MAX_ROWS and n >= ROW_PARALLEL_MIN_N and dtype in SUPPORTED_DTYPES
+                               and head_dim % 32 == 0):
+        return False
+    return device.type == "cuda" and use_pdl(device) and (forced or rows >= QKV_ROPE_MIN_ROWS)
+
+
+def qkv_rope_gemv(
+    x: torch.Tensor,  # [M, hidden]
+    weight: torch.Tensor,  # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]: [ q | k | v ]
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,  # [M] int64 / int32
+    cos_cache: torch.Tensor,  # [max_position, head_dim / 2] float32
+    sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [M] int64 / int32; < 0: a padding token, nothing stored
+    num_heads: int,
+    num_kv_heads: int,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """An attention layer's merged qkv projection with RoPE and the K/V cache write in its epilogue:
+    returns the rotated q [M, num_heads, head_dim]; k (rotated) and v go straight to their cache slots.
+    What F.linear then kernels/rotary.py's apply_rotary_and_write_kv compute, rounded alike, in one
+    launch and with no [M, qkv] intermediate. Each program computes the same BLOCK_N features of both
+    halves of one head (the rotation's pairs), as the gated launch computes gate and up:
+
+        program of head h, features d..d+BLOCK_N:  K loop ──► x1 = y[:, h, d:], x2 = y[:, h, D/2 + d:]
+            query head: rotate, store q        key head: rotate, store at the slots        value: store"""
+    head_dim = 2 * cos_cache.shape[1]
+    if weight.shape[0] != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 32:
+        raise ValueError(f"weight {tuple(weight.shape)} is not [({num_heads} + 2 * {num_kv_heads}) * {head_dim}, K] "
+                         f"with a head_dim that is a multiple of 32")
+    check_kv_cache(k_cache, v_cache)
+    if tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim) or k_cache.dtype != x.dtype:
+        raise ValueError(f"the caches {tuple(k_cache.shape)} {k_cache.dtype} must hold {num_kv_heads} KV heads of "
+                         f"{head_dim} in {x.dtype}")
+    if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
+        raise ValueError(f"the caches must be contiguous over (block, offset) so a slot is a row; strides "
+                         f"{k_cache.stride()}")
+    if cos_cache.dtype != torch.float32 or sin_cache.shape != cos_cache.shape or cos_cache.stride(1) != 1 \
+            or sin_cache.stride() != cos_cache.stride():
+        raise ValueError("cos_cache and sin_cache must be alike float32 [max_position, head_dim / 2], rows contiguous")
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        check_int_dtype(name, t, (torch.int64, torch.int32))
+        if t.shape != (x.shape[0],) or t.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous [{x.shape[0]}], got {tuple(t.shape)}")
+    check_same_device(x.device, positions=positions, cos_cache=cos_cache, sin_cache=sin_cache, k_cache=k_cache,
+                      slot_mapping=slot_mapping)
+    rope = _Rope(positions, cos_cache, sin_cache, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+    q = _launch(x, weight, bias, config, 2, None, None, False, rope=rope)
+    return q.view(x.shape[0], num_heads, head_dim)
+
+
 _WIDE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 64, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3),
                  (64, 64, 4, 6), (64, 128, 4, 4), (64, 128, 8, 4)]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages) tried for 17-64 rows, K unsplit: Triton times each once per
@@ -426,11 +575,20 @@ def gemv(
     return _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated)
 
 
-def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduce=None):
-    """gemv's launch; with `reduce` = (peers, slot, residual), reduce_gemv's (y is then h)."""
+def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduce=None, rope=None):
+    """gemv's launch; with `reduce` = (peers, slot, residual), reduce_gemv's (y is then h); with `rope`,
+    qkv_rope_gemv's (a _Rope; y is then q)."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
+    if rope is not None:
+        if gated or push is not None or reduce is not None:
+            raise ValueError("a qkv + RoPE matmul takes no gate, no push and no reduction")
+        if config is None:
+            config, block_m = qkv_rope_config(m, n, rope.head_dim, x.dtype, x.device)
+        if config[4:] not in ((), (1,)) or (rope.head_dim // 2) % config[0]:
+            raise ValueError(f"a qkv + RoPE launch must leave K unsplit and tile half a head ({rope.head_dim // 2}) "
+                             f"with its BLOCK_N, not {config}")
     if reduce is not None:
         if gated or push is not None or bias is not None:
             raise ValueError("a reducing matmul takes no bias (it would be summed once per rank), no gate and no push")
@@ -455,7 +613,7 @@ def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduc
             raise ValueError("a pushed matmul has no bias (it would be summed once per rank)")
         if config is None:
             config, block_m = row_parallel_config(m, x.dtype)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n if rope is None else rope.num_heads * rope.head_dim), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     block_m = block_m or max(16, next_pow2(m))
@@ -474,7 +632,14 @@ def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduc
     else:
         peer_args, push_meta = push_args(*push, x.dtype) if push is not None else ((0,) * 9, {})
         fused_args = (0, y, 0)
-    strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args, *fused_args)
+    if rope is None:
+        rope_args = (y, y, y, 0, y, y, y, 0, 0, 0, 0)
+    else:
+        rope_args = (rope.positions, rope.cos_cache, rope.sin_cache, rope.cos_cache.stride(0), rope.slot_mapping,
+                     rope.k_cache, rope.v_cache, rope.k_cache.stride(1), rope.k_cache.stride(2), rope.num_heads,
+                     rope.num_kv_heads)
+        push_meta = dict(push_meta, ROPE=True, HEAD_DIM=rope.head_dim)
+    strides = (x.stride(0), weight.stride(0), y.stride(0), *peer_args, *fused_args, *rope_args)
     if block_m > 16 and config is None and not envs.triton_interpret():  # (gated, pushed, reducing: set config)
         prefetch_k = max(line_elems, min(_WIDE_PREFETCH_COLS, prev_pow2(k)))
         _gemv_wide[lambda meta: (cdiv(n, meta["BLOCK_N"]), 1)](  # K unsplit: no scratch, no counters
@@ -491,7 +656,8 @@ def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduc
         counters = _COUNTERS.reserve(x.device, cdiv(n, block_n))
     else:
         part = counters = y  # unused
-    _gemv_kernel[(cdiv(n, block_n), split_k)](
+    programs = cdiv(n, block_n) if rope is None else n // (2 * block_n)  # ROPE: a pair of column tiles each
+    _gemv_kernel[(programs, split_k)](
         *operands, part, counters, m, n, k, k_per_split, *strides,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH_K=prefetch_tiles * block_k,
         num_warps=num_warps, num_stages=num_stages, GATED=gated, **common, **push_meta,

@@ -92,8 +92,10 @@
 #   rank-emu               one GPU: 8B TP=1 batch 64, then a TP=2 rank's slices as a whole model (8b-rank2) at batch 64
 #                          twice: a TP=2 step without its collectives (~3.5 min)
 #   attn-ab1               one GPU: decode attention tests, ./old vs this tree on 8b-rank2 b64 (x2) and 8B TP=1 b64 (~5 min)
-#   smoke-wide             one GPU: float32 greedy of 32 prompts at once == transformers, hidden-2048 Llama / Qwen2 (~2 min)
+#   smoke-wide             one GPU: float32 greedy of 32 prompts at once == transformers, hidden-2048 Llama / Qwen2 (~2.5 min)
 #   rank-steps             one GPU: 8b-rank2 and 8B TP=1 b64 under the worker's step timer (GPU gap, CPU phases) (~2.5 min)
+#   qkv-rope-ab1           one GPU: qkv + RoPE + K/V write in one launch: GPU tests, smoke-wide, 8B TP=1 b64 + b32 and
+#                          8b-rank2 b64 with it on / off, twice (~9.5 min)
 #   rank-prof              one GPU: 8b-rank2 and 8B TP=1 at batch 64 under the profiler: per-kernel tables (~3 min)
 #   reduce-one             one GPU: reduce_gemv on two streams of one GPU (its epilogue on real memory), sweep_gemv.py
 #                          --reduce (cuBLAS + fused / push + poll / reduce + norm at world size 1) (~3 min)
@@ -884,6 +886,23 @@ stage_rank-steps() {  # one GPU: 8b-rank2 and 8B TP=1 at batch 64 with the worke
   for size in 8b-rank2 8b; do
     PAGEDSERVE_STEP_TIMING=1 run 75 "$PY" scripts/gpu_tp_check.py --size $size --tp 1 --skip-tp1 --skip-greedy \
       --batch-sizes 64 --output-len 512 --budget-s 70 --out "$OUT/steps_$size.json"
+  done
+}
+
+stage_qkv-rope-ab1() {  # one GPU: qkv with RoPE and the K/V write in its epilogue (PAGEDSERVE_QKV_ROPE_GEMV): its GPU
+  # tests, float32 greedy at 32 rows == transformers through it (smoke-wide), then 8B TP=1 b64 + b32 and 8b-rank2 b64
+  # with it on (unset) / off (0), twice (~9.5 min)
+  run 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/gpu_workers/test_elementwise.py \
+    -k "rope" 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  stage_smoke-wide
+  local on i
+  for i in 1 2; do
+    for on in "" 0; do
+      PAGEDSERVE_QKV_ROPE_GEMV=$on run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
+        --batch-sizes 64 32 --output-len 256 --budget-s 55 --out "$OUT/tp1_8b_rope${on:-on}.$i.json"
+      PAGEDSERVE_QKV_ROPE_GEMV=$on run 45 "$PY" scripts/gpu_tp_check.py --size 8b-rank2 --tp 1 --skip-tp1 \
+        --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 40 --out "$OUT/rank2_rope${on:-on}.$i.json"
+    done
   done
 }
 

@@ -55,11 +55,12 @@ def check(path, dtype, eager, results):
 
 def check_wide(root: Path, results) -> None:
     """float32 greedy tokens of 32 prompts decoded together against transformers, on random checkpoints
-    wide enough (hidden 2048) for a decode step's GEMV launches at 32 rows: o_proj and down_proj on
-    row_parallel_gemv (kernels.gemv.takes_row_parallel), gate_up + SiLU-and-mul as one gated launch
-    (takes_gated). Qwen2 adds qkv biases."""
+    wide enough (hidden 2048) for a decode step's GEMV launches at 32 rows: qkv with RoPE and the K/V
+    write in its epilogue (kernels.gemv.takes_qkv_rope; 8 KV heads, so decode attention does not take
+    the RoPE itself), o_proj and down_proj on row_parallel_gemv (takes_row_parallel), gate_up +
+    SiLU-and-mul as one gated launch (takes_gated). Qwen2 adds qkv biases."""
     wide = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16,
-                num_key_value_heads=4, vocab_size=4096, initializer_range=0.05)
+                num_key_value_heads=8, vocab_size=4096, initializer_range=0.05)
     prompts = [[3 + (i * 37 + j * 11) % 4000 for j in range(5 + i % 13)] for i in range(32)]
     for arch in ("llama", "qwen2"):
         path = make_tiny_checkpoint(arch, root / f"wide-{arch}", **wide)

@@ -162,7 +162,9 @@ class SiluAndMulMLP(nn.Module):
 class Attention(nn.Module):
     """Self-attention: merged qkv projection, optional per-head q/k RMSNorm (Qwen3), RoPE, then the
     paged attention backend, then o_proj (whose partial sums, with reduce_results=False, the caller
-    reduces)."""
+    reduces). On the GPU the K/V cache write joins the rotary launch, or at decode sizes the qkv
+    matmul's epilogue together with RoPE (kernels.gemv.qkv_rope_gemv), or for small decode steps
+    decode attention itself."""
 
     def __init__(
         self,
@@ -206,12 +208,22 @@ class Attention(nn.Module):
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor | Reduced:
         """`residual`: o_proj's (RowParallelLinear.forward)."""
+        k_cache, v_cache = kv_cache
+        if self._qkv_takes_rope(hidden_states, meta):
+            # one launch: the qkv matmul, RoPE, and the K/V cache write in its epilogue (kernels/gemv.py)
+            from kernels import gemv
+
+            q = gemv.qkv_rope_gemv(hidden_states.contiguous(), self.qkv_proj.weight, self.qkv_proj.bias, positions,
+                                   self.rotary_emb.cos_cache, self.rotary_emb.sin_cache, k_cache, v_cache,
+                                   meta.slot_mapping, self.num_heads, self.num_kv_heads)
+            prefetch = self.o_proj.weight if self.prefetch_o_proj else None
+            out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale, prefetch=prefetch)
+            return self.o_proj(out.reshape(-1, self.q_size), residual)
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv_cache
         if elementwise.use_triton(q) and self.attn_backend.kv_write_fusable:
             # ($PAGEDSERVE_PREFETCH_ATTENTION=1: a decode step's attention also prefetches o_proj's weight)
             prefetch = self.o_proj.weight if self.prefetch_o_proj else None
@@ -233,3 +245,17 @@ class Attention(nn.Module):
             q, k = self.rotary_emb(positions, q, k)
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size), residual)  # [num_tokens, hidden_size]
+
+    def _qkv_takes_rope(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this step's qkv matmul also applies RoPE and writes K/V (kernels.gemv.qkv_rope_gemv):
+        on the fused path with a backend that takes written caches, no q/k norm (Qwen3's needs a whole
+        head in one program), a step whose decode attention would not rotate inside itself, and rows
+        kernels.gemv.takes_qkv_rope takes."""
+        from kernels import gemv
+
+        weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
+        return (self.q_norm is None and x.dim() == 2 and elementwise.use_triton(x) and self.attn_backend.kv_write_fusable
+                and gemv.takes_qkv_rope(x.shape[0], weight.shape[0], self.head_dim, x.dtype, x.device)
+                and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+                and not (self.rope_in_attention
+                         and self.attn_backend.new_tokens_fusable(meta, self.num_kv_heads, x.device)))

@@ -127,6 +127,41 @@ def test_decode_step_does_rope_and_kv_write_inside_attention(variant, tmp_path, 
     assert ((got_off - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_qkv_matmul_takes_rope_and_the_kv_write_where_the_gemv_takes_them(variant, tmp_path, monkeypatch):
+    """Where kernels.gemv.takes_qkv_rope says so (forced here, on the interpreter) and decode attention
+    would not rotate inside itself, a layer's qkv matmul also applies RoPE and writes K/V (one launch,
+    no rotary launch): same logits and caches as the torch path, on a decode step and on a mixed one
+    (a prefill chunk's tokens too). Qwen3's q/k norm needs a whole head in one program: it keeps the
+    rotary launch."""
+    from kernels import gemv as gemv_mod
+
+    arch, overrides = VARIANTS[variant]
+    # head_dim 32 (qwen3's already): half a head is one 16-wide column tile
+    path = make_tiny_checkpoint(arch, tmp_path / variant, **{**overrides, "head_dim": 32})
+    model = load_model(path, torch.float32, DEVICE, get_attention_backend("triton", torch.device(DEVICE)))
+    for layer in model.model.layers:
+        layer.self_attn.rope_in_attention = False
+    ref, ref_caches = decode_step(model, "torch", monkeypatch)
+    ref_mixed = forward_logits(model, "torch", monkeypatch)
+    monkeypatch.setattr(gemv_mod, "takes_qkv_rope", lambda rows, n, head_dim, dtype, device: True)
+    calls = {"rotary_and_write_kv": 0, "qkv_rope_gemv": 0}
+    monkeypatch.setattr(elementwise, "rotary_and_write_kv", lambda *a, _fn=elementwise.rotary_and_write_kv:
+                        calls.__setitem__("rotary_and_write_kv", calls["rotary_and_write_kv"] + 1) or _fn(*a))
+    monkeypatch.setattr(gemv_mod, "qkv_rope_gemv", lambda *a, _fn=gemv_mod.qkv_rope_gemv:
+                        calls.__setitem__("qkv_rope_gemv", calls["qkv_rope_gemv"] + 1) or _fn(*a))
+    got, caches = decode_step(model, "triton", monkeypatch)
+    got_mixed = forward_logits(model, "triton", monkeypatch)
+    layers = model.config.num_hidden_layers
+    fused = variant != "qwen3"
+    assert calls == {"rotary_and_write_kv": 0 if fused else 2 * layers, "qkv_rope_gemv": 2 * layers if fused else 0}
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((got_mixed - ref_mixed).norm() / ref_mixed.norm()).item() < 1e-5
+    for (k, v), (rk, rv) in zip(caches, ref_caches):
+        torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+
+
 def test_path_choice(monkeypatch):
     cpu = torch.ones(1)
     monkeypatch.setattr(elementwise, "MODE", None)

@@ -39,7 +39,7 @@ NAMES = ["rms_norm+residual", "silu_and_mul", "rotary+qk_norm", "rotary+kv_write
          "decode_attention+rope", "decode_attention+rope_norm", "decode_attention+8b_rope",
          "prefill_attention", "sampling",
          "gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+row_parallel_fp32",
-         "gemv+row_parallel_split", "gemv+gated", "gemv+gated_fp32", "gemv+reduce", "gemv+reduce_fp32", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
+         "gemv+row_parallel_split", "gemv+gated", "gemv+gated_fp32", "gemv+qkv_rope", "gemv+qkv_rope_16", "gemv+qkv_rope_fp32", "gemv+reduce", "gemv+reduce_fp32", "all_reduce_rms_norm", "all_reduce_rms_norm+slot", "all_reduce_rms_norm+pushed",
          "all_reduce_rms_norm+prefetch", "all_reduce_rms_norm+lamport", "all_reduce_rms_norm+lamport_fp32",
          "all_reduce_rms_norm+embedding"]
 
@@ -202,6 +202,18 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
         gemv_mod.gated_gemv(torch.randn(64, 256, dtype=gdt), torch.randn(128, 256, dtype=gdt))
 
+    # qkv with RoPE and the K/V write in the epilogue (qkv_rope_config) at 64 rows: Llama-8B TP=1's 2 x 32-column
+    # pairs, a TP=2 rank's 2 x 16, float32's; head_dim 128 (4 q heads, 2 KV heads), 16-token blocks
+    for name, n_heads, rdt in (("gemv+qkv_rope", 48, dt), ("gemv+qkv_rope_16", 24, dt), ("gemv+qkv_rope_fp32", 48,
+                                                                                          torch.float32)):
+        nh, nkv = n_heads * 2 // 3, n_heads // 6
+        record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
+        cache = torch.zeros(8, 16, nkv, 128, dtype=rdt)
+        gemv_mod.qkv_rope_gemv(torch.randn(64, 256, dtype=rdt), torch.randn(n_heads * 128, 256, dtype=rdt), None,
+                               torch.arange(64), torch.randn(128, 64), torch.randn(128, 64), cache, cache.clone(),
+                               torch.arange(64), nh, nkv,
+                               config=gemv_mod.qkv_rope_config(64, n_heads * 128, 128, rdt, torch.device("cpu"))[0])
+
     # Run as one rank (the interpreter has no peer), built as rank 0 of 2 at Llama-8B's hidden size.
     buffer = torch.zeros(fused_mod.buffer_bytes(1 << 16, 1), dtype=torch.uint8)
     peers = fused_mod.PeerBuffers(torch.tensor([buffer.data_ptr()]), 0, 1, 1 << 16)
@@ -261,7 +273,7 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     with_pdl = {name for name, r in results.items() if r["pdl"]}
     assert with_pdl == set(NAMES) - {"write_kv_cache", "prefill_attention", "sampling"}  # the decode path's
     for name in ("gemv", "gemv+bias", "gemv+splitk", "gemv+64rows", "gemv+row_parallel", "gemv+gated",
-                 "decode_attention+prefetch"):
+                 "gemv+qkv_rope", "decode_attention+prefetch"):
         assert "prefetch.global.L2" in results[name]["ptx_head"], name  # the weight prefetch before the wait
     for name in ("gemv+reduce", "gemv+reduce_fp32"):  # the peer's tile polled with volatile loads, then emptied
         assert "ld.volatile.global" in results[name]["ptx"], name
