@@ -40,6 +40,14 @@ Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, se
 
         program of column tile c:  K loop ──► gate[:, c], up[:, c] ──► y[:, c] = silu(gate) * up
 
+  - an attention layer's qkv projection at 17-64 rows where decode attention does not rotate inside
+    itself (`qkv_rope_gemv`, `takes_qkv_rope`, ROPE): program p computes the same features of both
+    halves of one head (RoPE's pairs), rotates query and key heads and stores q, k and v (k and v at
+    the tokens' cache slots), so the rotary + K/V write launch goes away (Llama-8B batch 64 on an
+    H200: TP=1 -1.0%, b32 -1.7%; a TP=2 rank's work unchanged).
+
+        program of head h, features d:  K loop ──► y[:, h, d], y[:, h, D/2 + d] ──► RoPE ──► q, or k / v cache
+
   - with tensor parallelism, o_proj and down_proj at REDUCE_MIN_ROWS-64 rows (`reduce_gemv`,
     `takes_reduce`, REDUCE): the epilogue is the all-reduce itself, over the fused all-reduce's
     flag-free slots, and adds the residual; the norm after it is a plain RMSNorm launch, and the
@@ -423,7 +431,10 @@ def qkv_rope_config(rows: int, n: int, head_dim: int, dtype: torch.dtype, device
 
 QKV_ROPE_MIN_ROWS = 17
 """Unless $PAGEDSERVE_QKV_ROPE_GEMV says otherwise, the fewest token rows a step needs for its qkv_proj to
-take `qkv_rope_gemv` (below it, small decode steps rotate inside decode attention instead)."""
+take `qkv_rope_gemv` (smaller decode steps mostly rotate inside decode attention instead). One H200,
+ms a step on / off, alternating (BENCHMARKS.md, session 19): Llama-8B TP=1 batch 64 5.102 / 5.151,
+5.091 / 5.148; batch 32 4.640 / 4.705, 4.647 / 4.742; one TP=2 rank's work (8b-rank2) at batch 64,
+five pairs, 2.957 / 2.956 on average (no change)."""
 
 
 def takes_qkv_rope(rows: int, n: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -96,6 +96,7 @@
 #   rank-steps             one GPU: 8b-rank2 and 8B TP=1 b64 under the worker's step timer (GPU gap, CPU phases) (~2.5 min)
 #   qkv-rope-ab1           one GPU: qkv + RoPE + K/V write in one launch: GPU tests, smoke-wide, 8B TP=1 b64 + b32 and
 #                          8b-rank2 b64 with it on / off, twice (~9.5 min)
+#   qkv-rope-rank          one GPU: 8b-rank2 b64 with the qkv + RoPE launch on / off, alternating, three pairs (~3.5 min)
 #   rank-prof              one GPU: 8b-rank2 and 8B TP=1 at batch 64 under the profiler: per-kernel tables (~3 min)
 #   reduce-one             one GPU: reduce_gemv on two streams of one GPU (its epilogue on real memory), sweep_gemv.py
 #                          --reduce (cuBLAS + fused / push + poll / reduce + norm at world size 1) (~3 min)
@@ -900,6 +901,16 @@ stage_qkv-rope-ab1() {  # one GPU: qkv with RoPE and the K/V write in its epilog
     for on in "" 0; do
       PAGEDSERVE_QKV_ROPE_GEMV=$on run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 1 --skip-tp1 --skip-greedy \
         --batch-sizes 64 32 --output-len 256 --budget-s 55 --out "$OUT/tp1_8b_rope${on:-on}.$i.json"
+      PAGEDSERVE_QKV_ROPE_GEMV=$on run 45 "$PY" scripts/gpu_tp_check.py --size 8b-rank2 --tp 1 --skip-tp1 \
+        --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 40 --out "$OUT/rank2_rope${on:-on}.$i.json"
+    done
+  done
+}
+
+stage_qkv-rope-rank() {  # one GPU: 8b-rank2 b64 with PAGEDSERVE_QKV_ROPE_GEMV unset / 0, alternating, three pairs (~3.5 min)
+  local on i
+  for i in 1 2 3; do
+    for on in "" 0; do
       PAGEDSERVE_QKV_ROPE_GEMV=$on run 45 "$PY" scripts/gpu_tp_check.py --size 8b-rank2 --tp 1 --skip-tp1 \
         --skip-greedy --batch-sizes 64 --output-len 256 --budget-s 40 --out "$OUT/rank2_rope${on:-on}.$i.json"
     done
