@@ -213,9 +213,9 @@ class Attention(nn.Module):
             # one launch: the qkv matmul, RoPE, and the K/V cache write in its epilogue (kernels/gemv.py)
             from kernels import gemv
 
-            q = gemv.qkv_rope_gemv(hidden_states.contiguous(), self.qkv_proj.weight, self.qkv_proj.bias, positions,
-                                   self.rotary_emb.cos_cache, self.rotary_emb.sin_cache, k_cache, v_cache,
-                                   meta.slot_mapping, self.num_heads, self.num_kv_heads)
+            q = gemv.qkv_rope_gemv(hidden_states.contiguous(), self.qkv_proj.weight, self.qkv_proj.bias,
+                                   positions.contiguous(), self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
+                                   k_cache, v_cache, meta.slot_mapping.contiguous(), self.num_heads, self.num_kv_heads)
             prefetch = self.o_proj.weight if self.prefetch_o_proj else None
             out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale, prefetch=prefetch)
             return self.o_proj(out.reshape(-1, self.q_size), residual)
