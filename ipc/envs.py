@@ -121,7 +121,7 @@ def gated_gemv() -> bool | None:
 
 def qkv_rope_gemv() -> bool | None:
     """$PAGEDSERVE_QKV_ROPE_GEMV: whether an attention layer's qkv projection runs with RoPE and the K/V
-    cache write in its epilogue (kernels.gemv.qkv_rope_gemv), the rotary launch gone. "1": at 1-64 token
+    cache write in its epilogue (kernels.qkv_rope.qkv_rope_gemv), the rotary launch gone. "1": at 1-64 token
     rows, "0": never, unset (None): where kernels.gemv.takes_qkv_rope measured it faster."""
     value = os.environ.get("PAGEDSERVE_QKV_ROPE_GEMV", "")
     if value not in ("", "0", "1"):

@@ -41,7 +41,7 @@ Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, se
         program of column tile c:  K loop ──► gate[:, c], up[:, c] ──► y[:, c] = silu(gate) * up
 
   - an attention layer's qkv projection at 17-64 rows where decode attention does not rotate inside
-    itself (`qkv_rope_gemv`, `takes_qkv_rope`, ROPE): program p computes the same features of both
+    itself (kernels/qkv_rope.py: `qkv_rope_gemv`, `takes_qkv_rope`; ROPE here): program p computes the same features of both
     halves of one head (RoPE's pairs), rotates query and key heads and stores q, k and v (k and v at
     the tokens' cache slots), so the rotary + K/V write launch goes away (Llama-8B batch 64 on an
     H200: TP=1 -1.0%, b32 -1.7%; a TP=2 rank's work unchanged).
@@ -61,17 +61,16 @@ Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, se
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from ipc import envs
 from kernels.decode_attention import _num_sms, _SplitCounters
-from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_int_dtype, check_kv_cache, check_same_device, next_pow2
+from kernels.gemv_epilogues import _store_gated, _store_reduced, _store_rope, _store_y
+from kernels.kv_cache import SUPPORTED_DTYPES, cdiv, check_same_device, next_pow2
 from kernels.pdl import pdl_prologue, use_pdl
-from kernels.peer_rows import PeerBuffers, _base, _sanitized, check_pushable, push_args
+from kernels.peer_rows import PeerBuffers, check_pushable, push_args
 from kernels.prefetch import LINE, l2_prefetch
 
 MAX_ROWS = 64  # x rows one launch takes (the tl.dot tile's M: 16, 32 or 64)
@@ -166,118 +165,6 @@ def _gemv_kernel(
     else:
         _store_y(acc, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N,
                  b0, b1, b2, b3, b4, b5, b6, b7, push_offset, HAS_BIAS, PUSH, RANK, WORLD, ITYPE, SENT)
-
-
-@triton.jit
-def _store_y(acc, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N,
-             b0, b1, b2, b3, b4, b5, b6, b7, push_offset,
-             HAS_BIAS: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
-             ITYPE: tl.constexpr, SENT: tl.constexpr):
-    """Store the finished [BLOCK_M, BLOCK_N] tile (plus the bias) into y; with PUSH, also into this
-    rank's region of the all-reduce slot of every peer's buffer (`push_offset` bytes into it), rows N
-    apart, sentinel bits sanitized: the rows the flag-free all-reduce would otherwise push itself
-    (kernels/all_reduce_rms_norm.py, `pushed=True`)."""
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y, mask=out_mask)
-    if PUSH:
-        y = _sanitized(y, ITYPE, SENT)
-        flat = rows[:, None] * N + cols[None, :]  # < 2**31: the staging region is a few MiB
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset
-                dst = tl.multiple_of(region.to(tl.pointer_type(y_ptr.dtype.element_ty)), 16)
-                tl.store(dst + flat, y, mask=out_mask)
-
-
-@triton.jit
-def _store_reduced(acc, y_ptr, stride_ym, res_ptr, stride_r, rows, cols, out_mask, N,
-                   b0, b1, b2, b3, b4, b5, b6, b7, push_offset, region_bytes,
-                   RANK: tl.constexpr, WORLD: tl.constexpr, ITYPE: tl.constexpr, SENT: tl.constexpr):
-    """The all-reduce and residual add of a row-parallel matmul's finished tile, in its epilogue: push
-    this rank's partial tile into its region of the slot on every peer, poll the peers' regions of this
-    rank's slot for the same tile until no sentinel is left (then write the sentinel back), sum in rank
-    order, add the residual, and store h = the new residual stream into y. Rounded as
-    kernels/all_reduce_rms_norm.py rounds (bf16 partials, float32 sum, bf16 h, bf16 h + residual)."""
-    dtype = y_ptr.dtype.element_ty
-    r_in = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    own = _sanitized(acc.to(dtype), ITYPE, SENT)
-    flat = rows[:, None] * N + cols[None, :]  # < 2**31: the staging region is a few MiB
-    for peer in tl.static_range(WORLD):
-        if peer != RANK:
-            region = _base(peer, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset
-            dst = tl.multiple_of(region.to(tl.pointer_type(dtype)), 16)
-            tl.store(dst + flat, own, mask=out_mask)
-    slot_start = _base(RANK, b0, b1, b2, b3, b4, b5, b6, b7) + push_offset - RANK * region_bytes
-    empty = tl.full(acc.shape, SENT, ITYPE).to(dtype, bitcast=True)
-    total = tl.zeros(acc.shape, tl.float32)
-    for r in tl.static_range(WORLD):  # in rank order: every rank sums alike
-        if r == RANK:
-            part = own
-        else:
-            src = tl.multiple_of((slot_start + r * region_bytes).to(tl.pointer_type(dtype)), 16) + flat
-            part = tl.load(src, mask=out_mask, other=0.0, volatile=True)
-            while tl.max(tl.max((part.to(ITYPE, bitcast=True) == SENT).to(tl.int32), 1), 0) > 0:
-                part = tl.load(src, mask=out_mask, other=0.0, volatile=True)
-            tl.store(src, empty, mask=out_mask)  # empty again for the slot's next call
-        total += part.to(tl.float32)
-    h = (total.to(dtype).to(tl.float32) + r_in).to(dtype)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], h, mask=out_mask)
-
-
-@triton.jit
-def _store_gated(gate, up, b_ptr, y_ptr, stride_ym, rows, cols, col_mask, out_mask, N, HAS_BIAS: tl.constexpr):
-    """y = silu(gate) * up for a finished pair of [BLOCK_M, BLOCK_N] tiles, rounded as the unfused path
-    rounds: gate and up to y's dtype (the gate_up matmul's output), silu in float32 rounded to the
-    dtype, then the product (kernels/activation.py)."""
-    dtype = y_ptr.dtype.element_ty
-    if HAS_BIAS:
-        gate += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        up += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    gate = gate.to(dtype).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    y = act * up.to(dtype).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(dtype), mask=out_mask)
-
-
-@triton.jit
-def _store_rope(x1, x2, b_ptr, q_ptr, stride_qt, rows, row_mask, cols, pos_ptr, cos_ptr, sin_ptr, stride_cos,
-                slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_ch, num_heads, num_kv_heads,
-                HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A finished pair of [BLOCK_M, BLOCK_N] tiles of one head (x1: features d of its first half, x2: the
-    same of its second): a query head is rotated and stored into q [M, num_heads, HEAD_DIM]; a key head
-    rotated and a value head as it is stored into the paged cache at each token's slot (< 0: a padding
-    token, nothing stored). Rounded as the unfused path rounds: the matmul's output to the dtype, then
-    kernels/rotary.py's float32 rotation rounded once."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    dtype = q_ptr.dtype.element_ty
-    head = cols // HEAD_DIM  # [BLOCK_N], every column the program's head
-    d = cols % HEAD_DIM  # [BLOCK_N] features within the first half
-    if HAS_BIAS:
-        x1 += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-        x2 += tl.load(b_ptr + cols + HALF).to(tl.float32)[None, :]
-    x1 = x1.to(dtype).to(tl.float32)
-    x2 = x2.to(dtype).to(tl.float32)
-    rotated = (head < num_heads + num_kv_heads)[None, :]  # query and key heads; a value head is stored as it is
-    pos = tl.load(pos_ptr + rows, mask=row_mask, other=0)  # [BLOCK_M]
-    cs = pos.to(tl.int64)[:, None] * stride_cos + d[None, :]
-    cos = tl.load(cos_ptr + cs, mask=row_mask[:, None] & rotated, other=1.0)
-    sin = tl.load(sin_ptr + cs, mask=row_mask[:, None] & rotated, other=0.0)  # a value head: cos 1, sin 0
-    x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    is_q = (head < num_heads)[None, :]
-    q = q_ptr + rows[:, None] * stride_qt + cols[None, :]  # q's rows are [num_heads * HEAD_DIM]
-    tl.store(q, x1.to(dtype), mask=row_mask[:, None] & is_q)
-    tl.store(q + HALF, x2.to(dtype), mask=row_mask[:, None] & is_q)
-    slot = tl.load(slot_ptr + rows, mask=row_mask, other=-1).to(tl.int64)  # [BLOCK_M]
-    is_k = head < num_heads + num_kv_heads
-    kv_off = (head - num_heads - tl.where(is_k, 0, num_kv_heads)) * stride_ch + d  # [BLOCK_N]
-    kv_mask = (row_mask & (slot >= 0))[:, None] & ~is_q
-    dst = slot[:, None] * stride_cs + kv_off[None, :]  # element offsets into either cache
-    tl.store(k_cache_ptr + dst, x1.to(dtype), mask=kv_mask & is_k[None, :])
-    tl.store(k_cache_ptr + dst + HALF, x2.to(dtype), mask=kv_mask & is_k[None, :])
-    tl.store(v_cache_ptr + dst, x1.to(dtype), mask=kv_mask & ~is_k[None, :])
-    tl.store(v_cache_ptr + dst + HALF, x2.to(dtype), mask=kv_mask & ~is_k[None, :])
 
 
 Config = tuple[int, int, int, int] | tuple[int, int, int, int, int]
@@ -400,101 +287,6 @@ def gated_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return gemv(x, weight, bias, gated=True)
 
 
-class _Rope(NamedTuple):
-    """qkv_rope_gemv's operands besides the matmul's."""
-
-    positions: torch.Tensor  # [M] int
-    cos_cache: torch.Tensor  # [max_position, head_dim / 2] float32
-    sin_cache: torch.Tensor
-    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor
-    slot_mapping: torch.Tensor  # [M] int, < 0: not stored
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-
-def qkv_rope_config(rows: int, n: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                    ) -> tuple[Config, int]:
-    """(config, block_m) of `qkv_rope_gemv`'s launch: BLOCK_N features of each half of a head a program
-    (so its columns hold both features of every RoPE pair): 32 where the n / 64 programs still cover
-    two thirds of the SMs (Llama-8B at TP=1: 96), else 16 (a TP=2 rank: 96 programs of 2 x 16), the
-    tile widths sweep_gemv.py found best for these shapes (session 19, qkv_proj at 64 rows: TP=1 64
-    columns a program 18.65 us, cuBLAS 18.40; a TP=2 rank 32 columns 11.54-11.60, cuBLAS 11.73, each
-    with the RMSNorm before it). 128-wide K tiles in 6 stages on 4 warps (float32: 64-wide, 8 warps);
-    the dot tile 64 rows over 16."""
-    half = head_dim // 2
-    block_n = 32 if half % 32 == 0 and n // 64 >= 2 * _num_sms(device) // 3 else 16
-    block_k, warps = (128, 4) if dtype.itemsize <= 2 else (64, 8)
-    return (block_n, block_k, warps, 6, 1), (64 if rows > 16 else 16)
-
-
-QKV_ROPE_MIN_ROWS = 17
-"""Unless $PAGEDSERVE_QKV_ROPE_GEMV says otherwise, the fewest token rows a step needs for its qkv_proj to
-take `qkv_rope_gemv` (smaller decode steps mostly rotate inside decode attention instead). One H200,
-ms a step on / off, alternating (BENCHMARKS.md, session 19): Llama-8B TP=1 batch 64 5.102 / 5.151,
-5.091 / 5.148; batch 32 4.640 / 4.705, 4.647 / 4.742; one TP=2 rank's work (8b-rank2) at batch 64,
-five pairs, 2.957 / 2.956 on average (no change)."""
-
-
-def takes_qkv_rope(rows: int, n: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a qkv_proj of `rows` token rows into `n` features runs as `qkv_rope_gemv`:
-    QKV_ROPE_MIN_ROWS-64 rows ($PAGEDSERVE_QKV_ROPE_GEMV=1: 1-64; =0: never), n >= 2048, a head_dim
-    that is a multiple of 32, a CUDA device under PDL. Shape, dtype and device kind only."""
-    forced = envs.qkv_rope_gemv()
-    if forced is False or not (0 < rows <= MAX_ROWS and n >= ROW_PARALLEL_MIN_N and dtype in SUPPORTED_DTYPES
-                               and head_dim % 32 == 0):
-        return False
-    return device.type == "cuda" and use_pdl(device) and (forced or rows >= QKV_ROPE_MIN_ROWS)
-
-
-def qkv_rope_gemv(
-    x: torch.Tensor,  # [M, hidden]
-    weight: torch.Tensor,  # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]: [ q | k | v ]
-    bias: torch.Tensor | None,
-    positions: torch.Tensor,  # [M] int64 / int32
-    cos_cache: torch.Tensor,  # [max_position, head_dim / 2] float32
-    sin_cache: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [M] int64 / int32; < 0: a padding token, nothing stored
-    num_heads: int,
-    num_kv_heads: int,
-    config: Config | None = None,
-) -> torch.Tensor:
-    """An attention layer's merged qkv projection with RoPE and the K/V cache write in its epilogue:
-    returns the rotated q [M, num_heads, head_dim]; k (rotated) and v go straight to their cache slots.
-    What F.linear then kernels/rotary.py's apply_rotary_and_write_kv compute, rounded alike, in one
-    launch and with no [M, qkv] intermediate. Each program computes the same BLOCK_N features of both
-    halves of one head (the rotation's pairs), as the gated launch computes gate and up:
-
-        program of head h, features d..d+BLOCK_N:  K loop ──► x1 = y[:, h, d:], x2 = y[:, h, D/2 + d:]
-            query head: rotate, store q        key head: rotate, store at the slots        value: store"""
-    head_dim = 2 * cos_cache.shape[1]
-    if weight.shape[0] != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 32:
-        raise ValueError(f"weight {tuple(weight.shape)} is not [({num_heads} + 2 * {num_kv_heads}) * {head_dim}, K] "
-                         f"with a head_dim that is a multiple of 32")
-    check_kv_cache(k_cache, v_cache)
-    if tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim) or k_cache.dtype != x.dtype:
-        raise ValueError(f"the caches {tuple(k_cache.shape)} {k_cache.dtype} must hold {num_kv_heads} KV heads of "
-                         f"{head_dim} in {x.dtype}")
-    if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
-        raise ValueError(f"the caches must be contiguous over (block, offset) so a slot is a row; strides "
-                         f"{k_cache.stride()}")
-    if cos_cache.dtype != torch.float32 or sin_cache.shape != cos_cache.shape or cos_cache.stride(1) != 1 \
-            or sin_cache.stride() != cos_cache.stride():
-        raise ValueError("cos_cache and sin_cache must be alike float32 [max_position, head_dim / 2], rows contiguous")
-    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
-        check_int_dtype(name, t, (torch.int64, torch.int32))
-        if t.shape != (x.shape[0],) or t.stride(0) != 1:
-            raise ValueError(f"{name} must be a contiguous [{x.shape[0]}], got {tuple(t.shape)}")
-    check_same_device(x.device, positions=positions, cos_cache=cos_cache, sin_cache=sin_cache, k_cache=k_cache,
-                      slot_mapping=slot_mapping)
-    rope = _Rope(positions, cos_cache, sin_cache, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
-    q = _launch(x, weight, bias, config, 2, None, None, False, rope=rope)
-    return q.view(x.shape[0], num_heads, head_dim)
-
-
 _WIDE_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 64, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3),
                  (64, 64, 4, 6), (64, 128, 4, 4), (64, 128, 8, 4)]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages) tried for 17-64 rows, K unsplit: Triton times each once per
@@ -588,15 +380,13 @@ def gemv(
 
 def _launch(x, weight, bias, config, prefetch_tiles, push, block_m, gated, reduce=None, rope=None):
     """gemv's launch; with `reduce` = (peers, slot, residual), reduce_gemv's (y is then h); with `rope`,
-    qkv_rope_gemv's (a _Rope; y is then q)."""
+    kernels/qkv_rope.py's (its Rope operands; y is then q)."""
     _check_inputs(x, weight, bias)
     m, k = x.shape
     n = weight.shape[0]
-    if rope is not None:
+    if rope is not None:  # (kernels/qkv_rope.py sets config and block_m)
         if gated or push is not None or reduce is not None:
             raise ValueError("a qkv + RoPE matmul takes no gate, no push and no reduction")
-        if config is None:
-            config, block_m = qkv_rope_config(m, n, rope.head_dim, x.dtype, x.device)
         if config[4:] not in ((), (1,)) or (rope.head_dim // 2) % config[0]:
             raise ValueError(f"a qkv + RoPE launch must leave K unsplit and tile half a head ({rope.head_dim // 2}) "
                              f"with its BLOCK_N, not {config}")

@@ -56,7 +56,7 @@ def check(path, dtype, eager, results):
 def check_wide(root: Path, results) -> None:
     """float32 greedy tokens of 32 prompts decoded together against transformers, on random checkpoints
     wide enough (hidden 2048) for a decode step's GEMV launches at 32 rows: qkv with RoPE and the K/V
-    write in its epilogue (kernels.gemv.takes_qkv_rope; 8 KV heads, so decode attention does not take
+    write in its epilogue (kernels.qkv_rope.takes_qkv_rope; 8 KV heads, so decode attention does not take
     the RoPE itself), o_proj and down_proj on row_parallel_gemv (takes_row_parallel), gate_up +
     SiLU-and-mul as one gated launch (takes_gated). Qwen2 adds qkv biases."""
     wide = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16,

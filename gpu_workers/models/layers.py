@@ -163,7 +163,7 @@ class Attention(nn.Module):
     """Self-attention: merged qkv projection, optional per-head q/k RMSNorm (Qwen3), RoPE, then the
     paged attention backend, then o_proj (whose partial sums, with reduce_results=False, the caller
     reduces). On the GPU the K/V cache write joins the rotary launch, or at decode sizes the qkv
-    matmul's epilogue together with RoPE (kernels.gemv.qkv_rope_gemv), or for small decode steps
+    matmul's epilogue together with RoPE (kernels.qkv_rope.qkv_rope_gemv), or for small decode steps
     decode attention itself."""
 
     def __init__(
@@ -210,10 +210,10 @@ class Attention(nn.Module):
         """`residual`: o_proj's (RowParallelLinear.forward)."""
         k_cache, v_cache = kv_cache
         if self._qkv_takes_rope(hidden_states, meta):
-            # one launch: the qkv matmul, RoPE, and the K/V cache write in its epilogue (kernels/gemv.py)
-            from kernels import gemv
+            # one launch: the qkv matmul, RoPE, and the K/V cache write in its epilogue (kernels/qkv_rope.py)
+            from kernels import qkv_rope
 
-            q = gemv.qkv_rope_gemv(hidden_states.contiguous(), self.qkv_proj.weight, self.qkv_proj.bias,
+            q = qkv_rope.qkv_rope_gemv(hidden_states.contiguous(), self.qkv_proj.weight, self.qkv_proj.bias,
                                    positions.contiguous(), self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
                                    k_cache, v_cache, meta.slot_mapping.contiguous(), self.num_heads, self.num_kv_heads)
             prefetch = self.o_proj.weight if self.prefetch_o_proj else None
@@ -247,15 +247,15 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_size), residual)  # [num_tokens, hidden_size]
 
     def _qkv_takes_rope(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step's qkv matmul also applies RoPE and writes K/V (kernels.gemv.qkv_rope_gemv):
+        """Whether this step's qkv matmul also applies RoPE and writes K/V (kernels.qkv_rope.qkv_rope_gemv):
         on the fused path with a backend that takes written caches, no q/k norm (Qwen3's needs a whole
         head in one program), a step whose decode attention would not rotate inside itself, and rows
-        kernels.gemv.takes_qkv_rope takes."""
-        from kernels import gemv
+        kernels.qkv_rope.takes_qkv_rope takes."""
+        from kernels import qkv_rope
 
         weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
         return (self.q_norm is None and x.dim() == 2 and elementwise.use_triton(x) and self.attn_backend.kv_write_fusable
-                and gemv.takes_qkv_rope(x.shape[0], weight.shape[0], self.head_dim, x.dtype, x.device)
+                and qkv_rope.takes_qkv_rope(x.shape[0], weight.shape[0], self.head_dim, x.dtype, x.device)
                 and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
                 and not (self.rope_in_attention
                          and self.attn_backend.new_tokens_fusable(meta, self.num_kv_heads, x.device)))

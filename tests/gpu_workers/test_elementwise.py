@@ -129,12 +129,12 @@ def test_decode_step_does_rope_and_kv_write_inside_attention(variant, tmp_path, 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_qkv_matmul_takes_rope_and_the_kv_write_where_the_gemv_takes_them(variant, tmp_path, monkeypatch):
-    """Where kernels.gemv.takes_qkv_rope says so (forced here, on the interpreter) and decode attention
+    """Where kernels.qkv_rope.takes_qkv_rope says so (forced here, on the interpreter) and decode attention
     would not rotate inside itself, a layer's qkv matmul also applies RoPE and writes K/V (one launch,
     no rotary launch): same logits and caches as the torch path, on a decode step and on a mixed one
     (a prefill chunk's tokens too). Qwen3's q/k norm needs a whole head in one program: it keeps the
     rotary launch."""
-    from kernels import gemv as gemv_mod
+    from kernels import qkv_rope as rope_mod
 
     arch, overrides = VARIANTS[variant]
     # head_dim 32 (qwen3's already): half a head is one 16-wide column tile
@@ -144,11 +144,11 @@ def test_qkv_matmul_takes_rope_and_the_kv_write_where_the_gemv_takes_them(varian
         layer.self_attn.rope_in_attention = False
     ref, ref_caches = decode_step(model, "torch", monkeypatch)
     ref_mixed = forward_logits(model, "torch", monkeypatch)
-    monkeypatch.setattr(gemv_mod, "takes_qkv_rope", lambda rows, n, head_dim, dtype, device: True)
+    monkeypatch.setattr(rope_mod, "takes_qkv_rope", lambda rows, n, head_dim, dtype, device: True)
     calls = {"rotary_and_write_kv": 0, "qkv_rope_gemv": 0}
     monkeypatch.setattr(elementwise, "rotary_and_write_kv", lambda *a, _fn=elementwise.rotary_and_write_kv:
                         calls.__setitem__("rotary_and_write_kv", calls["rotary_and_write_kv"] + 1) or _fn(*a))
-    monkeypatch.setattr(gemv_mod, "qkv_rope_gemv", lambda *a, _fn=gemv_mod.qkv_rope_gemv:
+    monkeypatch.setattr(rope_mod, "qkv_rope_gemv", lambda *a, _fn=rope_mod.qkv_rope_gemv:
                         calls.__setitem__("qkv_rope_gemv", calls["qkv_rope_gemv"] + 1) or _fn(*a))
     got, caches = decode_step(model, "triton", monkeypatch)
     got_mixed = forward_logits(model, "triton", monkeypatch)

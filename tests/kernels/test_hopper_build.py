@@ -132,9 +132,9 @@ def record(monkeypatch, module, kernel_name: str, jobs: list, name: str):
 def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
     act_mod, kv_mod, rms_mod, rot_mod = (importlib.import_module(f"kernels.{name}")  # the package's
                                          for name in ("activation", "kv_cache", "rms_norm", "rotary"))  # names are functions
-    decode_mod, prefill_mod, sampling_mod, gemv_mod, fused_mod = (
+    decode_mod, prefill_mod, sampling_mod, gemv_mod, fused_mod, rope_mod = (
         importlib.import_module(f"kernels.{name}")
-        for name in ("decode_attention", "prefill_attention", "sampling", "gemv", "all_reduce_rms_norm"))
+        for name in ("decode_attention", "prefill_attention", "sampling", "gemv", "all_reduce_rms_norm", "qkv_rope"))
     jobs: list[dict] = []
     dt = torch.bfloat16
     x = torch.randn(3, 64, dtype=dt)
@@ -209,10 +209,10 @@ def test_every_kernel_builds_for_hopper_with_pdl(monkeypatch):
         nh, nkv = n_heads * 2 // 3, n_heads // 6
         record(monkeypatch, gemv_mod, "_gemv_kernel", jobs, name)
         cache = torch.zeros(8, 16, nkv, 128, dtype=rdt)
-        gemv_mod.qkv_rope_gemv(torch.randn(64, 256, dtype=rdt), torch.randn(n_heads * 128, 256, dtype=rdt), None,
+        rope_mod.qkv_rope_gemv(torch.randn(64, 256, dtype=rdt), torch.randn(n_heads * 128, 256, dtype=rdt), None,
                                torch.arange(64), torch.randn(128, 64), torch.randn(128, 64), cache, cache.clone(),
                                torch.arange(64), nh, nkv,
-                               config=gemv_mod.qkv_rope_config(64, n_heads * 128, 128, rdt, torch.device("cpu"))[0])
+                               config=rope_mod.qkv_rope_config(64, n_heads * 128, 128, rdt, torch.device("cpu"))[0])
 
     # Run as one rank (the interpreter has no peer), built as rank 0 of 2 at Llama-8B's hidden size.
     buffer = torch.zeros(fused_mod.buffer_bytes(1 << 16, 1), dtype=torch.uint8)
