@@ -34,6 +34,8 @@
 #   gated-final            2 GPUs: gated GPU tests, TP=2 float32 greedy == TP=1 through it, 8B batch-64 A/B alternating (~9 min)
 #   reduce-ab              2 GPUs: o_proj / down_proj all-reducing their own rows: GPU tests, the matmul + all-reduce +
 #                          norm paths timed over 2 GPUs, 8B TP=2 batch 64 A/B alternating, TP=1 batch 64 (~8.5 min)
+#   qkv-rope-tp2           2 GPUs: GEMV / qkv + RoPE GPU tests, TP=2 float32 greedy == TP=1 through qkv_rope_gemv, 8B TP=2
+#                          batch 64 with it on / off, twice (~7 min)
 #   reduce-ab2             2 GPUs: TP=2 float32 greedy == TP=1 through it, 8B TP=2 batch 1 and 16 A/B (~6 min)
 #   push-final             2 GPUs: TP=2 float32 greedy == TP=1 through the push, the all-reduce / GEMV GPU tests, 8B TP=1
 #                          (row-parallel GEMV on / off) and TP=2 at batch 1, 16, 64 (~9 min)
@@ -855,6 +857,22 @@ stage_reduce-ab2() {  # 2 GPUs: TP=2 float32 greedy == TP=1 through reduce_gemv 
     echo "== TP=2 b1 b16 PAGEDSERVE_REDUCE_IN_MATMUL=$on"
     PAGEDSERVE_REDUCE_IN_MATMUL=$on run 70 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
       --skip-tp1 --skip-greedy --batch-sizes 1 16 --output-len 256 --budget-s 65 --out "$OUT/tp2_small_reduce$on.json"
+  done
+}
+
+stage_qkv-rope-tp2() {  # 2 GPUs: the GEMV / qkv + RoPE GPU tests (after the gemv.py split), TP=2 float32 greedy == TP=1
+  # with every step's qkv through qkv_rope_gemv (forced at every row count, RoPE kept out of decode attention), then 8B
+  # TP=2 batch 64 with PAGEDSERVE_QKV_ROPE_GEMV unset / 0, alternating, twice (~7 min)
+  run 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_qkv_rope.py \
+    tests/gpu_workers/test_elementwise.py 2>&1 | tail -3 | tee -a "$OUT/kernels.txt"
+  PAGEDSERVE_QKV_ROPE_GEMV=1 PAGEDSERVE_ROPE_IN_ATTENTION=0 run 150 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 \
+    --num-layers 8 --skip-throughput --dtype float32 --out "$OUT/tp2_8b_greedy_rope.json"
+  local on i
+  for i in 1 2; do
+    for on in "" 0; do
+      PAGEDSERVE_QKV_ROPE_GEMV=$on run 60 "$PY" scripts/gpu_tp_check.py --size 8b --tp 2 --skip-tp1 --skip-greedy \
+        --batch-sizes 64 --output-len 256 --budget-s 55 --out "$OUT/tp2_b64_rope${on:-on}.$i.json"
+    done
   done
 }
 
