@@ -122,7 +122,7 @@ def gated_gemv() -> bool | None:
 def qkv_rope_gemv() -> bool | None:
     """$PAGEDSERVE_QKV_ROPE_GEMV: whether an attention layer's qkv projection runs with RoPE and the K/V
     cache write in its epilogue (kernels.qkv_rope.qkv_rope_gemv), the rotary launch gone. "1": at 1-64 token
-    rows, "0": never, unset (None): where kernels.gemv.takes_qkv_rope measured it faster."""
+    rows, "0": never, unset (None): where kernels.qkv_rope.takes_qkv_rope measured it faster."""
     value = os.environ.get("PAGEDSERVE_QKV_ROPE_GEMV", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"PAGEDSERVE_QKV_ROPE_GEMV must be 0 or 1, not {value!r}")

@@ -41,12 +41,12 @@ Who takes which launch (each measured against cuBLAS on H200s; BENCHMARKS.md, se
         program of column tile c:  K loop ──► gate[:, c], up[:, c] ──► y[:, c] = silu(gate) * up
 
   - an attention layer's qkv projection at 17-64 rows where decode attention does not rotate inside
-    itself (kernels/qkv_rope.py: `qkv_rope_gemv`, `takes_qkv_rope`; ROPE here): program p computes the same features of both
-    halves of one head (RoPE's pairs), rotates query and key heads and stores q, k and v (k and v at
-    the tokens' cache slots), so the rotary + K/V write launch goes away (Llama-8B batch 64 on an
-    H200: TP=1 -1.0%, b32 -1.7%; a TP=2 rank's work unchanged).
+    itself (kernels/qkv_rope.py: `qkv_rope_gemv`, `takes_qkv_rope`; ROPE here): program p computes
+    the same features of both halves of one head (RoPE's pairs), rotates query and key heads and
+    stores q, k and v (k and v at the tokens' cache slots), so the rotary + K/V write launch goes
+    away (Llama-8B batch 64 on an H200: TP=1 -1.0%, b32 -1.7%; a TP=2 rank's work unchanged).
 
-        program of head h, features d:  K loop ──► y[:, h, d], y[:, h, D/2 + d] ──► RoPE ──► q, or k / v cache
+        program of head h, features d:  K loop ──► y[:, h, d], y[:, h, D/2 + d] ──► RoPE ──► q, or k / v
 
   - with tensor parallelism, o_proj and down_proj at REDUCE_MIN_ROWS-64 rows (`reduce_gemv`,
     `takes_reduce`, REDUCE): the epilogue is the all-reduce itself, over the fused all-reduce's

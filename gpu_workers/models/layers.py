@@ -214,8 +214,9 @@ class Attention(nn.Module):
             from kernels import qkv_rope
 
             q = qkv_rope.qkv_rope_gemv(hidden_states.contiguous(), self.qkv_proj.weight, self.qkv_proj.bias,
-                                   positions.contiguous(), self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
-                                   k_cache, v_cache, meta.slot_mapping.contiguous(), self.num_heads, self.num_kv_heads)
+                                       positions.contiguous(), self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
+                                       k_cache, v_cache, meta.slot_mapping.contiguous(), self.num_heads,
+                                       self.num_kv_heads)  # [num_tokens, num_heads, head_dim], rotated
             prefetch = self.o_proj.weight if self.prefetch_o_proj else None
             out = self.attn_backend.attend(q, k_cache, v_cache, meta, self.scale, prefetch=prefetch)
             return self.o_proj(out.reshape(-1, self.q_size), residual)
@@ -254,7 +255,8 @@ class Attention(nn.Module):
         from kernels import qkv_rope
 
         weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
-        return (self.q_norm is None and x.dim() == 2 and elementwise.use_triton(x) and self.attn_backend.kv_write_fusable
+        return (self.q_norm is None and x.dim() == 2 and elementwise.use_triton(x)
+                and self.attn_backend.kv_write_fusable
                 and qkv_rope.takes_qkv_rope(x.shape[0], weight.shape[0], self.head_dim, x.dtype, x.device)
                 and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
                 and not (self.rope_in_attention
