@@ -47,6 +47,14 @@ def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(f"k_cache on {k_cache.device} but v_cache on {v_cache.device}")
 
 
+def check_slot_rows(k_cache: torch.Tensor) -> None:
+    """A cache [num_blocks, block_size, ...] whose (block, offset) dims are contiguous, so that slot
+    block_id * block_size + offset is a row at stride(1): what kernels storing by slot_mapping need."""
+    if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
+        raise ValueError(f"the caches must be contiguous over (block, offset) so a slot is a row; strides "
+                         f"{k_cache.stride()}")
+
+
 def check_same_device(device: torch.device, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.device != device:

@@ -11,7 +11,7 @@ import torch
 from ipc import envs
 from kernels.decode_attention import _num_sms
 from kernels.gemv import MAX_ROWS, ROW_PARALLEL_MIN_N, Config, _launch
-from kernels.kv_cache import SUPPORTED_DTYPES, check_int_dtype, check_kv_cache, check_same_device
+from kernels.kv_cache import SUPPORTED_DTYPES, check_int_dtype, check_kv_cache, check_same_device, check_slot_rows
 from kernels.pdl import use_pdl
 
 
@@ -93,9 +93,7 @@ def qkv_rope_gemv(
     if tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim) or k_cache.dtype != x.dtype:
         raise ValueError(f"the caches {tuple(k_cache.shape)} {k_cache.dtype} must hold {num_kv_heads} KV heads of "
                          f"{head_dim} in {x.dtype}")
-    if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
-        raise ValueError(f"the caches must be contiguous over (block, offset) so a slot is a row; strides "
-                         f"{k_cache.stride()}")
+    check_slot_rows(k_cache)
     if cos_cache.dtype != torch.float32 or sin_cache.shape != cos_cache.shape or cos_cache.stride(1) != 1 \
             or sin_cache.stride() != cos_cache.stride():
         raise ValueError("cos_cache and sin_cache must be alike float32 [max_position, head_dim / 2], rows contiguous")

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import (SUPPORTED_DTYPES, check_int_dtype, check_kv_cache, check_last_dim_contiguous,
-                              check_same_device, next_pow2)
+                              check_same_device, check_slot_rows, next_pow2)
 from kernels.pdl import pdl_prologue, use_pdl
 
 
@@ -163,13 +163,11 @@ def apply_rotary_and_write_kv(
     check_last_dim_contiguous("v", v, 3)
     if v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError(f"v {tuple(v.shape)} {v.dtype} must match k {tuple(k.shape)} {k.dtype}")
-    _, block_size, cache_heads, cache_dim = k_cache.shape
+    cache_heads, cache_dim = k_cache.shape[2:]
     if (cache_heads, cache_dim) != tuple(k.shape[1:]) or k_cache.dtype != k.dtype:
         raise ValueError(f"k {tuple(k.shape)} {k.dtype} does not fit a cache of {cache_heads} KV heads of size "
                          f"{cache_dim} ({k_cache.dtype})")
-    if k_cache.stride(0) != block_size * k_cache.stride(1):
-        raise ValueError(f"the caches must be contiguous over (block, offset) so a slot is a row; strides "
-                         f"{k_cache.stride()}")
+    check_slot_rows(k_cache)
     if slot_mapping.shape != (q.shape[0],):
         raise ValueError(f"slot_mapping must be [{q.shape[0]}], got {tuple(slot_mapping.shape)}")
     check_int_dtype("slot_mapping", slot_mapping, (torch.int64, torch.int32))

@@ -45,12 +45,16 @@ def check(path, dtype, eager, results):
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outs]
     ref = hf_greedy(path, [o.prompt_token_ids for o in outs], 32, getattr(torch, dtype))
-    same = sum(a == b for x, y in zip(ours, ref) for a, b in zip(x, y))
-    total = sum(len(y) for y in ref)
     key = f"{Path(path).name}-{dtype}-{'eager' if eager else 'graphs'}"
-    results[key] = {"identical_sequences": sum(x == y for x, y in zip(ours, ref)), "of": len(ref),
-                    "same_tokens": same, "total": total}
+    results[key] = compare(ours, ref)
     print(key, results[key], flush=True)
+
+
+def compare(ours: list[list[int]], ref: list[list[int]]) -> dict:
+    """How far our token sequences agree with transformers'."""
+    return {"identical_sequences": sum(x == y for x, y in zip(ours, ref)), "of": len(ref),
+            "same_tokens": sum(a == b for x, y in zip(ours, ref) for a, b in zip(x, y)),
+            "total": sum(len(y) for y in ref)}
 
 
 def check_wide(root: Path, results) -> None:
@@ -69,11 +73,8 @@ def check_wide(root: Path, results) -> None:
             outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
                                 SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
         ours = [o.outputs[0].token_ids for o in outs]
-        ref = hf_greedy(path, prompts, 24, torch.float32)
         key = f"wide-{arch}-float32-b32"
-        results[key] = {"identical_sequences": sum(x == y for x, y in zip(ours, ref)), "of": len(ref),
-                        "same_tokens": sum(a == b for x, y in zip(ours, ref) for a, b in zip(x, y)),
-                        "total": sum(len(y) for y in ref)}
+        results[key] = compare(ours, hf_greedy(path, prompts, 24, torch.float32))
         print(key, results[key], flush=True)
 
 

@@ -287,4 +287,3 @@ def test_a_reducing_matmul_refuses_what_would_hang_or_sum_twice():
         reduce_gemv(x, w, peers, 0, residual, config=(32, 64, 4, 2, 2))
     with pytest.raises(ValueError, match="no bias"):
         _launch(x, w, torch.zeros(96), None, 2, None, None, False, (peers, 0, residual))
-
