@@ -895,8 +895,8 @@ stage_attn-ab1() {  # one GPU: decode attention GPU tests, then ./old against th
 }
 
 stage_smoke-wide() {  # one GPU: float32 greedy of 32 prompts at once == transformers on hidden-2048 checkpoints (the
-  # decode step's GEMV launches at 32 rows; gpu_smoke.py --wide) (~2 min)
-  run 150 "$PY" scripts/gpu_smoke.py "$OUT/smoke" --wide
+  # decode step's GEMV launches at 32 rows; gpu_smoke.py --wide) (~2.5 min: 150 s on one H200, session 20)
+  run 240 "$PY" scripts/gpu_smoke.py "$OUT/smoke" --wide
 }
 
 stage_rank-steps() {  # one GPU: 8b-rank2 and 8B TP=1 at batch 64 with the worker's step timer (GPU step, GPU gap,
