@@ -17,7 +17,8 @@ from gpu_workers.input_batch import (BlockTable, CachedRequestState, HostStaging
 from gpu_workers.loader import load_hf_config, load_model
 from gpu_workers.models import elementwise
 from gpu_workers.models.parallel_layers import split_heads  # tensor parallel
-from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs
+from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch
+from gpu_workers.sampling_ops import compute_prompt_logprobs
 from ipc import envs
 from ipc.config import EngineConfig
 from ipc.messages import ExecuteStep, Logprobs, StepResult

@@ -30,6 +30,9 @@ engine-generator draw when unseeded); `use_triton_sampling` says which runs. A s
 same on either GPU path wherever they keep the same tokens; torch's exponential race (the CPU's)
 draws other tokens for the same seed.
 
+The torch stages themselves (min-p, top-k / top-p, the logprobs) live in gpu_workers/sampling_ops.py,
+and the start-up checks of the kernels against them in gpu_workers/sampler_checks.py.
+
 Everything stays on the device until the final `.tolist()`: only ids and small metadata leave the worker,
 and nothing but logprobs waits for the GPU (host lists reach it through pinned memory, `host_to_device`).
 """
@@ -44,6 +47,8 @@ import torch
 
 from gpu_workers.input_batch import host_to_device
 from gpu_workers.logit_edits import apply_logit_bias_and_blocks, apply_penalties
+from gpu_workers.sampler_checks import check_gumbel_race, check_kernel_against_torch, check_top_p_search
+from gpu_workers.sampling_ops import apply_min_p, apply_top_k_top_p, apply_top_p_by_search, gather_logprobs
 from ipc import envs
 from ipc.messages import Logprobs
 from ipc.sampling_params import SamplingParams
@@ -217,14 +222,14 @@ class Sampler:
         Should a kernel not build, or disagree, log the error and keep the torch path."""
         if self.top_p_search:
             try:
-                _check_top_p_search(vocab_size, self.device)
+                check_top_p_search(vocab_size, self.device)
             except Exception:  # noqa: BLE001 - any failure: the sort still filters correctly
                 logger.exception("the top-p search kernel failed its start-up check; top-p sorts the "
                                  "vocabulary instead (set PAGEDSERVE_TOP_P_SEARCH=0 to skip this check)")
                 self.top_p_search = False
         if self.race:
             try:
-                _check_gumbel_race(vocab_size, logits_dtype, self.device)
+                check_gumbel_race(vocab_size, logits_dtype, self.device)
             except Exception:  # noqa: BLE001 - any failure: torch's race still draws correctly
                 logger.exception("the Gumbel race kernel failed its start-up check; random rows are drawn by "
                                  "torch ops instead (set PAGEDSERVE_GUMBEL_RACE=0 to skip this check)")
@@ -233,7 +238,7 @@ class Sampler:
             return
         try:
             for dtype in {logits_dtype, torch.float32}:
-                _check_kernel_against_torch(vocab_size, dtype, self.device)
+                check_kernel_against_torch(vocab_size, dtype, self.device)
         except Exception:  # noqa: BLE001 - any failure: the torch path still samples correctly
             logger.exception("the Triton sampling kernel failed its start-up check; sampling through torch "
                              "ops (set PAGEDSERVE_TRITON_SAMPLING=0 to skip this check)")
@@ -334,45 +339,6 @@ class Sampler:
         return seeds  # [S]
 
 
-_CHECK_ROWS = ((1.0, 50, 1.0, 0.0), (0.8, 0, 0.9, 0.0), (1.2, 0, 1.0, 0.05), (0.7, 40, 0.8, 0.01))
-"""(temperature, top_k, top_p, min_p) of the start-up check's rows: each filter, and all together."""
-
-
-def _check_kernel_against_torch(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Raises unless kernels.sampling keeps, on fixed random logits, the tokens the torch filters keep
-    (rows where rounding could tip top-p either way are skipped) and draws one of them.
-
-    The logits are 256 distinct values 1/8 apart (exact in bf16) at random token ids, over a tail too far
-    below to carry mass: no ties at any threshold, where the two paths may legitimately part."""
-    from kernels.sampling import sample
-
-    gen = torch.Generator().manual_seed(0)
-    logits = -40 - 3 * torch.rand(len(_CHECK_ROWS), vocab_size, generator=gen)  # [R, V]
-    head = 8 - 0.125 * torch.arange(min(256, vocab_size))
-    for row in logits:
-        row[torch.randperm(vocab_size, generator=gen)[:len(head)]] = head
-    logits = logits.to(dtype)
-    temperature, top_k, top_p, min_p = (torch.tensor(col) for col in zip(*_CHECK_ROWS))
-    y = logits.float() / temperature[:, None]
-    before_top_p = apply_top_k_top_p(apply_min_p(y, min_p), top_k.int(), torch.ones_like(top_p), 0)  # [R, V]
-    kept_ref = torch.isfinite(apply_top_k_top_p(before_top_p, top_k.int(), top_p, 0))  # [R, V]
-    out = sample(logits.to(device), temperature.to(device), top_k.int().to(device), top_p.to(device),
-                 min_p.to(device), torch.arange(len(_CHECK_ROWS), device=device))
-    kept = y >= out.thresholds.cpu()[:, None]  # [R, V]
-    for row, (ref, got) in enumerate(zip(kept_ref, kept)):
-        tipping = top_p[row] < 1 and _near_top_p_cut(before_top_p[row], top_p[row].item())
-        if not (torch.equal(ref, got) or tipping) or not ref[out.token_ids[row].item()]:
-            raise RuntimeError(f"row {row} {_CHECK_ROWS[row]}: the kernel keeps {int(got.sum())} tokens, "
-                               f"torch {int(ref.sum())}; drew token {out.token_ids[row].item()}")
-
-
-def _near_top_p_cut(y: torch.Tensor, top_p: float) -> bool:
-    """Some token of row y [V] has a probability mass before it within rounding of top_p: float32
-    paths may keep that token or not, and both are right (the start-up checks skip such rows)."""
-    probs = torch.softmax(y.double(), -1).sort(descending=True).values
-    return bool(((probs.cumsum(0) - probs - top_p).abs() < 1e-5).any())
-
-
 def row_seed(seed: int, output_index: int, position: int) -> int:
     """A 63-bit generator seed for one draw: splitmix64 chained over (seed, output_index, position)."""
     x = _splitmix64(seed & _MASK64)
@@ -386,123 +352,3 @@ def _splitmix64(x: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drops tokens with p < min_p * p_max, tested in log space: logit < max_logit + log(min_p).
-    min_p = 0 gives log 0 = -inf and drops nothing."""
-    max_logits = logits.amax(dim=-1, keepdim=True)  # [S, 1]
-    threshold = max_logits + torch.log(min_p)[:, None]  # [S, 1]
-    return logits.masked_fill(logits < threshold, float("-inf"))  # [S, V]
-
-
-def apply_top_p_by_search(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """apply_top_k_top_p's top-p alone (top_k 0), its threshold from kernels/top_p.py: no sort."""
-    from kernels.top_p import top_p_thresholds
-
-    threshold = top_p_thresholds(logits.contiguous(), top_p)  # [S]
-    return logits.masked_fill(logits < threshold[:, None], float("-inf"))  # [S, V]
-
-
-def _check_gumbel_race(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Raises unless kernels/gumbel.py, on fixed random rows, draws the only token a row keeps (the rest
-    -inf, or 60 nats below it, or under the row's threshold), and some token of a row that keeps all.
-    Compiles, as it goes, every variant `Sampler._sample` launches: the model's logits scaled by the
-    kernel (temperature alone), float32 ones so (after penalties or a logit bias), and float32 scaled
-    logits with top-p's threshold or without one."""
-    from kernels.gumbel import gumbel_race
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, vocab_size, generator=gen)  # [4, V]
-    only = torch.randint(0, vocab_size, (4,), generator=gen)
-    x[0] = float("-inf")
-    x[1] -= 50
-    x[2] = 4 + 0.5 * x[2].sigmoid()  # all but one token under the threshold 5, with most of the mass
-    x[[0, 1, 2], only[:3]] = 10.0
-    threshold = torch.tensor([float("-inf"), float("-inf"), 5.0, float("-inf")], device=device)
-    seeds = torch.randint(0, 1 << 62, (4,), generator=gen).to(device)
-    ones = torch.ones(4, device=device)
-    for x_dtype, temperature, cut in ((dtype, ones, None), (torch.float32, ones, None),
-                                      (torch.float32, None, threshold), (torch.float32, None, None)):
-        got = gumbel_race(x.to(x_dtype).to(device), seeds, temperature, cut).tolist()
-        want = only[:3 if cut is not None else 2].tolist()
-        if got[:len(want)] != want or not 0 <= got[3] < vocab_size:
-            raise RuntimeError(f"the Gumbel race ({x_dtype}, temperature {temperature is not None}, threshold "
-                               f"{cut is not None}) drew {got}; expected {want} first")
-
-
-def _check_top_p_search(vocab_size: int, device: torch.device) -> None:
-    """Raises unless kernels/top_p.py keeps, on fixed random rows, the tokens the sort keeps (rows
-    where rounding could tip top-p either way are skipped). Compiles the kernels as it goes."""
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randn(4, vocab_size, generator=gen) * torch.tensor([[0.5], [2.0], [4.0], [8.0]])  # [4, V]
-    top_p = torch.tensor([0.5, 0.9, 0.95, 0.99])
-    ref = torch.isfinite(apply_top_k_top_p(y, torch.zeros(4, dtype=torch.int32), top_p, 0))  # [4, V]
-    got = torch.isfinite(apply_top_p_by_search(y.to(device), top_p.to(device))).cpu()
-    for row in range(4):
-        if not (torch.equal(ref[row], got[row]) or _near_top_p_cut(y[row], top_p[row].item())):
-            raise RuntimeError(f"row {row}: the top-p search keeps {int(got[row].sum())} tokens, the sort "
-                               f"{int(ref[row].sum())}")
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                      num_candidates: int, no_top_p: bool = False) -> torch.Tensor:
-    """Keeps each row's top_k best tokens, then the smallest prefix of those (by renormalized
-    probability) whose mass reaches top_p; the rest become -inf. top_k 0 and top_p 1 disable.
-
-    Both filters only ever look at the C best logits of a row, sorted: C = num_candidates (a
-    `topk`, no full sort of the vocabulary) when the caller knows every filtered row fits in it
-    (top-k alone, or top-p only on rows with a top_k), else C = V (a full sort, the fallback).
-    The filter then becomes one threshold per row, the smallest logit it keeps:
-
-        sorted logits  9  7  6  3  1  ...     top_k 3 -> keep [9 7 6], threshold 6
-                                              logits < 6 -> -inf  (ties with 6 survive)
-    """
-    vocab_size = logits.shape[1]
-    num_candidates = num_candidates if 0 < num_candidates < vocab_size else vocab_size
-    if num_candidates < vocab_size:
-        candidates = logits.topk(num_candidates, dim=-1).values  # [S, C], descending
-    else:
-        candidates = logits.sort(dim=-1, descending=True).values  # [S, V], descending
-    k = top_k.long()  # [S]
-    k_disabled = (k <= 0) | (k >= vocab_size)  # [S]
-    k = torch.where(k_disabled, num_candidates, k.clamp(max=num_candidates))  # [S]
-    keep = torch.arange(num_candidates, device=logits.device)[None, :] < k[:, None]  # [S, C]
-    p_disabled = top_p >= 1.0  # [S]
-    if not no_top_p:
-        probs = candidates.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # [S, C]
-        mass_before = probs.cumsum(dim=-1) - probs  # [S, C]; probability of the better tokens
-        keep &= (mass_before < top_p[:, None]) | p_disabled[:, None]  # the best token always stays
-    threshold = candidates.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # [S, 1]
-    unfiltered = (k_disabled & p_disabled)[:, None]  # [S, 1]
-    threshold = threshold.masked_fill(unfiltered, float("-inf"))  # [S, 1]
-    return logits.masked_fill(logits < threshold, float("-inf"))  # [S, V]
-
-
-def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor,
-                    num_logprobs: list[int]) -> list[Logprobs]:
-    """Per row: the chosen token's logprob and 1-based rank, then the row's top-k (descending).
-
-    logprobs [N, V] (already log_softmax'ed), token_ids [N]; row i keeps num_logprobs[i] top entries.
-    Rank counts the tokens at least as likely as the chosen one (ties rank it lower, like vLLM).
-    """
-    vocab_size = logprobs.shape[1]
-    max_k = min(max(num_logprobs, default=0), vocab_size)
-    top_logprobs, top_ids = logprobs.topk(max_k, dim=-1)  # [N, k], [N, k]
-    chosen_ids = token_ids.long()[:, None]  # [N, 1]
-    chosen_logprobs = logprobs.gather(1, chosen_ids)  # [N, 1]
-    ranks = (logprobs >= chosen_logprobs).sum(dim=-1)  # [N]
-    ids = torch.cat([chosen_ids, top_ids], dim=1).tolist()  # [N, 1 + k]
-    values = torch.cat([chosen_logprobs, top_logprobs], dim=1).tolist()  # [N, 1 + k]
-    return [
-        Logprobs(token_ids=ids[i][:1 + min(k, vocab_size)],
-                 logprobs=values[i][:1 + min(k, vocab_size)], rank=rank)
-        for i, (k, rank) in enumerate(zip(num_logprobs, ranks.tolist()))
-    ]
-
-
-def compute_prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int) -> list[Logprobs]:
-    """Prompt logprobs: logits [L, V] at positions whose next (prompt) token is target_ids [L].
-    Entry 0 of each Logprobs is the prompt token with its rank, then the top-k."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [L, V]
-    return gather_logprobs(logprobs, target_ids, [k] * logits.shape[0])

@@ -35,7 +35,7 @@ row's draw depends on its seed alone, never on the batch. Greedy rows (temperatu
 the first argmax.
 
 Passes over a random row: 1 (max) + 2 per active top-k / top-p + 1 (draw).
-gpu_workers/sampler.py keeps the torch reference (apply_min_p, apply_top_k_top_p), which is the default:
+gpu_workers/sampling_ops.py keeps the torch reference (apply_min_p, apply_top_k_top_p), which is the default:
 on an H200 (scripts/bench_sampling.py) this kernel took 367 us for temperature alone and 3,460 for top-p
 at batch 1 (torch: 120 and 556), since one program per row leaves the other SMs idle; it only draws
 level at ~256 rows. $PAGEDSERVE_TRITON_SAMPLING=1 selects it. Splitting each row over many programs (a

@@ -4,7 +4,7 @@ instead of a full sort (on an H200, top-p 0.9 over [64, 128256] logits took 1.39
 call through the sort and 0.66 ms with this search: scripts/bench_sampling.py, BENCHMARKS.md session 11).
 
 Row r keeps the smallest prefix of its tokens, best first, whose probability reaches top_p[r], and
-every token tied with the last one kept (gpu_workers/sampler.apply_top_k_top_p's rule). With
+every token tied with the last one kept (gpu_workers/sampling_ops.apply_top_k_top_p's rule). With
 F(t) = the softmax mass of the tokens with y >= t, a token of value v is kept iff the mass strictly
 above it is below top_p * F(-inf). So the kept set is {y >= t*}, t* the largest float with
 F(t*) >= top_p * F(-inf): a threshold, found by narrowing a range of float keys (order-preserving

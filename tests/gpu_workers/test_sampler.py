@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gpu_workers.logit_edits import apply_logit_bias_and_blocks, apply_penalties
-from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, compute_prompt_logprobs, row_seed
+from gpu_workers.sampler import RowInfo, Sampler, SamplingBatch, row_seed
+from gpu_workers.sampling_ops import compute_prompt_logprobs
 from ipc.sampling_params import SamplingParams
 from tests.triton_env import DEVICE
 
@@ -142,7 +143,7 @@ def test_the_gumbel_race_draws_what_the_triton_kernel_draws():
     same tokens, row by row, seeded or not, and whether the batch has filters (the race reads the
     filtered float32 logits) or temperature alone (it reads the model's bf16 logits and scales them).
     Logits: 256 distinct values 1/8 apart (exact in bf16) above a far tail, so no tie sits at a cut."""
-    from gpu_workers.sampler import _near_top_p_cut
+    from gpu_workers.sampler_checks import near_top_p_cut
 
     vocab = 5000  # two of the race's chunks
     # Cuts that drop most of the mass (top-p 0.3, top-k 3): a race that ignored one would draw a dropped
@@ -161,7 +162,7 @@ def test_the_gumbel_race_draws_what_the_triton_kernel_draws():
                 row[:] = -40 - 3 * torch.rand(vocab)
                 row[torch.randperm(vocab)[:256]] = 8 - 0.125 * torch.arange(256.0)
                 p = params[i]
-                if p.top_p >= 1 or not _near_top_p_cut(row / p.temperature, p.top_p):
+                if p.top_p >= 1 or not near_top_p_cut(row / p.temperature, p.top_p):
                     break
         logits = logits.to(torch.bfloat16).to(DEVICE)
         seed = int(torch.randint(0, 2**31, ()))

@@ -5,7 +5,7 @@ The interpreter runs one program per row at ~0.1 s, so CPU shapes are small; the
 import pytest
 import torch
 
-from gpu_workers.sampler import apply_min_p, apply_top_k_top_p
+from gpu_workers.sampling_ops import apply_min_p, apply_top_k_top_p
 from ipc.sampling_params import SamplingParams
 from kernels import sampling
 from kernels.sampling import sample

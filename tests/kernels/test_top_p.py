@@ -1,11 +1,11 @@
 """kernels/top_p.py: top-p thresholds by a search over many programs a row, against the torch path's
-sort (gpu_workers.sampler.apply_top_k_top_p with top_k off), on fresh random rows: the kept sets must be
+sort (gpu_workers.sampling_ops.apply_top_k_top_p with top_k off), on fresh random rows: the kept sets must be
 equal wherever rounding cannot tip the last token either way."""
 
 import pytest
 import torch
 
-from gpu_workers.sampler import apply_top_k_top_p, apply_top_p_by_search
+from gpu_workers.sampling_ops import apply_top_k_top_p, apply_top_p_by_search
 from kernels.top_p import CHUNK, top_p_thresholds
 from tests.triton_env import DEVICE
 
