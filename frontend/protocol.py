@@ -114,6 +114,34 @@ def read_stream_options(body: dict, stream: bool) -> bool:
     return include
 
 
+_STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+"""vLLM's own constrained-decoding fields (extra_body): refused like response_format's JSON modes."""
+
+
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    """Fields whose request this server cannot honour become a 400, never a silently different answer:
+    constrained decoding (response_format json_object / json_schema, vLLM's guided_* fields) and, on
+    chat, tool calling (tools with a tool_choice other than "none", as vLLM answers without
+    --enable-auto-tool-choice)."""
+    response_format = read(body, "response_format", "dict")
+    if response_format is not None and response_format.get("type", "text") != "text":
+        raise bad_request(f"response_format {response_format.get('type')!r} is not supported: this server has "
+                          "no structured-output (constrained decoding) backend; only 'text' is", "response_format")
+    for name in _STRUCTURED_OUTPUT_FIELDS:
+        if body.get(name) is not None:
+            raise bad_request(f"'{name}' is not supported: this server has no structured-output (constrained "
+                              "decoding) backend", name)
+    if not chat:
+        return
+    tools = read(body, "tools", "list")
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "none", "auto", "required") and not isinstance(tool_choice, dict):
+        raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or a named tool", "tool_choice")
+    if (tools or body.get("functions") or tool_choice not in (None, "none")) and tool_choice != "none":
+        raise bad_request("tool calling is not supported by this server: send 'tool_choice': 'none' (the "
+                          "tools are then ignored) or leave 'tools' out", "tool_choice" if tool_choice else "tools")
+
+
 def read_sampling(body: dict) -> dict:
     """The SamplingParams keywords shared by both endpoints (max_tokens and logprobs aside),
     type-checked and range-checked."""
@@ -204,6 +232,7 @@ def parse_completion(body: dict) -> CompletionRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
     read(body, "user", "str")
+    refuse_unsupported(body, chat=False)
     return CompletionRequest(
         read(body, "model", "str"), parse_prompts(body.get("prompt")), read_sampling(body),
         read(body, "max_tokens", "int"), stream, read_stream_options(body, stream),
@@ -254,6 +283,7 @@ def parse_chat(body: dict) -> ChatRequest:
     max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = read(body, max_tokens_param, "int")
     read(body, "user", "str")
+    refuse_unsupported(body, chat=True)
     return ChatRequest(
         read(body, "model", "str"), parse_messages(body.get("messages")), read_sampling(body), max_tokens,
         stream, read_stream_options(body, stream), logprobs, top_logprobs,

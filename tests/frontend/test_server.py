@@ -151,6 +151,19 @@ def test_chat_completion_stream_and_not(client, tokenizer):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_text_format_and_unused_tools_are_served_json_mode_is_refused(client):
+    messages = [{"role": "user", "content": "Name a color."}]
+    tools = [{"type": "function", "function": {"name": "get_color", "parameters": {"type": "object"}}}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    same = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                          response_format={"type": "text"}, tools=tools, tool_choice="none")
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                       response_format={"type": "json_object"})
+    assert "response_format" in refused.value.message and refused.value.body["param"] == "response_format"
+
+
 def test_chat_logprobs_and_n(client):
     messages = [{"role": "user", "content": "Say something."}]
     out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0.9, seed=5,
