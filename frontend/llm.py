@@ -69,11 +69,16 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template: str | None = None) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+             chat_template: str | None = None, continue_final_message: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate.
+        continue_final_message (with add_generation_prompt=False) leaves the last, assistant message
+        open, for the model to continue it."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message)
                    for conv in conversations]
         # The template already holds the BOS token where the model wants one.
         return self.generate([{"prompt": p, "prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}

@@ -205,6 +205,11 @@ class CompletionRequest:
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None
+    best_of: int | None = None
+    """Outputs to sample per prompt, of which the n with the highest cumulative logprob are returned
+    (None: n)."""
+    prompt_logprobs: int | None = None
+    """vLLM's extra field: each prompt position's logprob and this many alternatives."""
 
 
 @dataclass(frozen=True)
@@ -220,23 +225,54 @@ class ChatRequest:
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    """vLLM's extra field: the last (assistant) message is left open for the model to continue."""
+    prompt_logprobs: int | None = None
     extra: dict = field(default_factory=dict)
     """chat_template_kwargs: extra variables for the chat template."""
     max_tokens_param: str = "max_tokens"
     """Which field max_tokens came from (max_completion_tokens wins), for error messages."""
 
 
+def read_logprobs_count(body: dict, name: str) -> int | None:
+    value = read(body, name, "int")
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"'{name}' must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    return value
+
+
+def read_prompt_logprobs(body: dict, stream: bool) -> int | None:
+    prompt_logprobs = read_logprobs_count(body, "prompt_logprobs")
+    if prompt_logprobs is not None and stream:
+        raise bad_request("'prompt_logprobs' is not available with 'stream': true", "prompt_logprobs")
+    return prompt_logprobs
+
+
+def read_best_of(body: dict, n: int, stream: bool) -> int | None:
+    """OpenAI's best_of: at least n, at most MAX_N, not streamed; None where it changes nothing."""
+    best_of = read(body, "best_of", "int")
+    if best_of is None or best_of == n:
+        return None
+    if not n <= best_of <= MAX_N:
+        raise bad_request(f"'best_of' must be in [n, {MAX_N}] (n = {n}), got {best_of}", "best_of")
+    if stream:
+        raise bad_request("'best_of' cannot be used with 'stream': true", "best_of")
+    return best_of
+
+
 def parse_completion(body: dict) -> CompletionRequest:
     stream = read(body, "stream", "bool", False)
-    logprobs = read(body, "logprobs", "int")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    logprobs = read_logprobs_count(body, "logprobs")
     read(body, "user", "str")
+    if read(body, "suffix", "str"):
+        raise bad_request("'suffix' is not supported", "suffix")
     refuse_unsupported(body, chat=False)
+    sampling = read_sampling(body)
     return CompletionRequest(
-        read(body, "model", "str"), parse_prompts(body.get("prompt")), read_sampling(body),
+        read(body, "model", "str"), parse_prompts(body.get("prompt")), sampling,
         read(body, "max_tokens", "int"), stream, read_stream_options(body, stream),
-        read(body, "echo", "bool", False), logprobs)
+        read(body, "echo", "bool", False), logprobs, read_best_of(body, sampling["n"], stream),
+        read_prompt_logprobs(body, stream))
 
 
 def parse_prompts(prompt) -> list[str | list[int]]:
@@ -284,10 +320,14 @@ def parse_chat(body: dict) -> ChatRequest:
     max_tokens = read(body, max_tokens_param, "int")
     read(body, "user", "str")
     refuse_unsupported(body, chat=True)
+    add_generation_prompt = read(body, "add_generation_prompt", "bool", True)
+    continue_final_message = read(body, "continue_final_message", "bool", False)
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("'continue_final_message' needs 'add_generation_prompt': false", "continue_final_message")
     return ChatRequest(
         read(body, "model", "str"), parse_messages(body.get("messages")), read_sampling(body), max_tokens,
-        stream, read_stream_options(body, stream), logprobs, top_logprobs,
-        read(body, "add_generation_prompt", "bool", True), read(body, "chat_template_kwargs", "dict", {}),
+        stream, read_stream_options(body, stream), logprobs, top_logprobs, add_generation_prompt,
+        continue_final_message, read_prompt_logprobs(body, stream), read(body, "chat_template_kwargs", "dict", {}),
         max_tokens_param)
 
 

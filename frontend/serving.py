@@ -28,7 +28,7 @@ from aiohttp import web
 
 from frontend.metrics import ServerMetrics
 from frontend.output_processor import OutputUpdate
-from frontend.outputs import RequestOutput
+from frontend.outputs import PositionLogprobs, RequestOutput
 from frontend.protocol import ApiError, bad_request, check_token_ids
 from ipc.errors import EngineDeadError
 from ipc.sampling_params import SamplingParams
@@ -85,7 +85,8 @@ class OpenAIServing:
     def prompt_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, extra: dict) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, extra: dict,
+                    continue_final_message: bool = False) -> str:
         """The chat template (--chat-template, else the tokenizer's) applied to the messages."""
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; start the server with --chat-template",
@@ -93,12 +94,13 @@ class OpenAIServing:
         try:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=False, **extra)
+                continue_final_message=continue_final_message, tokenize=False, **extra)
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise bad_request(f"the chat template could not render these messages: {e}", "messages") from None
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool, extra: dict) -> Prompt:
-        text = self.render_chat(messages, add_generation_prompt, extra)
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool, extra: dict,
+                    continue_final_message: bool = False) -> Prompt:
+        text = self.render_chat(messages, add_generation_prompt, extra, continue_final_message)
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template carries BOS
         if not ids:
             raise bad_request("the messages render to an empty prompt", "messages")
@@ -240,3 +242,13 @@ def clamp_logprob(value: float) -> float:
 
 def now() -> int:
     return int(time.time())
+
+
+def prompt_logprobs_json(positions: list[PositionLogprobs | None], k: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token, None for the first, then {token id: {"logprob", "rank",
+    "decoded_token"}} holding the prompt's own token and the k most likely (the engine may have computed
+    more, for echo's logprobs)."""
+    return [None if pos is None else
+            {str(tok): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for i, (tok, lp) in enumerate(pos.items()) if i == 0 or (lp.rank is not None and lp.rank <= k)}
+            for pos in positions]

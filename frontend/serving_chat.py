@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: the chat template renders the messages into one prompt; n choices;
 streamed as SSE (a first delta with role "assistant" per choice, content deltas, then a
-finish_reason per choice) or returned whole; logprobs as
+finish_reason per choice) or returned whole; vLLM's continue_final_message (the last, assistant
+message left open) and prompt_logprobs (top level, as in /v1/completions); logprobs as
 
     {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}
 """
@@ -15,7 +16,7 @@ from aiohttp import web
 from frontend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from frontend.protocol import ChatRequest, make_sampling_params, parse_chat, resolve_max_tokens
 from frontend.serving import (OpenAIServing, Prompt, as_api_error, clamp_logprob, json_response, now,
-                              stream_response, usage)
+                              prompt_logprobs_json, stream_response, usage)
 from ipc.sampling_params import SamplingParams
 
 
@@ -27,11 +28,11 @@ class OpenAIServingChat:
         req = parse_chat(body)
         s = self.serving
         s.check_model(req.model)
-        prompt = s.chat_prompt(req.messages, req.add_generation_prompt, req.extra)
+        prompt = s.chat_prompt(req.messages, req.add_generation_prompt, req.extra, req.continue_final_message)
         max_tokens = resolve_max_tokens(req.max_tokens, len(prompt.token_ids), s.max_model_len,
                                         req.max_tokens_param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = make_sampling_params(req.sampling, max_tokens, logprobs)
+        params = make_sampling_params(req.sampling, max_tokens, logprobs, req.prompt_logprobs)
         s.check_params(params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -48,8 +49,11 @@ class OpenAIServingChat:
                     "logprobs": self._logprobs(req, out.token_ids, out.logprobs),
                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
                    for out in final.outputs]
-        return {"id": request_id, "object": "chat.completion", "created": now(),
-                "model": self.serving.model_name, "choices": choices, "usage": usage([prompt], [final])}
+        response = {"id": request_id, "object": "chat.completion", "created": now(),
+                    "model": self.serving.model_name, "choices": choices, "usage": usage([prompt], [final])}
+        if req.prompt_logprobs is not None:
+            response["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs, req.prompt_logprobs)
+        return response
 
     async def _events(self, request_id: str, req: ChatRequest, prompt: Prompt,
                       params: SamplingParams) -> AsyncIterator[dict]:

@@ -2,10 +2,16 @@
 streamed as SSE or returned whole; echo and OpenAI's legacy logprobs format:
 
     {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}], "text_offset": [...]}
+
+best_of > n samples best_of outputs per prompt and returns the n of highest cumulative logprob (the
+engine then computes the sampled tokens' logprobs even when the client did not ask for them).
+vLLM's prompt_logprobs come back per choice, as vLLM gives them: [null, {token id: {"logprob",
+"rank", "decoded_token"}}, ...], one entry per prompt token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import AsyncIterator
 
@@ -14,7 +20,7 @@ from aiohttp import web
 from frontend.outputs import PositionLogprobs, RequestOutput
 from frontend.protocol import CompletionRequest, make_sampling_params, parse_completion, resolve_max_tokens
 from frontend.serving import (OpenAIServing, Prompt, as_api_error, clamp_logprob, json_response, now,
-                              stream_response, usage)
+                              prompt_logprobs_json, stream_response, usage)
 from ipc.sampling_params import SamplingParams
 
 
@@ -33,7 +39,7 @@ class OpenAIServingCompletion:
             s.check_capacity(len(prompts))
             return await stream_response(request, self._events(request_id, req, prompts, params))
         try:
-            finals = await s.collect(request_id, prompts, params)
+            finals = [self._best(req, final) for final in await s.collect(request_id, prompts, params)]
         except Exception as e:
             raise as_api_error(e) from e
         return json_response(self._response(request_id, req, prompts, finals))
@@ -41,10 +47,26 @@ class OpenAIServingCompletion:
     def _params(self, req: CompletionRequest, prompt: Prompt) -> SamplingParams:
         max_tokens = resolve_max_tokens(req.max_tokens, len(prompt.token_ids), self.serving.max_model_len,
                                         "max_tokens")
-        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        params = make_sampling_params(req.sampling, max_tokens, req.logprobs, prompt_logprobs)
+        echoed = req.logprobs if req.echo else None
+        prompt_logprobs = max((k for k in (echoed, req.prompt_logprobs) if k is not None), default=None)
+        sampling, logprobs = req.sampling, req.logprobs
+        if req.best_of is not None:  # the ranking needs every output's cumulative logprob
+            sampling, logprobs = {**sampling, "n": req.best_of}, logprobs or 0
+        params = make_sampling_params(sampling, max_tokens, logprobs, prompt_logprobs)
         self.serving.check_params(params)
         return params
+
+    @staticmethod
+    def _best(req: CompletionRequest, final: RequestOutput) -> RequestOutput:
+        """The n outputs of highest cumulative logprob, re-indexed 0..n-1 (best first), when best_of > n;
+        their logprobs dropped unless the client asked for them."""
+        if req.best_of is None:
+            return final
+        ranked = sorted(final.outputs, key=lambda out: out.cumulative_logprob, reverse=True)[:req.sampling["n"]]
+        outputs = [dataclasses.replace(out, index=i, logprobs=out.logprobs if req.logprobs is not None else None,
+                                       cumulative_logprob=out.cumulative_logprob if req.logprobs is not None
+                                       else None) for i, out in enumerate(ranked)]
+        return dataclasses.replace(final, outputs=outputs)
 
     def _response(self, request_id: str, req: CompletionRequest, prompts: list[Prompt],
                   finals: list[RequestOutput]) -> dict:
@@ -61,8 +83,11 @@ class OpenAIServingCompletion:
                     logprobs = logprobs.result
                 if req.echo:
                     text = self.serving.prompt_text(prompt) + text
-                choices.append({"index": i * n + out.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
+                choice = {"index": i * n + out.index, "text": text, "logprobs": logprobs,
+                          "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs, req.prompt_logprobs)
+                choices.append(choice)
         return {"id": request_id, "object": "text_completion", "created": now(),
                 "model": self.serving.model_name, "choices": choices, "usage": usage(prompts, finals)}
 
@@ -143,6 +168,7 @@ class _LogprobsBuilder:
             r["tokens"].append(text)
             r["token_logprobs"].append(clamp_logprob(chosen.logprob) if chosen else None)
             r["top_logprobs"].append(
-                {lp.decoded_token: clamp_logprob(lp.logprob) for lp in pos.values()} if pos else None)
+                {lp.decoded_token: clamp_logprob(lp.logprob) for tok, lp in pos.items()
+                 if tok == token or (lp.rank is not None and lp.rank <= self.num)} if pos else None)
             r["text_offset"].append(self.offset)
             self.offset += len(text)

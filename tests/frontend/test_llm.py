@@ -186,6 +186,14 @@ def test_chat_applies_the_template(llama_llm):
     assert out.prompt == text
     assert out.prompt_token_ids == llama_llm.get_tokenizer().encode(text, add_special_tokens=False)
 
+    messages = [*messages, {"role": "assistant", "content": "Hi, I am"}]
+    out = llama_llm.chat(messages, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False,
+                         add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt.endswith("Hi, I am") and out.prompt == llama_llm.get_tokenizer().apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llama_llm.chat(messages, use_tqdm=False, continue_final_message=True)
+
 
 def test_bad_input_fails_with_the_cause(llama_llm, tiny_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="max_model_len"):

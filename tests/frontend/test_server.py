@@ -151,6 +151,58 @@ def test_chat_completion_stream_and_not(client, tokenizer):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_best_of_returns_the_most_likely_of_its_samples(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11)
+    every = client.completions.create(n=4, logprobs=0, **kw)  # the same four samples (one seed)
+    cumulative = [sum(c.logprobs.token_logprobs) for c in every.choices]
+    order = sorted(range(4), key=lambda i: cumulative[i], reverse=True)
+    assert len({c.text for c in every.choices}) > 2
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.text for c in best.choices] == [every.choices[i].text for i in order[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == sum(len(every.choices[i].logprobs.tokens) for i in order[:2])
+
+
+def test_prompt_logprobs_equal_transformers(client, default_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(default_model).encode(PROMPT)
+    model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)  # [L, V]
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0,
+                                    extra_body={"prompt_logprobs": 2})
+    positions = out.choices[0].model_extra["prompt_logprobs"]
+    assert len(positions) == len(ids) and positions[0] is None
+    for pos, (token, entry) in enumerate(zip(ids[1:], positions[1:]), start=1):
+        want = reference[pos - 1]
+        assert abs(entry[str(token)]["logprob"] - want[token].item()) < 1e-3
+        assert entry[str(token)]["rank"] == int((want > want[token]).sum()) + 1
+        top = sorted((v["rank"], int(k)) for k, v in entry.items() if v["rank"] <= 2)
+        assert [t for _, t in top][:2] == want.topk(2).indices.tolist()
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, echo=True,
+                                       logprobs=1, extra_body={"prompt_logprobs": 3})
+    assert echoed.choices[0].logprobs.token_logprobs[1:len(ids)] == [
+        entry[str(t)]["logprob"] for t, entry in zip(ids[1:], positions[1:])]
+    assert all(len(alts) <= 2 for alts in echoed.choices[0].logprobs.top_logprobs[1:])  # logprobs=1, not 3
+
+
+def test_chat_continues_the_final_message(client, tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is"}]
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False, "prompt_logprobs": 0})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                             continue_final_message=True)
+    assert rendered.endswith("The capital of France is")
+    prompt_ids = tokenizer.encode(rendered, add_special_tokens=False)
+    assert out.usage.prompt_tokens == len(prompt_ids) == len(out.model_extra["prompt_logprobs"])
+    same = client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=6, temperature=0)
+    assert out.choices[0].message.content == same.choices[0].text != ""
+
+
 def test_text_format_and_unused_tools_are_served_json_mode_is_refused(client):
     messages = [{"role": "user", "content": "Name a color."}]
     tools = [{"type": "function", "function": {"name": "get_color", "parameters": {"type": "object"}}}]

@@ -83,6 +83,14 @@ BAD_BODIES = [
     (CHAT, {"messages": USER, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
      "tool_choice"),
     (CHAT, {"messages": USER, "tool_choice": 3}, "tool_choice"),
+    (COMPLETIONS, {"prompt": "x", "suffix": "y"}, "suffix"),
+    (COMPLETIONS, {"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    (COMPLETIONS, {"prompt": "x", "best_of": 100}, "best_of"),
+    (COMPLETIONS, {"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    (CHAT, {"messages": USER, "prompt_logprobs": -1}, "prompt_logprobs"),
+    (CHAT, {"messages": USER, "continue_final_message": True}, "continue_final_message"),
 ]
 
 
