@@ -185,6 +185,7 @@ def build_app(llm, server: ServerConfig) -> web.Application:
     app.add_routes([
         web.get("/health", routes.health), web.get("/version", routes.version),
         web.get("/metrics", routes.metrics), web.get("/v1/models", routes.models),
+        web.get("/v1/models/{model:.+}", routes.model),
         web.post("/tokenize", routes.tokenize), web.post("/detokenize", routes.detokenize),
         web.post("/v1/completions", routes.completions),
         web.post("/v1/chat/completions", routes.chat_completions),
@@ -261,12 +262,18 @@ class _Routes:
         body = self.serving.metrics.render(self.llm.client.stats)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": now(), "owned_by": "pagedserve",
+                "root": self.llm.model_path, "parent": None, "max_model_len": self.llm.max_model_len}
+
     async def models(self, request: web.Request) -> web.Response:
-        created = now()
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "pagedserve",
-                 "root": self.llm.model_path, "parent": None, "max_model_len": self.llm.max_model_len}
-                for name in self.serving.model_names]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [self._model_card(name) for name in self.serving.model_names]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model}: the official clients' models.retrieve."""
+        name = request.match_info["model"]
+        self.serving.check_model(name)
+        return json_response(self._model_card(name))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self.completion.create(request, await read_json(request))

@@ -53,6 +53,9 @@ def test_health_version_models(server, client):
     [model] = client.models.list().data
     assert model.id == MODEL and model.owned_by == "pagedserve"
     assert model.model_extra["max_model_len"] == MAX_MODEL_LEN
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-17")
 
 
 def test_completion_usage_matches_tokenizer(client, tokenizer):
