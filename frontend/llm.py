@@ -63,6 +63,10 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling_params")
+        for sp in params_list:
+            bad = [t for t in sp.allowed_token_ids or () if not t < self.vocab_size]
+            if bad:
+                raise ValueError(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         requests = [(self._tokenize(p), sp) for p, sp in zip(prompts, params_list)]
         return self._run(requests, use_tqdm)
 

@@ -160,7 +160,7 @@ def read_sampling(body: dict) -> dict:
         include_stop_str_in_output=read(body, "include_stop_str_in_output", "bool", False),
         min_tokens=read(body, "min_tokens", "int", 0), ignore_eos=read(body, "ignore_eos", "bool", False),
         skip_special_tokens=read(body, "skip_special_tokens", "bool", True),
-        logit_bias=read_logit_bias(body))
+        logit_bias=read_logit_bias(body), allowed_token_ids=read(body, "allowed_token_ids", "list"))
     make_sampling_params(kwargs, None)  # range checks now, before any tokenization
     return kwargs
 

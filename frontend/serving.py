@@ -111,6 +111,8 @@ class OpenAIServing:
             check_token_ids(list(params.logit_bias), self.vocab_size, "logit_bias")
         if params.stop_token_ids:
             check_token_ids(params.stop_token_ids, self.vocab_size, "stop_token_ids")
+        if params.allowed_token_ids:
+            check_token_ids(params.allowed_token_ids, self.vocab_size, "allowed_token_ids")
 
     # ------------------------------------------------------------ generation
 

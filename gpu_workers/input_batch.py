@@ -60,9 +60,10 @@ class CachedRequestState:
 
 
 def greedy_without_processors(params: SamplingParams) -> bool:
-    """Greedy with no penalty, logit bias or logprobs: the sampler would just take the argmax, unless
-    min_tokens blocks some tokens at this position."""
-    return params.greedy and params.logit_bias is None and params.logprobs is None and not params.has_penalties
+    """Greedy with no penalty, logit bias, allowed-token list or logprobs: the sampler would just take the
+    argmax, unless min_tokens blocks some tokens at this position."""
+    return (params.greedy and params.logit_bias is None and params.allowed_token_ids is None
+            and params.logprobs is None and not params.has_penalties)
 
 
 def argmax_only(params: SamplingParams) -> bool:

@@ -1,5 +1,6 @@
-"""Edits to a step's logits before sampling, in vLLM's order: logit_bias, blocked tokens (min_tokens
-not reached), then the repetition / frequency / presence penalties. All out of place: the caller's
+"""Edits to a step's logits before sampling, in vLLM's order: allowed_token_ids (every other token to
+-inf), logit_bias, blocked tokens (min_tokens not reached), then the repetition / frequency / presence
+penalties. All out of place: the caller's
 logits (and the raw logprobs taken from them) stay as the model produced them."""
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ if TYPE_CHECKING:
 
 
 def apply_logit_bias_and_blocks(logits: torch.Tensor, logit_bias: list[dict[int, float] | None],
-                                blocked_token_ids: list[list[int]]) -> torch.Tensor:
-    """Adds each row's logit_bias, then sets its blocked tokens to -inf (out of place).
+                                blocked_token_ids: list[list[int]],
+                                allowed_token_ids: list[list[int] | None] | None = None) -> torch.Tensor:
+    """Keeps only each row's allowed tokens (where it has a list), adds its logit_bias, then sets its
+    blocked tokens to -inf (out of place).
 
     Token ids outside [0, V) are ignored: a bad request must not take the worker down.
     """
     vocab_size = logits.shape[1]
+    if allowed_token_ids and any(allowed_token_ids):
+        logits = _keep_only(logits, allowed_token_ids)
     if any(logit_bias):
         entries = [(row, int(token_id), float(value))
                    for row, bias in enumerate(logit_bias) if bias
@@ -32,6 +37,22 @@ def apply_logit_bias_and_blocks(logits: torch.Tensor, logit_bias: list[dict[int,
                    for token_id in blocked if 0 <= token_id < vocab_size]
         logits = _put(logits, entries, accumulate=False)
     return logits
+
+
+def _keep_only(logits: torch.Tensor, allowed_token_ids: list[list[int] | None]) -> torch.Tensor:
+    """-inf everywhere but the allowed tokens of the rows that list some (other rows untouched; as is a
+    row whose list holds no token id of the vocabulary, which the frontends refuse: never a row of all
+    -inf)."""
+    vocab_size = logits.shape[1]
+    rows = [row for row, allowed in enumerate(allowed_token_ids)
+            if allowed and any(0 <= token_id < vocab_size for token_id in allowed)]
+    entries = [(row, token_id) for row in rows for token_id in allowed_token_ids[row] if 0 <= token_id < vocab_size]
+    drop = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)  # [S, V]
+    drop[host_to_device(rows, torch.int64, logits.device)] = True
+    if entries:
+        index = tuple(host_to_device(list(col), torch.int64, logits.device) for col in zip(*entries))
+        drop.index_put_(index, torch.zeros((), dtype=torch.bool, device=logits.device))
+    return logits.masked_fill(drop, float("-inf"))  # [S, V]
 
 
 def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate: bool) -> torch.Tensor:

@@ -5,7 +5,8 @@ Each row goes through vLLM's order:
 
     raw logits ──► logprobs = log_softmax(raw)         (only when requested; the model's own view)
         │
-        ├─ logit_bias (+), blocked tokens (-inf)       (min_tokens not reached: EOS, stop_token_ids)
+        ├─ allowed_token_ids (all others -inf), logit_bias (+), blocked tokens (-inf)
+        │                                              (blocked: min_tokens not reached: EOS, stop_token_ids)
         ├─ penalties: repetition (prompt + output), frequency and presence (output)
         ├─ greedy rows (temperature < 1e-5) ──► argmax
         └─ random rows ──► / temperature ──► min_p ──► top_k ──► top_p ──► argmax(probs / q), q ~ Exp(1)
@@ -137,6 +138,8 @@ class SamplingBatch:
     """Largest top_k among rows that set one; 0 when unknown or none."""
     top_p_within_top_k: bool = False
     """Every row with top_p < 1 also sets top_k, so top-p only needs the max_top_k best candidates."""
+    allowed_token_ids: list[list[int] | None] | None = None
+    """Per row: the only tokens it may sample, or None; None for the whole batch when no row has a list."""
 
     @property
     def num_rows(self) -> int:
@@ -182,6 +185,8 @@ class SamplingBatch:
             no_top_p=no_top_p,
             max_top_k=max(top_ks, default=0),
             top_p_within_top_k=all(p.top_p >= 1.0 or k > 0 for p, k in zip(params, top_ks)),
+            allowed_token_ids=([p.allowed_token_ids for p in params]
+                               if any(p.allowed_token_ids for p in params) else None),
         )
 
 
@@ -252,10 +257,12 @@ class Sampler:
         """Token ids [S] int64 on the device, and per row its logprobs (on the host) or None."""
         wants_logprobs = any(k is not None for k in batch.num_logprobs)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None  # [S, V]
-        edits_logits = any(batch.logit_bias) or any(batch.blocked_token_ids) or not batch.no_penalties
+        edits_logits = (any(batch.logit_bias) or any(batch.blocked_token_ids) or not batch.no_penalties
+                        or batch.allowed_token_ids is not None)
         if edits_logits or not (self.use_triton or self.race):  # the kernels read bf16 logits themselves
             logits = logits.float()  # [S, V]
-        logits = apply_logit_bias_and_blocks(logits, batch.logit_bias, batch.blocked_token_ids)
+        logits = apply_logit_bias_and_blocks(logits, batch.logit_bias, batch.blocked_token_ids,
+                                             batch.allowed_token_ids)
         if not batch.no_penalties:
             logits = apply_penalties(logits, batch)
         token_ids = self._sample(logits, batch)  # [S] int64

@@ -47,6 +47,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     """Added to the logits of the given token ids before sampling (OpenAI's logit_bias)."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be sampled (every other logit is set to -inf first)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +76,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
                "must be a non-empty string or a list of non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in (self.stop_token_ids or [])),
                "stop_token_ids", "must be a list of non-negative token ids")
+        _check(self.allowed_token_ids is None or (
+            bool(self.allowed_token_ids) and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
+            "allowed_token_ids", "must be a non-empty list of non-negative token ids")
         if self.seed is not None:
             _check(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
 

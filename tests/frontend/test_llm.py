@@ -179,6 +179,26 @@ def test_logprobs_match_transformers(llama_llm, tiny_checkpoints):
                                                        zip(out.outputs[0].logprobs, out.outputs[0].token_ids))) < 1e-5
 
 
+def test_allowed_token_ids_match_transformers_prefix_allowed_tokens(llama_llm, tiny_checkpoints):
+    from transformers import AutoModelForCausalLM
+    allowed = sorted(torch.randperm(llama_llm.vocab_size)[:20].tolist())
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+    outs = llama_llm.generate(PROMPTS[:2], params, use_tqdm=False)  # one constrained row, one free, one batch
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
+    ids = outs[0].prompt_token_ids
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             prefix_allowed_tokens_fn=lambda batch, seq: allowed)
+    assert outs[0].outputs[0].token_ids == gen[0, len(ids):].tolist()
+    assert outs[1].outputs[0].token_ids == hf_greedy(tiny_checkpoints["llama"], [outs[1].prompt_token_ids], 12)[0]
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llama_llm.generate(PROMPTS[0], SamplingParams(allowed_token_ids=[llama_llm.vocab_size]), use_tqdm=False)
+
+
 def test_chat_applies_the_template(llama_llm):
     messages = [{"role": "user", "content": "Hello"}]
     out = llama_llm.chat(messages, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]

@@ -154,6 +154,13 @@ def test_chat_completion_stream_and_not(client, tokenizer):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_allowed_token_ids_are_the_only_tokens_sampled(client, tokenizer):
+    [paris] = tokenizer.encode(" Paris")
+    out = client.completions.create(model=MODEL, prompt="Name a city:", max_tokens=3, temperature=1.0,
+                                    extra_body={"allowed_token_ids": [paris]})
+    assert out.choices[0].text == tokenizer.decode([paris] * 3) and out.usage.completion_tokens == 3
+
+
 def test_best_of_returns_the_most_likely_of_its_samples(client):
     kw = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11)
     every = client.completions.create(n=4, logprobs=0, **kw)  # the same four samples (one seed)

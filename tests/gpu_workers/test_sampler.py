@@ -290,6 +290,30 @@ def test_blocked_tokens_never_sampled():
     assert out.token_ids[0] == row_logits.topk(6).indices[5].item()
 
 
+def test_only_allowed_tokens_are_sampled():
+    vocab_size, num_rows = 50, 2000
+    row_logits = torch.randn(vocab_size) * 3
+    allowed = torch.randperm(vocab_size)[:4].tolist()
+    logits = row_logits.expand(num_rows, vocab_size).contiguous()
+    params = ([SamplingParams(temperature=0.0, allowed_token_ids=allowed), SamplingParams(temperature=0.0)]
+              + [SamplingParams(temperature=1.0, allowed_token_ids=allowed)] * (num_rows - 2))
+    out = Sampler()(logits, make_batch(params))
+    assert out.token_ids[0] == max(allowed, key=lambda t: row_logits[t].item())
+    assert out.token_ids[1] == int(row_logits.argmax())  # a row without a list is untouched
+    counts = torch.bincount(torch.tensor(out.token_ids[2:]), minlength=vocab_size)
+    expected = torch.zeros(vocab_size, dtype=torch.double)
+    expected[allowed] = torch.softmax(row_logits[allowed].double(), -1)
+    assert_follows(counts, expected)  # the allowed tokens, renormalized among themselves
+    got = apply_logit_bias_and_blocks(logits[:3], [{allowed[0]: 2.0}, None, None], [[allowed[1]], [], []],
+                                      [allowed + [10**9], None, [10**9]])
+    want = torch.full_like(logits[:3], float("-inf"))
+    want[0, allowed] = logits[0, allowed]
+    want[0, allowed[0]] += 2.0
+    want[0, allowed[1]] = float("-inf")
+    want[1:] = logits[1:3]  # no list, or one without a token of the vocabulary: untouched
+    torch.testing.assert_close(got, want)
+
+
 def test_logit_bias_applied_before_sampling():
     vocab_size = 64
     logits = torch.randn(3, vocab_size)
