@@ -297,7 +297,7 @@ def test_only_allowed_tokens_are_sampled():
     logits = row_logits.expand(num_rows, vocab_size).contiguous()
     params = ([SamplingParams(temperature=0.0, allowed_token_ids=allowed), SamplingParams(temperature=0.0)]
               + [SamplingParams(temperature=1.0, allowed_token_ids=allowed)] * (num_rows - 2))
-    out = Sampler()(logits, make_batch(params))
+    out = Sampler(device=DEVICE)(logits.to(DEVICE), make_batch(params, device=DEVICE))  # the race on CUDA
     assert out.token_ids[0] == max(allowed, key=lambda t: row_logits[t].item())
     assert out.token_ids[1] == int(row_logits.argmax())  # a row without a list is untouched
     counts = torch.bincount(torch.tensor(out.token_ids[2:]), minlength=vocab_size)
