@@ -66,7 +66,8 @@ class LLM:
         for sp in params_list:
             bad = [t for t in sp.allowed_token_ids or () if not t < self.vocab_size]
             if bad:
-                raise ValueError(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+                raise ValueError(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary "
+                                 f"(size {self.vocab_size})")
         requests = [(self._tokenize(p), sp) for p, sp in zip(prompts, params_list)]
         return self._run(requests, use_tqdm)
 

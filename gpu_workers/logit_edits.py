@@ -1,7 +1,7 @@
 """Edits to a step's logits before sampling, in vLLM's order: allowed_token_ids (every other token to
 -inf), logit_bias, blocked tokens (min_tokens not reached), then the repetition / frequency / presence
-penalties. All out of place: the caller's
-logits (and the raw logprobs taken from them) stay as the model produced them."""
+penalties. All out of place: the caller's logits (and the raw logprobs taken from them) stay as the
+model produced them."""
 
 from __future__ import annotations
 
