@@ -31,7 +31,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from frontend.cli_args import ServerConfig, make_arg_parser
 from frontend.engine_args import EngineArgs
 from frontend.metrics import CONTENT_TYPE, ServerMetrics
-from frontend.protocol import ApiError, bad_request, check_token_ids, parse_messages
+from frontend.protocol import ApiError, bad_request, check_token_ids, parse_chat
 from frontend.serving import OpenAIServing, error_response, json_response, now
 from frontend.serving_chat import OpenAIServingChat
 from frontend.serving_completions import OpenAIServingCompletion
@@ -282,13 +282,15 @@ class _Routes:
         return await self.chat.create(request, await read_json(request))
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        """{"prompt": str} or {"messages": [...]} -> {"count", "max_model_len", "tokens"}."""
+        """{"prompt": str} or {"messages": [...]} -> {"count", "max_model_len", "tokens"}; messages render
+        as /v1/chat/completions renders them (add_generation_prompt, continue_final_message,
+        chat_template_kwargs)."""
         body = await read_json(request)
         s = self.serving
         s.check_model(body.get("model"))
         if "messages" in body:
-            add_generation_prompt = body.get("add_generation_prompt", True)
-            text = s.render_chat(parse_messages(body["messages"]), add_generation_prompt is True, {})
+            chat = parse_chat(body)
+            text = s.render_chat(chat.messages, chat.add_generation_prompt, chat.extra, chat.continue_final_message)
             tokens = s.tokenizer.encode(text, add_special_tokens=False)
         elif isinstance(body.get("prompt"), str):
             add_special = body.get("add_special_tokens", True) is True

@@ -265,6 +265,12 @@ def test_tokenize_and_detokenize(server, tokenizer):
                     "tokens": tokenizer.encode(PROMPT)}
     status, chat = http("POST", f"{server.url}/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
     assert status == 200 and chat["count"] > 5
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, I"}]
+    status, open_ended = http("POST", f"{server.url}/tokenize", {"messages": messages, "add_generation_prompt": False,
+                                                                 "continue_final_message": True})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                             continue_final_message=True)
+    assert status == 200 and open_ended["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
     status, body = http("POST", f"{server.url}/detokenize", {"tokens": body["tokens"]})
     assert status == 200 and body == {"prompt": PROMPT}
 
