@@ -309,13 +309,9 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> N
 def parse_chat(body: dict) -> ChatRequest:
     stream = read(body, "stream", "bool", False)
     logprobs = read(body, "logprobs", "bool", False)
-    top_logprobs = read(body, "top_logprobs", "int")
-    if top_logprobs is not None:
-        if not logprobs:
-            raise bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs")
-        if not 0 <= top_logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top_logprobs}",
-                              "top_logprobs")
+    top_logprobs = read_logprobs_count(body, "top_logprobs")
+    if top_logprobs is not None and not logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs")
     max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = read(body, max_tokens_param, "int")
     read(body, "user", "str")
